@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Set up (or reuse) the virtual environment and link it as .venv.
+#   bash scripts/setup.sh          the library, its command and every optional feature
+#   bash scripts/setup.sh --test   also Debian's chromium, for the browser tests
+# The environment lives outside the checkout, keyed by the hash of requirements.lock, so that
+# every clone with the same lock file reuses it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3}
+key=$(cat requirements.lock | sha256sum | cut -c1-16)
+root=${PNEUMOSCAN_VENVS:-${XDG_CACHE_HOME:-$HOME/.cache}/pneumoscan/venvs}
+venv="$root/$key"
+
+if [ ! -f "$venv/.complete" ]; then
+  echo "setting up $venv (once per lock file; a few minutes)"
+  rm -rf "$venv.partial"
+  mkdir -p "$root"
+  "$python" -m venv "$venv.partial"
+  "$venv.partial/bin/python" -m pip install -q --disable-pip-version-check -r requirements.lock
+  rm -rf "$venv"
+  mv "$venv.partial" "$venv"
+  # venv scripts name their interpreter by absolute path: rewrite them for the final folder.
+  grep -rlI --exclude-dir=__pycache__ "$venv.partial" "$venv/bin" | xargs -r sed -i "s#$venv.partial#$venv#g"
+  touch "$venv/.complete"
+fi
+# The project itself, editable, pointing at this checkout (quick: no dependencies resolved).
+"$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+ln -sfn "$venv" .venv
+
+if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
+  echo "installing Debian's chromium for the browser tests"
+  if [ "$(id -u)" = 0 ]; then apt_get="apt-get"; else apt_get="sudo apt-get"; fi
+  $apt_get update -qq >/dev/null && $apt_get install -y -qq chromium >/dev/null \
+    || echo "warning: chromium could not be installed: the browser tests will be skipped"
+fi
+echo "ready: .venv -> $venv"

@@ -1,0 +1,79 @@
+"""The ``pneumoscan`` command: one sub-command per verb, each a thin call into the library.
+
+Each verb lives in ``pneumoscan/commands/<verb>.py`` with ``add_arguments(parser)`` and
+``run(args) -> int``. Errors a user can fix are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from pneumoscan import __version__
+from pneumoscan.errors import PneumoscanError
+
+# verb -> one-line help; the module pneumoscan.commands.<verb> implements it
+COMMANDS = {
+    "train": "train a model on a folder of X-rays or PneumoniaMNIST",
+    "evaluate": "figures of a trained run on a data set, with 95% intervals",
+    "predict": "predict files, folders or globs with a trained run",
+    "explain": "Grad-CAM heat-map overlays for files",
+    "eda": "class balance, sample grid and image statistics of a data set",
+    "report": "one self-contained HTML report of a run",
+    "cv": "patient-grouped K-fold cross-validation; saves the folds as an ensemble run",
+    "stack": "a logistic-regression stack over cross-validated runs",
+    "export": "export a run to ONNX",
+    "serve": "a web service and browser page for a run",
+    "models": "list model names and parameter counts",
+    "demo": "synthetic data -> train, evaluate, eda in about a minute on a CPU",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's usage errors: one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pneumoscan", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"pneumoscan {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for verb, help_text in COMMANDS.items():
+        module = _command_module(verb)
+        if module is None:
+            continue
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def _command_module(verb: str):
+    try:
+        return importlib.import_module(f"pneumoscan.commands.{verb}")
+    except ModuleNotFoundError as e:
+        if e.name == f"pneumoscan.commands.{verb}":
+            return None  # a verb this installation does not ship
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except PneumoscanError as e:
+        print(f"pneumoscan {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pneumoscan {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""pneumoscan evaluate: a run's figures on a data set, at the run's stored threshold."""
+
+from __future__ import annotations
+
+import argparse
+
+from pneumoscan.evaluate import parse_threshold_rule
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory")
+    p.add_argument("--data", default="pneumoniamnist",
+                   help="its test/ split if it has one, otherwise every image in its class folders")
+    p.add_argument("--json", metavar="FILE", help="write the figures as one JSON object")
+    p.add_argument("--threshold", type=parse_threshold_rule, metavar="RULE",
+                   help="fixed:X overrides the run's stored threshold (chosen on validation)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pneumoscan.data.dataset import load_eval_split
+    from pneumoscan.evaluate import evaluate_predictions, format_table
+    from pneumoscan.errors import PneumoscanError
+    from pneumoscan.fileio import atomic_write_json
+    from pneumoscan.model_io import load_predictor
+    from pneumoscan.train import resolve_device
+
+    predictor = load_predictor(args.run, resolve_device(args.device))
+    threshold = predictor.threshold
+    if args.threshold:
+        if not args.threshold.startswith("fixed:"):
+            raise PneumoscanError("--threshold takes fixed:X here; other rules need validation data")
+        threshold = float(args.threshold.split(":", 1)[1])
+    split, description = load_eval_split(args.data, predictor.image_size, progress=not args.quiet)
+    prob = predictor.predict_proba(split.images)
+    metrics = evaluate_predictions(split.labels, prob, threshold)
+    print(f"{args.run} on {description}:")
+    print(format_table(metrics))
+    if args.json:
+        atomic_write_json(args.json, metrics)
+    return 0

@@ -1,0 +1,25 @@
+"""pneumoscan models: the registered networks and their sizes."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--in-chans", type=int, default=None,
+                   help="input channels (default: 3 for seed_cnn as the report, 1 otherwise)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pneumoscan.models import create_model, keras_parameter_counts, list_models
+
+    print(f"{'name':18s} {'parameters':>12s} {'trainable':>12s}  Grad-CAM layer")
+    for name in list_models():
+        in_chans = args.in_chans or (3 if name == "seed_cnn" else 1)
+        model = create_model(name, in_chans=in_chans, image_size=args.image_size)
+        total, trainable = keras_parameter_counts(model)
+        print(f"{name:18s} {total:12,d} {trainable:12,d}  {model.gradcam_layer}")
+    print(f"(at {args.image_size} px; parameters count BatchNorm moving statistics, as Keras does;"
+          " any timm model name also works)")
+    return 0

@@ -1,0 +1,48 @@
+"""pneumoscan train: one run, or one run per seed with a summary."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from pneumoscan.commands.train_options import add_train_options, config_from_args
+from pneumoscan.errors import PneumoscanError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_train_options(p)
+    p.add_argument("--seeds", help="comma-separated seeds: one run per seed in OUT/seed-N, "
+                   "then OUT/seeds_summary.json (mean, std, range of each figure)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT/checkpoint.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pneumoscan.pipeline import train_run
+
+    cfg = config_from_args(args)
+    if not args.seeds:
+        train_run(cfg, resume=args.resume, progress=not args.quiet)
+        return 0
+    seeds = _parse_seeds(args.seeds)
+    summaries = []
+    for seed in seeds:
+        seed_cfg = dataclasses.replace(cfg, seed=seed, out=str(Path(cfg.out) / f"seed-{seed}"))
+        print(f"== seed {seed} -> {seed_cfg.out}")
+        summaries.append(train_run(seed_cfg, resume=args.resume, progress=not args.quiet))
+    from pneumoscan.seeds import write_seed_summary
+
+    write_seed_summary(Path(cfg.out), seeds, summaries)
+    return 0
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise PneumoscanError(f"--seeds {text!r}: expected comma-separated integers") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise PneumoscanError(f"--seeds {text!r}: expected distinct integers, e.g. 0,1,2")
+    return seeds

@@ -1,0 +1,156 @@
+"""Decode a list of files once, in parallel, into a memory-mapped uint8 array kept on disk.
+
+A later run over the same files at the same size reads the array back instead of decoding again;
+any change to a file (size or modification time) or to the list gives a new fingerprint, so the
+cache is rebuilt rather than trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pneumoscan.data.decode import read_gray
+from pneumoscan.errors import UnreadableImage
+from pneumoscan.fileio import atomic_write, atomic_write_json, read_json
+
+DECODER_VERSION = 1  # bump when decoding changes, so old caches are not reused
+_CHUNK = 64  # files per task: large enough to amortise process overhead
+
+
+@dataclass
+class Decoded:
+    images: np.ndarray  # (N, S, S) uint8, possibly a read-only memory map; zeros where unreadable
+    ok: np.ndarray  # (N,) bool: which files decoded
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of the others
+    fingerprint: str = ""
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("PNEUMOSCAN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pneumoscan"
+    )
+    return Path(base) / "decoded"
+
+
+def fingerprint(paths: Sequence[Path], size: int) -> str:
+    """Changes whenever a file is added, removed, resized or touched, or the size changes."""
+    h = hashlib.sha256(f"v{DECODER_VERSION}:{size}".encode())
+    for path in paths:
+        try:
+            st = os.stat(path)
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{path}\0missing\n".encode())
+    return h.hexdigest()[:24]
+
+
+def decode_files(
+    paths: Sequence[Path],
+    size: int,
+    *,
+    cache_dir: Path | None = None,
+    use_cache: bool = True,
+    workers: int | None = None,
+    progress: bool = True,
+) -> Decoded:
+    """Every file as a (size, size) uint8 image, using and filling the on-disk cache."""
+    paths = [Path(p) for p in paths]
+    fp = fingerprint(paths, size)
+    cache_dir = cache_dir or default_cache_dir()
+    array_path, meta_path = cache_dir / f"{fp}.npy", cache_dir / f"{fp}.json"
+    if use_cache and array_path.exists() and meta_path.exists():
+        try:
+            return _read_cache(array_path, meta_path, fp, len(paths), size)
+        except (OSError, ValueError, KeyError, EOFError):
+            pass  # a damaged cache is rebuilt below
+    decoded = _decode_all(paths, size, workers, progress)
+    decoded.fingerprint = fp
+    if use_cache:
+        try:
+            _write_cache(decoded, array_path, meta_path)
+            return _read_cache(array_path, meta_path, fp, len(paths), size)
+        except OSError:
+            pass  # an unwritable cache folder only costs speed next time
+    return decoded
+
+
+def _read_cache(array_path: Path, meta_path: Path, fp: str, n: int, size: int) -> Decoded:
+    meta = read_json(meta_path)
+    images = np.load(array_path, mmap_mode="r")
+    if images.shape != (n, size, size) or images.dtype != np.uint8:
+        raise ValueError("cache shape mismatch")
+    ok = np.array(meta["ok"], dtype=bool)
+    errors = [tuple(e) for e in meta["errors"]]
+    return Decoded(images=images, ok=ok, errors=errors, fingerprint=fp)
+
+
+def _write_cache(decoded: Decoded, array_path: Path, meta_path: Path) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a path would make np.save append '.npy' to the name
+            np.save(f, decoded.images, allow_pickle=False)
+
+    atomic_write(array_path, write)
+    atomic_write_json(meta_path, {"ok": decoded.ok.tolist(), "errors": decoded.errors})
+
+
+def _decode_all(paths: list[Path], size: int, workers: int | None, progress: bool) -> Decoded:
+    images = np.zeros((len(paths), size, size), dtype=np.uint8)
+    ok = np.zeros(len(paths), dtype=bool)
+    errors: list[tuple[str, str]] = []
+    chunks = [range(i, min(i + _CHUNK, len(paths))) for i in range(0, len(paths), _CHUNK)]
+    workers = workers or os.cpu_count() or 1
+    bar = _progress_bar(len(paths), progress)
+
+    def collect(chunk: range, results: list) -> None:
+        for i, (image, error) in zip(chunk, results):
+            if error is None:
+                images[i], ok[i] = image, True
+            else:
+                errors.append((str(paths[i]), error))
+        bar.update(len(chunk))
+
+    if workers == 1 or len(chunks) <= 1:
+        for chunk in chunks:
+            collect(chunk, _decode_chunk([paths[i] for i in chunk], size))
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = [
+                (chunk, pool.submit(_decode_chunk, [paths[i] for i in chunk], size))
+                for chunk in chunks
+            ]
+            for chunk, future in futures:
+                collect(chunk, future.result())
+    bar.close()
+    return Decoded(images=images, ok=ok, errors=errors)
+
+
+def _decode_chunk(paths: list[Path], size: int) -> list[tuple[np.ndarray | None, str | None]]:
+    out = []
+    for path in paths:
+        try:
+            out.append((read_gray(path, size), None))
+        except UnreadableImage as e:
+            out.append((None, e.reason))
+    return out
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="decode", unit="img", disable=not enabled, leave=False)
+
+
+def describe_errors(errors: Sequence[tuple[str, str]], limit: int = 20) -> str:
+    """A warning naming each unreadable file (up to ``limit``) and how many there were."""
+    lines = [f"skipped {len(errors)} unreadable file(s):"]
+    lines += [f"  {path}: {reason}" for path, reason in errors[:limit]]
+    if len(errors) > limit:
+        lines.append(f"  ... and {len(errors) - limit} more")
+    return "\n".join(lines)

@@ -1,0 +1,202 @@
+"""One entry point from a ``--data`` value to train, validation and test arrays."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pneumoscan import CLASS_NAMES
+from pneumoscan.data import medmnist
+from pneumoscan.data.cache import decode_files, describe_errors
+from pneumoscan.data.discover import Sample, discover
+from pneumoscan.data.split import patient_split
+from pneumoscan.errors import PneumoscanError
+
+MIN_VAL_IMAGES = 200  # a val/ smaller than this is too noisy to select anything on
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # (N, S, S) uint8
+    labels: np.ndarray  # (N,) int64, index into CLASS_NAMES
+    patients: list[str]
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: np.ndarray) -> Split:
+        return Split(
+            images=self.images[idx],
+            labels=self.labels[idx],
+            patients=[self.patients[i] for i in idx],
+            paths=[self.paths[i] for i in idx],
+        )
+
+    def class_counts(self) -> dict[str, int]:
+        return {name: int((self.labels == i).sum()) for i, name in enumerate(CLASS_NAMES)}
+
+
+@dataclass
+class DataBundle:
+    train: Split
+    val: Split
+    test: Split | None
+    source: str
+    notes: list[str] = field(default_factory=list)  # what was decided about the data, for the user
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    fingerprint: str = ""
+    train_counts: np.ndarray | None = None  # per class, train before validation was carved
+
+    def splits(self) -> dict[str, Split]:
+        out = {"train": self.train, "val": self.val}
+        if self.test is not None:
+            out["test"] = self.test
+        return out
+
+
+def load_data(
+    spec: str,
+    image_size: int,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    progress: bool = True,
+    carve_val: bool = True,
+) -> DataBundle:
+    """Decode (or read from the cache) every split of ``spec`` at ``image_size``.
+
+    Validation is carved from train by patient, stratified, unless a val/ of at least
+    MIN_VAL_IMAGES is given. ``carve_val=False`` keeps all of train (cross-validation carves its
+    own folds).
+    """
+    if spec.lower().startswith("pneumoniamnist"):
+        splits, source, fp = _load_medmnist(spec, image_size)
+        skipped: list[tuple[str, str]] = []
+    else:
+        splits, skipped, fp = _load_folder(Path(spec), image_size, progress)
+        source = str(Path(spec).resolve())
+    for name, split in splits.items():
+        _check_classes(split, f"{source} ({name})")
+    notes: list[str] = []
+    val = splits.get("val")
+    train = splits["train"]
+    train_counts = np.bincount(train.labels, minlength=len(CLASS_NAMES))
+    if not carve_val:
+        if val is not None:
+            train = _concat(train, val)
+        val = train.subset(np.arange(0))
+    elif val is None or len(val) < MIN_VAL_IMAGES or len(set(val.labels.tolist())) < 2:
+        if val is not None:
+            notes.append(
+                f"val/ has {len(val)} images, too few to select anything on: ignored; "
+                f"validation is {val_fraction:.0%} of train, carved by patient"
+            )
+        else:
+            notes.append(f"validation: {val_fraction:.0%} of train, carved by patient, stratified")
+        train_idx, val_idx = patient_split(train.labels, train.patients, val_fraction, seed)
+        train, val = train.subset(train_idx), train.subset(val_idx)
+    else:
+        notes.append(f"validation: the given val/ split ({len(val)} images)")
+    return DataBundle(
+        train=train,
+        val=val,
+        test=splits.get("test"),
+        source=source,
+        notes=notes,
+        skipped=skipped,
+        fingerprint=fp,
+        train_counts=train_counts,
+    )
+
+
+def _check_classes(split: Split, where: str) -> None:
+    if len(split) == 0:
+        raise PneumoscanError(f"{where}: no readable images")
+    present = set(split.labels.tolist())
+    if len(present) < 2 and "train" in where:
+        only = CLASS_NAMES[present.pop()]
+        raise PneumoscanError(f"{where}: only {only} images; training needs both classes")
+
+
+def _concat(a: Split, b: Split) -> Split:
+    return Split(
+        images=np.concatenate([a.images, b.images]),
+        labels=np.concatenate([a.labels, b.labels]),
+        patients=a.patients + b.patients,
+        paths=a.paths + b.paths,
+    )
+
+
+def _load_folder(
+    root: Path, image_size: int, progress: bool
+) -> tuple[dict[str, Split], list[tuple[str, str]], str]:
+    found = discover(root)
+    everything: list[Sample] = [s for samples in found.values() for s in samples]
+    if not everything:
+        raise PneumoscanError(f"{root}: the class folders hold no files")
+    # One decode over all splits: one cache entry, and no image is decoded twice.
+    decoded = decode_files([s.path for s in everything], image_size, progress=progress)
+    if decoded.errors:
+        print("warning: " + describe_errors(decoded.errors), file=sys.stderr)
+    splits, start = {}, 0
+    for name, samples in found.items():
+        idx = np.arange(start, start + len(samples))
+        start += len(samples)
+        keep = idx[decoded.ok[idx]]
+        splits[name] = Split(
+            images=np.ascontiguousarray(decoded.images[keep]),
+            labels=np.array([everything[i].label for i in keep], dtype=np.int64),
+            patients=[everything[i].patient for i in keep],
+            paths=[str(everything[i].path) for i in keep],
+        )
+    return splits, decoded.errors, decoded.fingerprint
+
+
+def _load_medmnist(spec: str, image_size: int) -> tuple[dict[str, Split], str, str]:
+    size = medmnist.pick_size(medmnist.parse_spec(spec), image_size)
+    path = medmnist.fetch(size)
+    splits = {}
+    for name, (images, labels) in medmnist.load_npz(path).items():
+        if images.shape[1] != image_size:
+            images = _resize_all(images, image_size)
+        ids = [f"{name}/{i}" for i in range(len(labels))]  # no patient ids are published
+        splits[name] = Split(images=images, labels=labels, patients=ids, paths=ids)
+    digest = hashlib.sha256(f"{path.name}:{image_size}".encode()).hexdigest()[:24]
+    return splits, f"PneumoniaMNIST {size} px ({path})", digest
+
+
+def _resize_all(images: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    out = np.empty((len(images), size, size), dtype=np.uint8)
+    for i, image in enumerate(images):
+        out[i] = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+    return out
+
+
+def load_eval_split(spec: str, image_size: int, *, progress: bool = True) -> tuple[Split, str]:
+    """The images to evaluate on: a test split if the source has one, else all of it."""
+    if spec.lower().startswith("pneumoniamnist"):
+        splits, source, _ = _load_medmnist(spec, image_size)
+        return splits["test"], f"{source}, test split"
+    root = Path(spec)
+    splits, _, _ = _load_folder(root, image_size, progress)
+    if "test" in splits:
+        split, description = splits["test"], f"{root / 'test'}"
+    elif len(splits) == 1:
+        split, description = next(iter(splits.values())), str(root)
+    else:
+        split = splits["train"]
+        for name in ("val",):
+            if name in splits:
+                split = _concat(split, splits[name])
+        description = f"{root} (all images: there is no test/)"
+    if len(split) == 0:
+        raise PneumoscanError(f"{description}: no readable images to evaluate")
+    counts = ", ".join(f"{k} {v}" for k, v in split.class_counts().items())
+    return split, f"{description} ({len(split)} images: {counts})"

@@ -1,0 +1,97 @@
+"""Find the X-rays in a folder: class folders, or train/val/test folders that hold them."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pneumoscan import CLASS_NAMES
+from pneumoscan.errors import PneumoscanError
+
+SPLIT_NAMES = ("train", "val", "test")
+# Kermany file names carry the patient: person1000_bacteria_2931.jpeg -> person1000,
+# IM-0115-0001.jpeg -> IM-0115, NORMAL2-IM-0927-0001.jpeg -> NORMAL2-IM-0927.
+_PATIENT_PATTERNS = (
+    re.compile(r"^(person\d+)_", re.IGNORECASE),
+    re.compile(r"^((?:NORMAL2-)?IM-\d+)-\d+", re.IGNORECASE),
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int  # index into CLASS_NAMES
+    patient: str
+
+
+def patient_id(path: Path, root: Path) -> str:
+    """The patient a Kermany file name names; otherwise the file itself is its own patient."""
+    for pattern in _PATIENT_PATTERNS:
+        match = pattern.match(path.name)
+        if match:
+            return match.group(1)
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def discover(root: str | Path) -> dict[str, list[Sample]]:
+    """Samples per split. A folder of class folders alone is returned as the 'train' split."""
+    root = Path(root)
+    if not root.is_dir():
+        raise PneumoscanError(f"{root}: not a folder (expected class folders NORMAL/ PNEUMONIA/)")
+    splits = {name: sub for name, sub in _children(root).items() if name in SPLIT_NAMES}
+    if splits:
+        found = {name: _class_samples(sub, root) for name, sub in splits.items()}
+    elif _class_folders(root):
+        found = {"train": _class_samples(root, root)}
+    else:
+        raise PneumoscanError(
+            f"{root}: expected class folders NORMAL/ and PNEUMONIA/, or train/ (and optionally "
+            "val/, test/) folders that hold them"
+        )
+    if "train" not in found:
+        raise PneumoscanError(f"{root}: has {', '.join(found)}/ but no train/ folder")
+    return {name: found[name] for name in SPLIT_NAMES if name in found}
+
+
+def _children(folder: Path) -> dict[str, Path]:
+    """Sub-folders by lower-cased name (any case is accepted), hidden ones left out."""
+    out = {}
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if not entry.name.startswith(".") and entry.is_dir():
+            out.setdefault(entry.name.lower(), Path(entry.path))
+    return out
+
+
+def _class_folders(folder: Path) -> dict[int, Path]:
+    children = _children(folder)
+    return {
+        label: children[name.lower()]
+        for label, name in enumerate(CLASS_NAMES)
+        if name.lower() in children
+    }
+
+
+def _class_samples(folder: Path, root: Path) -> list[Sample]:
+    classes = _class_folders(folder)
+    if not classes:
+        raise PneumoscanError(
+            f"{folder}: expected class folders {' and '.join(n + '/' for n in CLASS_NAMES)}"
+        )
+    samples = []
+    for label, class_dir in classes.items():
+        for path in _files_under(class_dir):
+            samples.append(Sample(path, label, patient_id(path, root)))
+    return samples
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """Every non-hidden file below ``folder``, sorted; folder symlinks are not followed (loops)."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                files.append(Path(dirpath) / name)
+    return files

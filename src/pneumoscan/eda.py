@@ -1,0 +1,100 @@
+"""A first look at a data set: counts and balance per split, original sizes, intensities, samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pneumoscan import CLASS_NAMES
+from pneumoscan.data.dataset import DataBundle
+from pneumoscan.fileio import atomic_write_json, atomic_write_text
+
+SAMPLES_PER_CLASS = 5
+
+
+def original_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from the file header, without decoding pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        pass
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return int(ds.Columns), int(ds.Rows)
+    except Exception:  # not DICOM either: the size is simply unknown
+        return None
+
+
+def summarize(data: DataBundle) -> dict:
+    """Counts, balance, original sizes and intensity statistics, per split and class."""
+    summary: dict = {"source": data.source, "notes": data.notes, "skipped": len(data.skipped),
+                     "splits": {}}
+    for name, split in data.splits().items():
+        entry: dict = {"n": len(split), "classes": {}}
+        for label, cls in enumerate(CLASS_NAMES):
+            idx = np.flatnonzero(split.labels == label)
+            images = split.images[idx]
+            stats: dict = {"n": int(len(idx))}
+            if len(idx):
+                per_image = images.reshape(len(idx), -1).mean(axis=1, dtype=np.float64)
+                stats["intensity_mean"] = round(float(per_image.mean()), 2)
+                stats["intensity_std"] = round(float(images.std(dtype=np.float64)), 2)
+            sizes = [s for s in (original_size(split.paths[i]) for i in idx) if s]
+            if sizes:
+                w, h = np.array(sizes).T
+                stats["width"] = {"min": int(w.min()), "median": int(np.median(w)), "max": int(w.max())}
+                stats["height"] = {"min": int(h.min()), "median": int(np.median(h)), "max": int(h.max())}
+            entry["classes"][cls] = stats
+        summary["splits"][name] = entry
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"data: {summary['source']}", *[f"  {n}" for n in summary["notes"]]]
+    header = f"{'split':6s} {'class':10s} {'images':>7s} {'share':>6s} {'mean':>6s} {'std':>6s}  size (w x h, median [min-max])"
+    lines += [header, "-" * len(header)]
+    for name, entry in summary["splits"].items():
+        for cls, s in entry["classes"].items():
+            share = s["n"] / max(entry["n"], 1)
+            size = ""
+            if "width" in s:
+                w, h = s["width"], s["height"]
+                size = (f"{w['median']} x {h['median']} [{w['min']}-{w['max']} x "
+                        f"{h['min']}-{h['max']}]")
+            lines.append(
+                f"{name:6s} {cls:10s} {s['n']:7d} {share:6.1%} {s.get('intensity_mean', 0):6.1f} "
+                f"{s.get('intensity_std', 0):6.1f}  {size}"
+            )
+    if summary["skipped"]:
+        lines.append(f"skipped {summary['skipped']} unreadable file(s)")
+    return "\n".join(lines)
+
+
+def run_eda(data: DataBundle, out: Path, *, seed: int = 0, title_note: str = "") -> dict:
+    """Write class_balance.png, sample_grid.png, eda.json and eda.txt into ``out``."""
+    from pneumoscan.plots import class_balance, sample_grid
+
+    out = Path(out)
+    summary = summarize(data)
+    counts = {name: split.class_counts() for name, split in data.splits().items()}
+    class_balance(counts, out / "class_balance.png")
+    rng = np.random.default_rng(seed)
+    samples = {}
+    for label, cls in enumerate(CLASS_NAMES):
+        idx = np.flatnonzero(data.train.labels == label)
+        pick = rng.choice(idx, size=min(SAMPLES_PER_CLASS, len(idx)), replace=False)
+        samples[cls] = [data.train.images[i] for i in pick]
+    title = "training samples" + (f" ({title_note})" if title_note else "")
+    sample_grid(samples, out / "sample_grid.png", title=title)
+    text = format_summary(summary)
+    atomic_write_json(out / "eda.json", summary)
+    atomic_write_text(out / "eda.txt", text + "\n")
+    print(text)
+    print(f"wrote {out / 'class_balance.png'}, {out / 'sample_grid.png'}, {out / 'eda.json'}")
+    return summary

@@ -1,0 +1,509 @@
+"""Metrics, bootstrap intervals, operating thresholds and temperature scaling for binary scores.
+
+Class 1 (PNEUMONIA) is the positive class throughout; ``prob`` is always the probability of it.
+Every result is made of plain Python numbers, lists, dicts and ``None`` so that it can be
+written as JSON as-is; ``None`` marks a figure that is undefined on the given data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import expit
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    brier_score_loss,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
+
+from pneumoscan import CLASS_NAMES
+
+RATE_KEYS = (
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "npv",
+    "f1",
+    "roc_auc",
+    "pr_auc",
+)
+
+ECE_BINS = 15
+PROB_EPS = 1e-15  # keeps log loss finite for a confidently wrong probability of exactly 0 or 1
+THRESHOLD_RULE_FORMS = "youden, sensitivity:X (0 < X <= 1), fixed:X (0 <= X <= 1)"
+
+_BOOTSTRAP_CHUNK = 128  # resamples per vectorised batch: bounds memory at ~chunk * n floats
+_LOG_T_BOUNDS = (math.log(1e-2), math.log(1e2))
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _check_labels(y: np.ndarray) -> np.ndarray:
+    if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
+        raise ValueError(f"y_true must hold labels 0/1, got dtype {y.dtype}")
+    values = np.unique(y)
+    bad = values[~np.isin(values, (0, 1))]
+    if bad.size:
+        raise ValueError(f"y_true must hold labels 0/1 only, got values {bad[:5].tolist()}")
+    return y.astype(np.int64)
+
+
+def _check_probs(p: np.ndarray) -> np.ndarray:
+    if not np.issubdtype(p.dtype, np.number) or np.iscomplexobj(p):
+        raise ValueError(f"prob must hold real probabilities, got dtype {p.dtype}")
+    p = p.astype(np.float64)
+    bad = ~np.isfinite(p) | (p < 0) | (p > 1)
+    if bad.any():
+        raise ValueError(
+            f"prob must be finite and within [0, 1], got {int(bad.sum())} value(s) outside, "
+            f"e.g. {p[bad][:3].tolist()}"
+        )
+    return p
+
+
+def validate_predictions(y_true: Any, prob: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(y_true, prob)`` as int64 / float64 arrays; ValueError naming what was wrong otherwise."""
+    y = np.asarray(y_true)
+    p = np.asarray(prob)
+    if y.ndim != 1 or p.ndim != 1 or y.shape != p.shape:
+        raise ValueError(
+            f"y_true and prob must be 1-D arrays of the same length, "
+            f"got shapes {y.shape} and {p.shape}"
+        )
+    if y.size == 0:
+        raise ValueError("y_true and prob must be non-empty, got shapes (0,) and (0,)")
+    return _check_labels(y), _check_probs(p)
+
+
+def _check_threshold(threshold: float) -> float:
+    t = float(threshold)
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"threshold must be within [0, 1], got {threshold!r}")
+    return t
+
+
+def _check_logits(logits: Any) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] != 2 or z.shape[0] == 0:
+        raise ValueError(f"logits must have shape (N, 2) with N > 0, got shape {z.shape}")
+    if not np.isfinite(z).all():
+        raise ValueError(f"logits must be finite, got {int((~np.isfinite(z)).sum())} non-finite")
+    return z
+
+
+def _both_classes(y: np.ndarray) -> bool:
+    return bool(y.min() == 0 and y.max() == 1)
+
+
+def _none_if_nan(x: float) -> float | None:
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+# --------------------------------------------------------------------------- point metrics
+
+
+def calibration_bins(y_true: Any, prob: Any, n_bins: int = ECE_BINS) -> dict[str, np.ndarray]:
+    """Equal-width bins over the probability of class 1 in [0, 1].
+
+    Returns ``edges`` (n_bins + 1), and per bin ``count``, ``mean_prob`` and ``frac_pos``
+    (NaN for empty bins). Bins are half-open [lo, hi) except the last, which includes 1.
+    """
+    y, p = validate_predictions(y_true, prob)
+    if int(n_bins) < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins!r}")
+    edges = np.linspace(0.0, 1.0, int(n_bins) + 1)
+    idx = np.searchsorted(edges[1:-1], p, side="right")
+    count = np.bincount(idx, minlength=n_bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_prob = np.bincount(idx, weights=p, minlength=n_bins) / count
+        frac_pos = np.bincount(idx, weights=y, minlength=n_bins) / count
+    return {"edges": edges, "count": count, "mean_prob": mean_prob, "frac_pos": frac_pos}
+
+
+def expected_calibration_error(y_true: Any, prob: Any, n_bins: int = ECE_BINS) -> float:
+    """Binary ECE: ``sum_b (n_b / n) * |mean(y in b) - mean(prob in b)|``.
+
+    Bins are equal-width over the probability of class 1 (not over the confidence of the
+    predicted class, as in the multi-class form of Guo et al. 2017).
+    """
+    bins = calibration_bins(y_true, prob, n_bins)
+    filled = bins["count"] > 0
+    gap = np.abs(bins["frac_pos"][filled] - bins["mean_prob"][filled])
+    return float(np.sum(bins["count"][filled] * gap) / np.sum(bins["count"]))
+
+
+def _rates(y: np.ndarray, pred: np.ndarray) -> dict[str, float | None]:
+    nan = np.nan
+    return {
+        "accuracy": float(accuracy_score(y, pred)),
+        "sensitivity": _none_if_nan(recall_score(y, pred, zero_division=nan)),
+        "specificity": _none_if_nan(recall_score(y, pred, pos_label=0, zero_division=nan)),
+        "precision": _none_if_nan(precision_score(y, pred, zero_division=nan)),
+        "npv": _none_if_nan(precision_score(y, pred, pos_label=0, zero_division=nan)),
+        "f1": _none_if_nan(f1_score(y, pred, zero_division=nan)),
+    }
+
+
+def _ranking(y: np.ndarray, p: np.ndarray) -> dict[str, float | None]:
+    if not _both_classes(y):
+        return {"roc_auc": None, "pr_auc": None}
+    return {
+        "roc_auc": float(roc_auc_score(y, p)),
+        "pr_auc": float(average_precision_score(y, p)),
+    }
+
+
+def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> dict:
+    """All figures for predictions ``prob >= threshold`` against ``y_true``.
+
+    Keys: n, the RATE_KEYS, loss (log loss, probabilities clipped to [1e-15, 1 - 1e-15]),
+    brier, ece (binary form, 15 equal-width bins over prob of class 1: see
+    :func:`expected_calibration_error`), threshold and confusion {tp, fp, tn, fn}.
+    Rates with a zero denominator and AUCs on single-class data are ``None``.
+    """
+    y, p = validate_predictions(y_true, prob)
+    t = _check_threshold(threshold)
+    pred = (p >= t).astype(np.int64)
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, pred, labels=[0, 1]).ravel())
+    return {
+        "n": int(y.size),
+        **_rates(y, pred),
+        **_ranking(y, p),
+        "loss": float(log_loss(y, np.clip(p, PROB_EPS, 1 - PROB_EPS), labels=[0, 1])),
+        "brier": float(brier_score_loss(y, p, pos_label=1)),
+        "ece": expected_calibration_error(y, p),
+        "threshold": t,
+        "confusion": {"tp": tp, "fp": fp, "tn": tn, "fn": fn},
+    }
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def _divide(num: np.ndarray, den: np.ndarray | float) -> np.ndarray:
+    num = np.asarray(num, dtype=np.float64)
+    den = np.broadcast_to(np.asarray(den, dtype=np.float64), num.shape)
+    out = np.full(num.shape, np.nan)
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def _previous_at_ends(cum: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """For each position, the running count at the previous distinct-score end (0 before any).
+
+    Valid because the running counts never decrease along a row.
+    """
+    at_ends = np.maximum.accumulate(np.where(ends, cum, 0), axis=1)
+    return np.concatenate([np.zeros((cum.shape[0], 1)), at_ends[:, :-1]], axis=1)
+
+
+def _batch_ranking(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ROC AUC and average precision for each row of ``scores`` (B, n), labels ``positive`` (n,).
+
+    Same step/trapezoid definitions as sklearn's ``roc_auc_score`` and
+    ``average_precision_score`` (ties grouped at distinct scores), but one sort per row
+    instead of one sklearn call per resample.
+    """
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    rows = scores.shape[0]
+    if n_pos == 0 or n_neg == 0:
+        return np.full(rows, np.nan), np.full(rows, np.nan)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    sorted_scores = np.take_along_axis(scores, order, axis=1)
+    is_pos = positive[order]
+    tps = np.cumsum(is_pos, axis=1, dtype=np.float64)
+    fps = np.arange(1, positive.size + 1) - tps
+    ends = np.ones_like(is_pos)
+    ends[:, :-1] = sorted_scores[:, :-1] != sorted_scores[:, 1:]
+    prev_tps = _previous_at_ends(tps, ends)
+    prev_fps = _previous_at_ends(fps, ends)
+    trapezoids = (fps - prev_fps) * (tps + prev_tps) / 2.0
+    roc_auc = np.where(ends, trapezoids, 0.0).sum(axis=1) / (n_pos * n_neg)
+    precision = tps / np.arange(1, positive.size + 1)
+    ap = np.where(ends, (tps - prev_tps) * precision, 0.0).sum(axis=1) / n_pos
+    return roc_auc, ap
+
+
+def _batch_rates(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
+    """Every RATE_KEYS figure for each row of ``scores`` (B, n) against ``labels`` (n,).
+
+    NaN where undefined, matching :func:`binary_metrics` row by row.
+    """
+    positive = np.asarray(labels) == 1
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    pred = scores >= threshold
+    tp = (pred & positive).sum(axis=1)
+    fp = (pred & ~positive).sum(axis=1)
+    fn = n_pos - tp
+    tn = n_neg - fp
+    roc_auc, pr_auc = _batch_ranking(scores, positive)
+    return {
+        "accuracy": _divide(tp + tn, positive.size),
+        "sensitivity": _divide(tp, n_pos),
+        "specificity": _divide(tn, n_neg),
+        "precision": _divide(tp, tp + fp),
+        "npv": _divide(tn, tn + fn),
+        "f1": _divide(2 * tp, 2 * tp + fp + fn),
+        "roc_auc": roc_auc,
+        "pr_auc": pr_auc,
+    }
+
+
+def _stratified_resamples(
+    rng: np.random.Generator, pos: np.ndarray, neg: np.ndarray, rows: int
+) -> np.ndarray:
+    """(rows, n_pos + n_neg) scores: positives first, each class resampled within itself."""
+    parts = [
+        group[rng.integers(0, group.size, size=(rows, group.size))]
+        for group in (pos, neg)
+        if group.size
+    ]
+    return np.concatenate(parts, axis=1)
+
+
+def _percentile_interval(values: np.ndarray, level: float) -> list[float] | None:
+    defined = values[~np.isnan(values)]
+    if defined.size == 0:
+        return None
+    tail = 100.0 * (1.0 - level) / 2.0
+    low, high = np.percentile(defined, [tail, 100.0 - tail])
+    return [float(low), float(high)]
+
+
+def bootstrap_ci(
+    y_true: np.ndarray,
+    prob: np.ndarray,
+    threshold: float = 0.5,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, list[float] | None]:
+    """Percentile intervals ``[low, high]`` for every RATE_KEYS figure.
+
+    Stratified bootstrap: positives and negatives are each resampled with replacement, keeping
+    their counts, so prevalence (and hence sensitivity/specificity denominators) is fixed.
+    Resamples in which a figure is undefined (e.g. no predicted positives for precision) are
+    left out of its interval; ``None`` when it is undefined in all of them.
+    """
+    y, p = validate_predictions(y_true, prob)
+    t = _check_threshold(threshold)
+    if int(n_resamples) < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples!r}")
+    if not 0.0 < float(level) < 1.0:
+        raise ValueError(f"level must be within (0, 1), got {level!r}")
+    rng = np.random.default_rng(seed)
+    pos, neg = p[y == 1], p[y == 0]
+    labels = np.concatenate([np.ones(pos.size, np.int64), np.zeros(neg.size, np.int64)])
+    chunks: list[dict[str, np.ndarray]] = []
+    for start in range(0, int(n_resamples), _BOOTSTRAP_CHUNK):
+        rows = min(_BOOTSTRAP_CHUNK, int(n_resamples) - start)
+        chunks.append(_batch_rates(_stratified_resamples(rng, pos, neg, rows), labels, t))
+    return {
+        key: _percentile_interval(np.concatenate([c[key] for c in chunks]), float(level))
+        for key in RATE_KEYS
+    }
+
+
+def evaluate_predictions(
+    y_true: np.ndarray,
+    prob: np.ndarray,
+    threshold: float = 0.5,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """:func:`binary_metrics` plus ``ci95``: 95% stratified-bootstrap intervals of RATE_KEYS."""
+    metrics = binary_metrics(y_true, prob, threshold)
+    metrics["ci95"] = bootstrap_ci(y_true, prob, threshold, n_resamples, seed, level=0.95)
+    return metrics
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+class ThresholdRuleError(ValueError, argparse.ArgumentTypeError):
+    """A bad threshold rule; also an ArgumentTypeError so argparse prints its message."""
+
+
+def _parse_rule(text: str) -> tuple[str, float | None]:
+    raw = str(text).strip().lower()
+    name, sep, value = raw.partition(":")
+    if raw == "youden":
+        return "youden", None
+    if sep and name in ("sensitivity", "fixed"):
+        try:
+            x = float(value)
+        except ValueError:
+            x = math.nan
+        low_ok = x > 0.0 if name == "sensitivity" else x >= 0.0
+        if low_ok and x <= 1.0:
+            return name, x
+    raise ThresholdRuleError(f"bad threshold rule {text!r}: use one of {THRESHOLD_RULE_FORMS}")
+
+
+def parse_threshold_rule(text: str) -> str:
+    """Validate a rule string and return it in canonical form, e.g. ``"sensitivity:0.95"``.
+
+    Suitable as an argparse ``type=``: a bad rule is reported with the valid forms.
+    """
+    name, value = _parse_rule(text)
+    return name if value is None else f"{name}:{value!r}"
+
+
+def choose_threshold(y_true: np.ndarray, prob: np.ndarray, rule: str = "youden") -> float:
+    """Operating threshold (predict positive iff ``prob >= threshold``) chosen by ``rule``.
+
+    - ``youden``: the ROC threshold maximising sensitivity + specificity - 1 (the highest
+      one among ties), clipped into [0, 1];
+    - ``sensitivity:X``: the highest ROC threshold whose sensitivity is at least X;
+    - ``fixed:X``: X itself.
+    """
+    name, value = _parse_rule(rule)
+    if name == "fixed":
+        assert value is not None
+        return float(value)
+    y, p = validate_predictions(y_true, prob)
+    if not _both_classes(y):
+        raise ValueError(
+            f"rule {rule!r} needs both classes in y_true, got only class {int(y[0])} "
+            f"(shape {y.shape})"
+        )
+    fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
+    score = tpr - fpr if name == "youden" else tpr >= value
+    best = int(np.argmax(score))  # first maximum: the highest such threshold
+    return float(np.clip(thresholds[best], 0.0, 1.0))
+
+
+# --------------------------------------------------------------------------- temperature
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Probability of class 1 from two-class ``logits`` (N, 2): ``softmax(logits / T)[:, 1]``."""
+    z = _check_logits(logits)
+    t = float(temperature)
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+    # a two-class softmax is the sigmoid of the logit difference; expit never overflows
+    return expit((z[:, 1] - z[:, 0]) / t)
+
+
+def _nll(margin: np.ndarray, sign: np.ndarray, temperature: float) -> float:
+    return float(np.mean(np.logaddexp(0.0, -sign * margin / temperature)))
+
+
+def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
+    """Temperature T > 0 minimising the validation NLL of ``softmax(logits / T)`` (Guo et al.).
+
+    Searched over log T in [log 0.01, log 100]; returns 1.0 when no T lowers the NLL
+    (e.g. all logit differences are zero).
+    """
+    z = _check_logits(logits)
+    y = np.asarray(y_true)
+    if y.shape != (z.shape[0],):
+        raise ValueError(
+            f"y_true must have shape ({z.shape[0]},) to match logits {z.shape}, got {y.shape}"
+        )
+    y = _check_labels(y)
+    margin = z[:, 1] - z[:, 0]
+    sign = 2.0 * y - 1.0
+    result = minimize_scalar(
+        lambda log_t: _nll(margin, sign, math.exp(log_t)),
+        bounds=_LOG_T_BOUNDS,
+        method="bounded",
+    )
+    best = math.exp(float(result.x))
+    if not (result.success and _nll(margin, sign, best) < _nll(margin, sign, 1.0)):
+        return 1.0
+    return best
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        return str(value)
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return f"{float(value):.{digits}f}"
+
+
+def _confusion_lines(confusion: Mapping[str, int]) -> list[str]:
+    neg, pos = CLASS_NAMES
+    width = max(len(neg), len(pos), 5) + 2
+    head = f"{'actual / predicted':<22}{neg:>{width}}{pos:>{width}}"
+    row_neg = f"{neg:<22}{confusion['tn']:>{width}}{confusion['fp']:>{width}}"
+    row_pos = f"{pos:<22}{confusion['fn']:>{width}}{confusion['tp']:>{width}}"
+    return ["", head, row_neg, row_pos]
+
+
+def format_table(metrics: dict) -> str:
+    """Plain-text report: one row per figure (value, and ``[low, high]`` when ``ci95`` has it),
+    then the confusion matrix, then the threshold. All fractions are shown to 3 decimals."""
+    ci = metrics.get("ci95") or {}
+    names = ["n", *RATE_KEYS, "loss", "brier", "ece"]
+    width = max(len(k) for k in names) + 2
+    lines = [f"{'figure':<{width}}{'value':>8}  {'95% CI' if ci else ''}".rstrip()]
+    for key in names:
+        if key not in metrics:
+            continue
+        row = f"{key:<{width}}{_fmt(metrics[key]):>8}"
+        interval = ci.get(key)
+        if interval is not None:
+            row += f"  [{_fmt(interval[0])}, {_fmt(interval[1])}]"
+        lines.append(row)
+    if "confusion" in metrics:
+        lines += _confusion_lines(metrics["confusion"])
+    if "threshold" in metrics:
+        lines += ["", f"{'threshold':<{width}}{_fmt(metrics['threshold']):>8}"]
+    return "\n".join(lines)
+
+
+def _numeric_items(metrics: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, float]]:
+    for key, value in metrics.items():
+        if isinstance(value, Mapping):
+            yield from _numeric_items(value, f"{prefix}{key}.")
+        elif isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+            yield f"{prefix}{key}", float(value)
+
+
+def summarize_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """``{key: {mean, std, min, max}}`` over several runs (e.g. seeds) of metric dicts.
+
+    Nested numbers are keyed with dots (``confusion.tp``); lists such as ``ci95`` intervals and
+    ``None`` values are skipped. ``std`` is the sample standard deviation (0.0 for one value).
+    """
+    if len(runs) == 0:
+        raise ValueError("summarize_runs needs at least one metrics dict, got 0")
+    values: dict[str, list[float]] = {}
+    for run in runs:
+        for key, value in _numeric_items(run):
+            values.setdefault(key, []).append(value)
+    summary = {}
+    for key, vals in values.items():
+        arr = np.asarray(vals)
+        summary[key] = {
+            "mean": float(arr.mean()),
+            "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
+            "min": float(arr.min()),
+            "max": float(arr.max()),
+        }
+    return summary

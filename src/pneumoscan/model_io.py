@@ -1,0 +1,242 @@
+"""A trained model on disk: weights as safetensors beside a JSON sidecar that says how to use them.
+
+``model.json`` carries the architecture, image size, channels, class names, intensity scaling,
+decision threshold, temperature and data fingerprint, so every later command reads them from the
+run rather than having them typed again. Nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pneumoscan import CLASS_NAMES
+from pneumoscan.errors import PneumoscanError
+from pneumoscan.fileio import atomic_write, atomic_write_json, read_json
+from pneumoscan.models import create_model
+from pneumoscan.preprocess import to_model_input
+
+FORMAT = "pneumoscan-model"
+FORMAT_VERSION = 1
+KINDS = ("single", "ensemble", "stack")
+
+# field -> (accepted types, required); checked before anything in model.json is used.
+_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
+    "format": ((str,), True),
+    "format_version": ((int,), True),
+    "kind": ((str,), True),
+    "architecture": ((str,), False),
+    "image_size": ((int,), True),
+    "in_chans": ((int,), False),
+    "class_names": ((list,), True),
+    "intensity": ((dict,), False),
+    "threshold": ((float, int), True),
+    "threshold_rule": ((str,), False),
+    "temperature": ((float, int), True),
+    "data_fingerprint": ((str,), False),
+    "members": ((list,), False),
+    "stacker": ((dict,), False),
+    "validation": ((dict, type(None)), False),
+    "model_kwargs": ((dict,), False),
+}
+
+
+def validate_meta(meta: Any, where: str) -> dict:
+    """Raise a one-line PneumoscanError unless ``meta`` is a well-formed model.json."""
+
+    def bad(reason: str) -> PneumoscanError:
+        return PneumoscanError(f"{where}: invalid model.json: {reason}")
+
+    if not isinstance(meta, dict):
+        raise bad("not a JSON object")
+    for key, (types, required) in _SCHEMA.items():
+        if key not in meta:
+            if required:
+                raise bad(f"missing {key!r}")
+            continue
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise bad(f"{key!r} has the wrong type ({type(value).__name__})")
+    if meta["format"] != FORMAT or meta["format_version"] > FORMAT_VERSION:
+        raise bad(f"format {meta['format']!r} v{meta['format_version']} is not supported")
+    if meta["kind"] not in KINDS:
+        raise bad(f"kind must be one of {', '.join(KINDS)}")
+    if list(meta["class_names"]) != list(CLASS_NAMES):
+        raise bad(f"class_names must be {list(CLASS_NAMES)}")
+    if not 0.0 <= float(meta["threshold"]) <= 1.0:
+        raise bad("threshold must be within [0, 1]")
+    if not float(meta["temperature"]) > 0:
+        raise bad("temperature must be positive")
+    if not 8 <= meta["image_size"] <= 4096:
+        raise bad("image_size must be within [8, 4096]")
+    if meta["kind"] == "single":
+        for key in ("architecture", "in_chans", "intensity"):
+            if key not in meta:
+                raise bad(f"missing {key!r}")
+    else:
+        members = meta.get("members") or []
+        if not members or not all(isinstance(m, str) and "/" not in m and ".." not in m
+                                  for m in members):
+            raise bad("an ensemble or stack needs 'members': sub-folder names of the run")
+    return meta
+
+
+def save_model(run_dir: Path, model: nn.Module, meta: dict) -> None:
+    """Write model.safetensors (weights and BatchNorm statistics) and model.json atomically."""
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    # Copies, contiguous and on the CPU: safetensors refuses shared or aliased storage.
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "single", **meta}
+    validate_meta(meta, str(run_dir / "model.json"))
+    atomic_write(run_dir / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
+    atomic_write_json(run_dir / "model.json", meta)
+
+
+def save_meta(run_dir: Path, meta: dict) -> None:
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
+    validate_meta(meta, str(Path(run_dir) / "model.json"))
+    atomic_write_json(Path(run_dir) / "model.json", meta)
+
+
+def read_meta(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "model.json"
+    if not path.is_file():
+        raise PneumoscanError(f"{run_dir}: not a run directory (no model.json)")
+    try:
+        meta = read_json(path)
+    except (OSError, ValueError) as e:
+        raise PneumoscanError(f"{path}: unreadable ({e})") from None
+    return validate_meta(meta, str(path))
+
+
+def update_meta(run_dir: Path, **fields) -> dict:
+    meta = read_meta(run_dir)
+    meta.update(fields)
+    save_meta(run_dir, meta)
+    return meta
+
+
+class Predictor:
+    """A single trained network: uint8 images in, logits and calibrated probabilities out."""
+
+    def __init__(self, run_dir: Path, meta: dict, model: nn.Module, device: torch.device):
+        self.run_dir, self.meta, self.model, self.device = run_dir, meta, model, device
+        self.image_size = int(meta["image_size"])
+        self.threshold = float(meta["threshold"])
+        self.temperature = float(meta["temperature"])
+
+    @property
+    def name(self) -> str:
+        return self.meta.get("architecture", "model")
+
+    def model_input(self, images: torch.Tensor) -> torch.Tensor:
+        intensity = self.meta["intensity"]
+        return to_model_input(
+            images.to(self.device),
+            in_chans=int(self.meta["in_chans"]),
+            mean=float(intensity["mean"]),
+            std=float(intensity["std"]),
+            size=self.image_size,
+        )
+
+    @torch.no_grad()
+    def logits(self, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> np.ndarray:
+        """(N, 2) float32 logits for (N, H, W) uint8 images."""
+        images = torch.as_tensor(np.asarray(images)) if isinstance(images, np.ndarray) else images
+        out = []
+        for start in range(0, len(images), batch_size):
+            x = self.model_input(images[start : start + batch_size])
+            with _autocast(self.device):
+                out.append(self.model(x).float().cpu())
+        if not out:
+            return np.zeros((0, 2), dtype=np.float32)
+        return torch.cat(out).numpy()
+
+    def predict_proba(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Calibrated probability of PNEUMONIA for each image."""
+        return probabilities(self.logits(images), self.temperature)
+
+
+class EnsemblePredictor:
+    """Several runs combined: the mean of their calibrated probabilities, or a fitted stacker."""
+
+    def __init__(self, run_dir: Path, meta: dict, members: list):
+        self.run_dir, self.meta, self.members = run_dir, meta, members
+        self.image_size = int(meta["image_size"])
+        self.threshold = float(meta["threshold"])
+        self.temperature = float(meta["temperature"])
+
+    @property
+    def name(self) -> str:
+        return f"{self.meta['kind']} of {len(self.members)}"
+
+    def member_probabilities(self, images) -> np.ndarray:
+        """(N, M) calibrated probabilities, one column per member."""
+        return np.stack([m.predict_proba(images) for m in self.members], axis=1)
+
+    def predict_proba(self, images) -> np.ndarray:
+        probs = self.member_probabilities(images)
+        if self.meta["kind"] == "stack":
+            return stack_probabilities(probs, self.meta["stacker"])
+        return probs.mean(axis=1)
+
+
+def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Probability of class 1 from (N, 2) logits, after temperature scaling."""
+    z = (logits[:, 1] - logits[:, 0]) / temperature
+    return (1.0 / (1.0 + np.exp(-z))).astype(np.float64)
+
+
+def stack_probabilities(member_probs: np.ndarray, stacker: dict) -> np.ndarray:
+    """A logistic regression over the members' log-odds (its coefficients live in model.json)."""
+    eps = 1e-6
+    p = np.clip(member_probs, eps, 1 - eps)
+    features = np.log(p / (1 - p))
+    z = features @ np.asarray(stacker["coef"], dtype=np.float64) + float(stacker["intercept"])
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def load_predictor(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """A ready-to-use Predictor (or EnsemblePredictor) for a run directory."""
+    run_dir = Path(run_dir)
+    meta = read_meta(run_dir)
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    if meta["kind"] != "single":
+        members = [load_predictor(run_dir / m, device) for m in meta["members"]]
+        return EnsemblePredictor(run_dir, meta, members)
+    model = create_model(
+        meta["architecture"],
+        in_chans=int(meta["in_chans"]),
+        num_classes=len(CLASS_NAMES),
+        image_size=int(meta["image_size"]),
+        **meta.get("model_kwargs", {}),
+    )
+    model.load_state_dict(_read_weights(run_dir / "model.safetensors"))
+    model.to(device).eval()
+    return Predictor(run_dir, meta, model, device)
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise PneumoscanError(f"{path}: missing model weights")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PneumoscanError(f"{path}: not a valid safetensors file ({e})") from None
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)

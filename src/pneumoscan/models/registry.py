@@ -1,0 +1,88 @@
+"""A registry of small factory functions, so that a model is built the same way everywhere."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from pneumoscan.errors import PneumoscanError
+
+ModelFactory = Callable[..., nn.Module]
+_REGISTRY: dict[str, ModelFactory] = {}
+
+
+def register_model(fn: ModelFactory) -> ModelFactory:
+    """Register ``fn`` under its own name; it takes ``in_chans``, ``num_classes`` and options."""
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    _load_builtin_models()
+    return sorted(_REGISTRY)
+
+
+def is_known_model(name: str) -> bool:
+    _load_builtin_models()
+    if name in _REGISTRY:
+        return True
+    from pneumoscan.models import timm_models
+
+    return timm_models.is_timm_model(name)
+
+
+def create_model(
+    name: str, *, in_chans: int = 1, num_classes: int = 2, image_size: int = 224, **kwargs
+) -> nn.Module:
+    """Build a registered model, or any timm model by name (``timm:NAME`` or plain ``NAME``)."""
+    _load_builtin_models()
+    if name in _REGISTRY:
+        model = _REGISTRY[name](
+            in_chans=in_chans, num_classes=num_classes, image_size=image_size, **kwargs
+        )
+    elif is_known_model(name):
+        from pneumoscan.models import timm_models
+
+        model = timm_models.create_timm_model(
+            name, in_chans=in_chans, num_classes=num_classes, **kwargs
+        )
+    else:
+        raise unknown_model_error(name)
+    if not hasattr(model, "gradcam_layer"):
+        raise TypeError(f"model {name!r} does not name its gradcam_layer")
+    return model
+
+
+def gradcam_module(model: nn.Module) -> nn.Module:
+    """The module a model names as its Grad-CAM target (unwrapping DDP and compile wrappers)."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    return model.get_submodule(model.gradcam_layer)
+
+
+def keras_parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) counted the way Keras does: BatchNorm moving statistics are parameters.
+
+    PyTorch keeps running mean and variance as buffers; Keras lists them as non-trainable weights,
+    so its totals are larger by two numbers per BatchNorm channel.
+    """
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    moving = sum(
+        m.running_mean.numel() + m.running_var.numel()
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+    )
+    return trainable + frozen + moving, trainable
+
+
+def _load_builtin_models() -> None:
+    # Importing the modules runs their @register_model decorators.
+    from pneumoscan.models import seed_cnn, timm_models  # noqa: F401
+
+
+def unknown_model_error(name: str) -> PneumoscanError:
+    return PneumoscanError(
+        f"unknown model {name!r}: choose one of {', '.join(list_models())} or a timm model name"
+    )

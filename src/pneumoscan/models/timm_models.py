@@ -1,0 +1,92 @@
+"""Standard backbones from timm, behind the same interface as the report's CNN.
+
+timm (and so torchvision) is imported only when one of these is built, so training the report's
+CNN needs neither.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from pneumoscan.errors import PneumoscanError
+from pneumoscan.models.registry import register_model
+
+# The backbones users of this field ask for first; any other timm name works too.
+STANDARD_BACKBONES = ("resnet18", "resnet50", "densenet121", "efficientnet_b0", "convnext_nano")
+
+
+def is_timm_model(name: str) -> bool:
+    try:
+        import timm
+    except ImportError:
+        return False
+    return bool(timm.list_models(name.removeprefix("timm:")))
+
+
+def create_timm_model(
+    name: str,
+    *,
+    in_chans: int = 1,
+    num_classes: int = 2,
+    pretrained: str | bool = False,
+    drop_rate: float = 0.0,
+    **_,
+) -> nn.Module:
+    """A timm model with ``in_chans`` inputs and ``num_classes`` logits.
+
+    ``pretrained`` is False, True (timm's published weights, which needs the network) or a path to
+    a local weights file. timm folds RGB first-layer weights into ``in_chans`` channels itself.
+    """
+    try:
+        import timm
+    except ImportError as e:
+        raise PneumoscanError("timm is not installed: pip install timm torchvision") from e
+    arch = name.removeprefix("timm:")
+    kwargs = {"in_chans": in_chans, "num_classes": num_classes, "drop_rate": drop_rate}
+    if isinstance(pretrained, (str, Path)) and pretrained not in ("", "timm"):
+        path = Path(pretrained)
+        if not path.is_file():
+            raise PneumoscanError(f"{path}: pretrained weights file not found")
+        kwargs["pretrained"] = True
+        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+    elif pretrained:
+        kwargs["pretrained"] = True
+    try:
+        model = _create_offline_aware(timm, arch, kwargs)
+    except PneumoscanError:
+        raise
+    except RuntimeError as e:
+        raise PneumoscanError(f"cannot build {arch!r} with pretrained weights: {e}") from e
+    model.gradcam_layer = model.feature_info[-1]["module"]
+    return model
+
+
+def _create_offline_aware(timm, arch: str, kwargs: dict) -> nn.Module:
+    if not kwargs.get("pretrained") or "pretrained_cfg_overlay" in kwargs:
+        return timm.create_model(arch, **kwargs)
+    # Downloading needs the network: fail at once, not after a long time-out.
+    from pneumoscan.net import require_network
+
+    require_network("huggingface.co", what=f"pretrained {arch} weights", instead="--pretrained PATH")
+    try:
+        return timm.create_model(arch, **kwargs)
+    except Exception as e:  # hub and HTTP errors come in many types
+        raise PneumoscanError(
+            f"cannot download pretrained {arch} weights ({type(e).__name__}); "
+            "pass --pretrained PATH with a local weights file"
+        ) from e
+
+
+def _standard(arch: str):
+    def factory(in_chans: int = 1, num_classes: int = 2, **kwargs) -> nn.Module:
+        return create_timm_model(arch, in_chans=in_chans, num_classes=num_classes, **kwargs)
+
+    factory.__name__ = arch
+    factory.__doc__ = f"timm {arch}"
+    return factory
+
+
+for _arch in STANDARD_BACKBONES:
+    register_model(_standard(_arch))

@@ -1,0 +1,141 @@
+"""A whole training run: data -> fit -> calibration and threshold on validation -> saved model ->
+test figures and plots. ``train`` and ``cv`` are built from these pieces."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pneumoscan import CLASS_NAMES, __version__
+from pneumoscan.config import TrainConfig
+from pneumoscan.data.dataset import DataBundle, Split, load_data
+from pneumoscan.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
+from pneumoscan.evaluate import (
+    choose_threshold,
+    evaluate_predictions,
+    fit_temperature,
+    format_table,
+)
+from pneumoscan.fileio import atomic_write_json
+from pneumoscan.model_io import probabilities, save_model
+from pneumoscan.train import fit, predict_logits, resolve_device
+
+TEST_METRICS = "test_metrics.json"
+VAL_PREDICTIONS = "val_predictions.npz"
+TEST_PREDICTIONS = "test_predictions.npz"
+
+
+def train_run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
+    """Train one model as ``cfg`` says and leave a complete run directory in ``cfg.out``."""
+    device = resolve_device(cfg.device)
+    dist_info = init_distributed(device.type)
+    try:
+        return _train_run(cfg, dist_info, resume=resume, progress=progress)
+    finally:
+        cleanup_distributed()
+
+
+def _train_run(cfg: TrainConfig, dist_info: DistInfo, *, resume: bool, progress: bool) -> dict:
+    run_dir = Path(cfg.out)
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "config.json", {"pneumoscan": __version__, **cfg.to_dict()})
+    data = load_data(
+        cfg.data, cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.seed,
+        progress=progress and dist_info.is_main,
+    )
+    if dist_info.is_main:
+        describe_data(data)
+    result = fit(
+        cfg, data.train, data.val, run_dir, class_counts=data.train_counts,
+        dist_info=dist_info, resume=resume, progress=progress,
+    )
+    summary: dict = {}
+    if dist_info.is_main:
+        summary = finish_run(cfg, data, result.model, run_dir, result.history)
+        summary["best_epoch"] = result.best_epoch
+        summary["stopped_early"] = result.stopped_early
+    barrier(dist_info)
+    return summary
+
+
+def describe_data(data: DataBundle) -> None:
+    print(f"data: {data.source}")
+    for name, split in data.splits().items():
+        counts = ", ".join(f"{k} {v}" for k, v in split.class_counts().items())
+        print(f"  {name:5s} {len(split):5d} images ({counts})")
+    for note in data.notes:
+        print(f"  {note}")
+
+
+def finish_run(
+    cfg: TrainConfig, data: DataBundle, model: torch.nn.Module, run_dir: Path, history: list[dict]
+) -> dict:
+    """Calibrate and pick the threshold on validation, save the model, evaluate the test split."""
+    device = next(model.parameters()).device
+    val_logits = predict_logits(model, torch.from_numpy(data.val.images), cfg, device).numpy()
+    temperature = fit_temperature(val_logits, data.val.labels)
+    val_prob = probabilities(val_logits, temperature)
+    threshold = choose_threshold(data.val.labels, val_prob, cfg.threshold_rule)
+    val_metrics = evaluate_predictions(data.val.labels, val_prob, threshold)
+    save_predictions(run_dir / VAL_PREDICTIONS, data.val, val_logits, val_prob)
+    meta = {
+        "architecture": cfg.model,
+        "image_size": cfg.image_size,
+        "in_chans": cfg.in_chans,
+        "class_names": list(CLASS_NAMES),
+        "intensity": {"scale": 1 / 255, "mean": cfg.mean, "std": cfg.std},
+        "threshold": float(threshold),
+        "threshold_rule": cfg.threshold_rule,
+        "temperature": float(temperature),
+        "data_fingerprint": data.fingerprint,
+        "data_source": data.source,
+        "validation": val_metrics,
+        "epochs_trained": len(history),
+    }
+    save_model(run_dir, model, meta)
+    print(f"validation (threshold {threshold:.3f} by {cfg.threshold_rule}, "
+          f"temperature {temperature:.3f}):")
+    print(format_table(val_metrics))
+    summary = {"run": str(run_dir), "validation": val_metrics}
+    if data.test is not None:
+        test_logits = predict_logits(model, torch.from_numpy(data.test.images), cfg, device)
+        test_prob = probabilities(test_logits.numpy(), temperature)
+        test_metrics = evaluate_predictions(data.test.labels, test_prob, threshold)
+        save_predictions(run_dir / TEST_PREDICTIONS, data.test, test_logits.numpy(), test_prob)
+        atomic_write_json(run_dir / TEST_METRICS, test_metrics)
+        print("test (held out; nothing was selected on it):")
+        print(format_table(test_metrics))
+        summary["test"] = test_metrics
+    write_run_plots(run_dir, history)
+    if data.skipped:
+        summary["skipped"] = len(data.skipped)
+    return summary
+
+
+def save_predictions(path: Path, split: Split, logits: np.ndarray, prob: np.ndarray) -> None:
+    from pneumoscan.fileio import atomic_write
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, labels=split.labels, logits=logits, prob=prob,
+                     paths=np.array(split.paths, dtype=str))
+
+    atomic_write(path, write)
+
+
+def write_run_plots(run_dir: Path, history: list[dict]) -> None:
+    from pneumoscan.plots import learning_curves
+
+    try:
+        learning_curves(history, run_dir / "plots" / "learning_curves.png")
+    except Exception as e:  # a plot must never cost the trained model
+        print(f"warning: learning-curve plot failed: {e}", file=sys.stderr)
+
+
+def summary_json(summary: dict) -> str:
+    return json.dumps(summary, indent=2)

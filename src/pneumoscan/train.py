@@ -1,0 +1,407 @@
+"""fit(): the training loop, read top to bottom.
+
+The decoded data set is held as one uint8 tensor on the training device; each step gathers a
+batch by index, augments it there, and never waits on the host. Sections: set-up, learning rate
+and optimizer, the step, evaluation, early stopping and checkpoint, log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pneumoscan.augment import augment_batch
+from pneumoscan.config import TrainConfig
+from pneumoscan.data.dataset import Split
+from pneumoscan.distributed import DistInfo, all_reduce_sum, broadcast_object
+from pneumoscan.errors import PneumoscanError
+from pneumoscan.fileio import atomic_write, atomic_write_text
+from pneumoscan.models import create_model
+from pneumoscan.preprocess import to_model_input
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PneumoscanError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise PneumoscanError(f"unknown device {name!r}: choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+def balanced_class_weights(counts: np.ndarray) -> torch.Tensor:
+    """scikit-learn's 'balanced' weights, n / (n_classes * n_class): 1.95 and 0.67 on Kermany."""
+    counts = np.asarray(counts, dtype=np.float64)
+    return torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+def build_model(cfg: TrainConfig) -> nn.Module:
+    kwargs = {"pretrained": cfg.pretrained} if cfg.pretrained else {}
+    return create_model(cfg.model, in_chans=cfg.in_chans, image_size=cfg.image_size, **kwargs)
+
+
+def model_input(images_u8: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    return to_model_input(images_u8, in_chans=cfg.in_chans, mean=cfg.mean, std=cfg.std)
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def weighted_loss(
+    logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None, smoothing: float
+) -> torch.Tensor:
+    """Cross-entropy with Keras' class_weight semantics: the batch mean of weighted losses."""
+    loss = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=smoothing)
+    if class_weights is not None:
+        loss = loss * class_weights[labels]
+    return loss.mean()
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, images: torch.Tensor, cfg: TrainConfig, device: torch.device
+) -> torch.Tensor:
+    """(N, 2) float32 logits on the CPU, in large batches, with the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(images), cfg.eval_batch_size):
+        x = model_input(images[start : start + cfg.eval_batch_size].to(device), cfg)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            out.append(model(x).float())
+    model.train(was_training)
+    return torch.cat(out).cpu() if out else torch.zeros((0, 2))
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when validation loss has not improved by min_delta for ``patience`` epochs."""
+
+    patience: int
+    min_delta: float
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    wait: int = 0
+
+    def update(self, val_loss: float, epoch: int) -> bool:
+        """Record an epoch; True when it is the best so far."""
+        if val_loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_epoch, self.wait = val_loss, epoch, 0
+            return True
+        self.wait += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.wait >= self.patience
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    stopped_early: bool = False
+
+
+class TrainStep:
+    """One optimisation step on a batch of uint8 images already on the device."""
+
+    def __init__(self, model, optimizer, scheduler, cfg, class_weights, device, generator):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.cfg, self.class_weights, self.device, self.generator = (
+            cfg, class_weights, device, generator
+        )
+
+    def __call__(self, images_u8: torch.Tensor, labels: torch.Tensor):
+        cfg = self.cfg
+        x = images_u8.unsqueeze(1).float().div_(255.0)
+        x = augment_batch(x, cfg.augment, self.generator)
+        x = (x - cfg.mean) / cfg.std
+        if cfg.in_chans > 1:
+            x = x.expand(-1, cfg.in_chans, -1, -1)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device):
+            logits = self.model(x)
+        loss = weighted_loss(logits, labels, self.class_weights, cfg.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        correct = (logits.detach().argmax(1) == labels).sum()
+        return loss.detach(), correct
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps, **fused)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, **fused
+        )
+    raise PneumoscanError(f"unknown optimizer {cfg.optimizer!r}: choose adam or adamw")
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    if cfg.schedule == "constant":
+        return None
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=cfg.lr,
+            total_steps=max(1, cfg.epochs * steps_per_epoch),
+            pct_start=cfg.warmup_fraction,
+        )
+    raise PneumoscanError(f"unknown schedule {cfg.schedule!r}: choose constant or onecycle")
+
+
+def fit(
+    cfg: TrainConfig,
+    train: Split,
+    val: Split,
+    run_dir: Path,
+    *,
+    class_counts: np.ndarray,
+    dist_info: DistInfo = DistInfo(),
+    resume: bool = False,
+    progress: bool = True,
+) -> FitResult:
+    # ---- set-up: seeds, device, data resident on the device as uint8
+    device = resolve_device(cfg.device)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    torch.manual_seed(cfg.seed)
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed)  # same order on every rank
+    augment_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + dist_info.rank)
+    train_images = torch.from_numpy(np.ascontiguousarray(train.images)).to(device)
+    train_labels = torch.from_numpy(train.labels).to(device)
+    val_images = torch.from_numpy(np.ascontiguousarray(val.images))
+    val_labels = torch.from_numpy(val.labels)
+
+    model = build_model(cfg).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    class_weights = balanced_class_weights(class_counts).to(device) if cfg.class_weights else None
+
+    # ---- learning rate and optimizer; the global batch is split across ranks
+    per_rank_batch = max(1, cfg.batch_size // dist_info.world_size)
+    shard = len(train) // dist_info.world_size
+    steps_per_epoch = math.ceil(shard / per_rank_batch)
+    optimizer = make_optimizer(model, cfg, device)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
+    stopper = EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta)
+    history: list[dict] = []
+    best_state: dict[str, torch.Tensor] | None = None
+    start_epoch = 1
+
+    if resume and (run_dir / CHECKPOINT).exists():
+        state = load_checkpoint(run_dir / CHECKPOINT, cfg)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        stopper = EarlyStopping(**json.loads(state["early_stopping"]))
+        best_state = state.get("best_model")
+        history = json.loads(state["history"])
+        torch.set_rng_state(state["rng_cpu"])
+        shuffle_gen.set_state(state["rng_shuffle"])
+        augment_gen.set_state(state["rng_augment"])
+        if device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+        start_epoch = int(state["epoch"]) + 1
+        if dist_info.is_main:
+            print(f"resuming {run_dir} after epoch {state['epoch']}")
+
+    train_model = model
+    if dist_info.enabled:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if _should_compile(cfg, device, steps_per_epoch):
+        train_model = torch.compile(train_model)
+    step = TrainStep(
+        train_model, optimizer, scheduler, cfg, class_weights, device, augment_gen
+    )
+    if dist_info.is_main and dist_info.enabled:
+        print(
+            f"distributed: {dist_info.world_size} processes x batch {per_rank_batch} = effective "
+            f"batch {per_rank_batch * dist_info.world_size}, lr {cfg.lr:g}"
+        )
+
+    stopped_early = False
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        # ---- the epoch: shuffle, take this rank's shard, step through it
+        model.train()
+        perm = torch.randperm(len(train), generator=shuffle_gen)
+        perm = perm[dist_info.rank * shard : (dist_info.rank + 1) * shard].to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        _sync(device)
+        t0 = time.perf_counter()
+        batches = range(0, shard, per_rank_batch)
+        bar = _bar(len(batches), f"epoch {epoch}/{cfg.epochs}", progress and dist_info.is_main)
+        for start in batches:
+            idx = perm[start : start + per_rank_batch]
+            if len(idx) < 2:  # BatchNorm cannot train on a single image
+                continue
+            loss, n_correct = step(train_images[idx], train_labels[idx])
+            loss_sum += loss * len(idx)
+            correct += n_correct
+            seen += len(idx)
+            bar.update(1)
+        bar.close()
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        totals = all_reduce_sum(torch.stack([loss_sum, correct.float()]), dist_info)
+        seen_total = seen * dist_info.world_size
+
+        # ---- evaluation on the validation split (rank 0 sees every image exactly once)
+        row = {
+            "epoch": epoch,
+            "train_loss": float(totals[0]) / max(seen_total, 1),
+            "train_accuracy": float(totals[1]) / max(seen_total, 1),
+        }
+        if dist_info.is_main:
+            row.update(validation_figures(model, val_images, val_labels, cfg, device))
+        row["lr"] = optimizer.param_groups[0]["lr"]
+        row["seconds"] = round(seconds, 3)
+        row["images_per_s"] = round(seen_total / max(seconds, 1e-9), 1)
+
+        # ---- early stopping and checkpoint
+        decision = None
+        if dist_info.is_main:
+            improved = stopper.update(row.get("val_loss", math.inf), epoch)
+            if improved and cfg.restore_best:
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            decision = stopper.should_stop
+        stop = broadcast_object(decision, dist_info)
+
+        # ---- log
+        if dist_info.is_main:
+            history.append(row)
+            write_metrics(run_dir, history)
+            save_checkpoint(
+                run_dir / CHECKPOINT, cfg, epoch, model, optimizer, scheduler, stopper,
+                best_state, history, shuffle_gen, augment_gen, device,
+            )
+            if progress:
+                print(_epoch_line(row), flush=True)
+        if stop:
+            stopped_early = True
+            if dist_info.is_main:
+                print(
+                    f"early stop: val loss has not improved for {cfg.early_stop_patience} epochs "
+                    f"(best at epoch {stopper.best_epoch})"
+                )
+            break
+
+    if cfg.restore_best and best_state is not None:
+        model.load_state_dict(best_state)
+    best_epoch = stopper.best_epoch if cfg.restore_best else len(history)
+    return FitResult(model, history, best_epoch, stopped_early)
+
+
+def validation_figures(model, images, labels, cfg, device) -> dict:
+    if len(images) == 0:
+        return {}
+    logits = predict_logits(model, images, cfg, device)
+    return {
+        "val_loss": float(F.cross_entropy(logits, labels)),
+        "val_accuracy": float((logits.argmax(1) == labels).float().mean()),
+    }
+
+
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    atomic_write_text(run_dir / METRICS, "".join(json.dumps(row) + "\n" for row in history))
+
+
+def save_checkpoint(
+    path, cfg, epoch, model, optimizer, scheduler, stopper, best_state, history,
+    shuffle_gen, augment_gen, device,
+) -> None:
+    """Everything needed to continue exactly where this epoch ended, written atomically."""
+    state = {
+        "config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else {},
+        "early_stopping": json.dumps(stopper.__dict__),
+        "history": json.dumps(history),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_shuffle": shuffle_gen.get_state(),
+        "rng_augment": augment_gen.get_state(),
+    }
+    if best_state is not None:
+        state["best_model"] = best_state
+    if device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state(device)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
+    """Resume state, loaded with weights_only=True so a planted pickle cannot run code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types; none may run code
+        raise PneumoscanError(
+            f"{path}: refused to load checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
+    saved = json.loads(state["config"])
+    current = cfg.to_dict()
+    changed = [k for k in current if k not in ("device", "compile") and saved.get(k) != current[k]]
+    if changed:
+        raise PneumoscanError(
+            f"{path}: --resume with different settings ({', '.join(changed)}); "
+            "resume with the run's own config or start a new --out"
+        )
+    return state
+
+
+def _should_compile(cfg: TrainConfig, device: torch.device, steps_per_epoch: int) -> bool:
+    if cfg.compile is not None:
+        return cfg.compile
+    # Compilation costs 30-50 s on a GPU: worth it only for runs of many steps.
+    return device.type == "cuda" and cfg.epochs * steps_per_epoch >= 2000
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", disable=not enabled, leave=False)
+
+
+def _epoch_line(row: dict) -> str:
+    parts = [f"epoch {row['epoch']:3d}", f"loss {row['train_loss']:.4f}",
+             f"acc {row['train_accuracy']:.4f}"]
+    if "val_loss" in row:
+        parts += [f"val_loss {row['val_loss']:.4f}", f"val_acc {row['val_accuracy']:.4f}"]
+    parts += [f"{row['seconds']:.1f}s", f"{row['images_per_s']:.0f} img/s"]
+    return "  ".join(parts)

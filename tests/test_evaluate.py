@@ -1,0 +1,306 @@
+import argparse
+import json
+import math
+import re
+import time
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from pneumoscan.evaluate import (
+    RATE_KEYS,
+    _batch_rates,
+    apply_temperature,
+    binary_metrics,
+    bootstrap_ci,
+    choose_threshold,
+    evaluate_predictions,
+    expected_calibration_error,
+    fit_temperature,
+    format_table,
+    parse_threshold_rule,
+    summarize_runs,
+)
+
+# 10 predictions, threshold 0.5:
+#   positives 0.9 0.8 0.7 0.4 0.3 -> tp=3 fn=2
+#   negatives 0.6 0.2 0.1 0.1 0.05 -> fp=1 tn=4
+Y10 = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0, 0])
+P10 = np.array([0.9, 0.8, 0.7, 0.4, 0.3, 0.6, 0.2, 0.1, 0.1, 0.05])
+
+
+def synthetic(n, seed=0, prevalence=0.4):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < prevalence).astype(int)
+    prob = np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0.0, 1.0)
+    return y, prob
+
+
+def test_hand_counted_case():
+    m = binary_metrics(Y10, P10, threshold=0.5)
+    assert m["confusion"] == {"tp": 3, "fp": 1, "tn": 4, "fn": 2}
+    assert m["n"] == 10
+    assert m["accuracy"] == pytest.approx(7 / 10)
+    assert m["sensitivity"] == pytest.approx(3 / 5)
+    assert m["specificity"] == pytest.approx(4 / 5)
+    assert m["precision"] == pytest.approx(3 / 4)
+    assert m["npv"] == pytest.approx(4 / 6)
+    assert m["f1"] == pytest.approx(2 * 3 / (2 * 3 + 1 + 2))
+    # pairs (pos > neg): 0.9,0.8,0.7 beat all 5; 0.4 and 0.3 beat 4 (not 0.6) -> 23 of 25
+    assert m["roc_auc"] == pytest.approx(23 / 25)
+    # ranked: 0.9+ 0.8+ 0.7+ 0.6- 0.4+ 0.3+ -> AP = (1 + 1 + 1 + 4/5 + 5/6) / 5
+    assert m["pr_auc"] == pytest.approx((3 + 4 / 5 + 5 / 6) / 5)
+    expected_loss = -np.mean(np.where(Y10 == 1, np.log(P10), np.log(1 - P10)))
+    assert m["loss"] == pytest.approx(expected_loss)
+    assert m["brier"] == pytest.approx(np.mean((P10 - Y10) ** 2))
+    assert m["threshold"] == 0.5
+
+
+def test_hand_counted_ece():
+    # 15 bins: both 0.9s fall in bin 13 (observed 0.5 vs predicted 0.9, half the data);
+    # both 0.0s in bin 0 (observed 0 vs predicted 0) -> ECE = 0.5 * 0.4
+    y = np.array([1, 0, 0, 0])
+    p = np.array([0.9, 0.9, 0.0, 0.0])
+    assert expected_calibration_error(y, p) == pytest.approx(0.5 * 0.4)
+    assert binary_metrics(y, p)["ece"] == pytest.approx(0.2)
+
+
+def test_threshold_is_inclusive():
+    m = binary_metrics(np.array([1, 0]), np.array([0.5, 0.49]), threshold=0.5)
+    assert m["confusion"] == {"tp": 1, "fp": 0, "tn": 1, "fn": 0}
+
+
+def test_result_is_plain_json():
+    m = evaluate_predictions(Y10, P10, n_resamples=50)
+    text = json.dumps(m, allow_nan=False)
+    assert json.loads(text) == m
+    for key in ("n", "confusion"):
+        assert type(m[key]) in (int, dict)
+    assert all(type(m[k]) is float for k in RATE_KEYS)
+
+
+def test_undefined_figures_are_none_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        only_neg = binary_metrics(np.zeros(4, int), np.array([0.1, 0.2, 0.3, 0.4]))
+        only_pos_none_predicted = binary_metrics(np.ones(3, int), np.array([0.1, 0.2, 0.3]))
+        ci = bootstrap_ci(np.zeros(4, int), np.array([0.1, 0.2, 0.3, 0.4]), n_resamples=20)
+    assert only_neg["sensitivity"] is None
+    assert only_neg["precision"] is None  # nothing predicted positive
+    assert only_neg["f1"] is None
+    assert only_neg["roc_auc"] is None and only_neg["pr_auc"] is None
+    assert only_neg["specificity"] == 1.0 and only_neg["npv"] == 1.0
+    assert only_pos_none_predicted["specificity"] is None
+    assert only_pos_none_predicted["precision"] is None
+    assert only_pos_none_predicted["npv"] == 0.0
+    assert only_pos_none_predicted["f1"] == 0.0
+    assert ci["sensitivity"] is None and ci["roc_auc"] is None and ci["precision"] is None
+    assert ci["specificity"] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("y", "prob", "message"),
+    [
+        (np.zeros((3, 2)), np.zeros((3, 2)), r"shapes \(3, 2\) and \(3, 2\)"),
+        (np.zeros(3), np.zeros(4), r"shapes \(3,\) and \(4,\)"),
+        (np.zeros(0), np.zeros(0), r"non-empty, got shapes \(0,\)"),
+        (np.array([0, 2, 1]), np.zeros(3), r"labels 0/1 only, got values \[2\]"),
+        (np.array([0, 1]), np.array([0.5, 1.5]), r"within \[0, 1\].*1\.5"),
+        (np.array([0, 1]), np.array([0.5, np.nan]), r"finite"),
+    ],
+)
+def test_input_validation_names_what_it_got(y, prob, message):
+    with pytest.raises(ValueError, match=message):
+        binary_metrics(y, prob)
+
+
+def test_bad_threshold_rejected():
+    with pytest.raises(ValueError, match=r"threshold must be within \[0, 1\], got 1.5"):
+        binary_metrics(Y10, P10, threshold=1.5)
+
+
+def test_batch_rates_match_sklearn_rowwise():
+    y, prob = synthetic(600, seed=3)
+    rng = np.random.default_rng(0)
+    rows = np.stack([prob, np.round(prob, 1), rng.permutation(prob), np.full(prob.shape, 0.5)])
+    batch = _batch_rates(rows, y, 0.5)
+    for i, row in enumerate(rows):
+        single = binary_metrics(y, row, 0.5)
+        for key in RATE_KEYS:
+            expected = math.nan if single[key] is None else single[key]
+            assert batch[key][i] == pytest.approx(expected, abs=1e-12, nan_ok=True), key
+    assert batch["roc_auc"][1] == pytest.approx(roc_auc_score(y, rows[1]))
+    assert batch["pr_auc"][1] == pytest.approx(average_precision_score(y, rows[1]))
+
+
+def test_bootstrap_contains_estimate_and_narrows_with_n():
+    y_small, p_small = synthetic(100, seed=1)
+    y_big, p_big = synthetic(2000, seed=1)
+    small = bootstrap_ci(y_small, p_small, n_resamples=400)
+    big = bootstrap_ci(y_big, p_big, n_resamples=400)
+    point = binary_metrics(y_big, p_big)
+    for key in RATE_KEYS:
+        low, high = big[key]
+        assert low <= point[key] <= high, key
+        assert high - low < 0.6 * (small[key][1] - small[key][0]), key
+
+
+def test_bootstrap_is_seeded():
+    y, prob = synthetic(300, seed=2)
+    a = bootstrap_ci(y, prob, n_resamples=200, seed=7)
+    assert a == bootstrap_ci(y, prob, n_resamples=200, seed=7)
+    assert a != bootstrap_ci(y, prob, n_resamples=200, seed=8)
+
+
+def test_bootstrap_level_widens_interval():
+    y, prob = synthetic(300, seed=2)
+    narrow = bootstrap_ci(y, prob, n_resamples=300, level=0.5)["roc_auc"]
+    wide = bootstrap_ci(y, prob, n_resamples=300, level=0.99)["roc_auc"]
+    assert wide[0] < narrow[0] < narrow[1] < wide[1]
+
+
+def test_bootstrap_speed():
+    y, prob = synthetic(5000, seed=4)
+    start = time.perf_counter()
+    bootstrap_ci(y, prob, n_resamples=1000)
+    assert time.perf_counter() - start < 5.0
+
+
+def test_evaluate_predictions_adds_ci95():
+    m = evaluate_predictions(Y10, P10, n_resamples=100, seed=1)
+    assert set(m["ci95"]) == set(RATE_KEYS)
+    assert m["ci95"] == bootstrap_ci(Y10, P10, n_resamples=100, seed=1)
+
+
+def test_youden_picks_best_roc_point():
+    # at 0.7: sens 3/5, spec 5/5 -> J = 0.6; at 0.3: sens 1, spec 4/5 -> J = 0.8 (best)
+    y = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0, 0])
+    p = np.array([0.9, 0.8, 0.7, 0.35, 0.3, 0.5, 0.2, 0.1, 0.1, 0.05])
+    assert choose_threshold(y, p, "youden") == pytest.approx(0.3)
+
+
+def test_youden_perfect_separation_stays_in_unit_interval():
+    t = choose_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 1.0]))
+    assert t == pytest.approx(0.8)
+    t = choose_threshold(np.array([1, 0]), np.array([0.5, 0.5]))  # J = 0 everywhere
+    assert 0.0 <= t <= 1.0
+
+
+def test_sensitivity_rule_picks_highest_qualifying_threshold():
+    y = np.array([1] * 20 + [0] * 5)
+    p = np.concatenate([np.linspace(0.99, 0.6, 20), [0.7, 0.5, 0.4, 0.3, 0.2]])
+    # 19 of 20 positives (sensitivity 0.95) lie at or above the 19th-highest positive score
+    assert choose_threshold(y, p, "sensitivity:0.95") == pytest.approx(p[18])
+    assert binary_metrics(y, p, p[18])["sensitivity"] == pytest.approx(0.95)
+    assert choose_threshold(y, p, "sensitivity:1.0") == pytest.approx(0.6)
+
+
+def test_fixed_rule():
+    assert choose_threshold(Y10, P10, "fixed:0.42") == 0.42
+
+
+@pytest.mark.parametrize(
+    "rule", ["", "yoden", "fixed", "fixed:", "fixed:1.5", "sensitivity:0", "sensitivity:x"]
+)
+def test_bad_rules_list_valid_forms(rule):
+    with pytest.raises(ValueError, match=r"youden, sensitivity:X .*fixed:X") as err:
+        choose_threshold(Y10, P10, rule)
+    assert "\n" not in str(err.value)
+
+
+def test_parse_threshold_rule_canonical_and_argparse_friendly():
+    assert parse_threshold_rule(" Youden ") == "youden"
+    assert parse_threshold_rule("sensitivity:.95") == "sensitivity:0.95"
+    assert parse_threshold_rule("fixed:0") == "fixed:0.0"
+    parser = argparse.ArgumentParser(prog="x", exit_on_error=False)
+    parser.add_argument("--rule", type=parse_threshold_rule)
+    with pytest.raises(argparse.ArgumentError, match="sensitivity:X"):
+        parser.parse_args(["--rule", "bogus"])
+
+
+def test_choose_threshold_needs_both_classes():
+    with pytest.raises(ValueError, match=r"both classes.*shape \(3,\)"):
+        choose_threshold(np.ones(3, int), np.array([0.2, 0.5, 0.9]))
+
+
+def overconfident_logits(n=4000, seed=0):
+    rng = np.random.default_rng(seed)
+    margin = rng.normal(0.0, 1.5, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-margin))).astype(int)  # calibrated at T = 1
+    logits = np.stack([np.zeros(n), margin], axis=1) * 5.0  # then made over-confident
+    return logits, y
+
+
+def test_temperature_scaling_fixes_overconfidence():
+    logits, y = overconfident_logits()
+    t = fit_temperature(logits, y)
+    assert 4.0 < t < 6.5
+    before = binary_metrics(y, apply_temperature(logits, 1.0))
+    after = binary_metrics(y, apply_temperature(logits, t))
+    assert after["loss"] < before["loss"]
+    assert after["ece"] < before["ece"]
+
+
+def test_temperature_returns_one_when_nothing_to_gain():
+    assert fit_temperature(np.zeros((6, 2)), np.array([0, 1, 0, 1, 0, 1])) == 1.0
+
+
+def test_apply_temperature_is_softmax():
+    logits = np.array([[0.0, 0.0], [1.0, 3.0], [1000.0, -1000.0]])
+    p = apply_temperature(logits, 2.0)
+    shifted = logits / 2.0 - (logits / 2.0).max(axis=1, keepdims=True)
+    softmax = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(p, softmax[:, 1])
+
+
+@pytest.mark.parametrize("shape", [(5,), (5, 3), (0, 2)])
+def test_logit_shape_errors_name_shape(shape):
+    with pytest.raises(ValueError, match=r"\(N, 2\).*got shape " + re.escape(str(shape))):
+        apply_temperature(np.zeros(shape), 1.0)
+
+
+def test_temperature_argument_errors():
+    with pytest.raises(ValueError, match="temperature must be finite and > 0, got 0"):
+        apply_temperature(np.zeros((2, 2)), 0)
+    with pytest.raises(ValueError, match=r"shape \(2,\) to match logits \(2, 2\), got \(3,\)"):
+        fit_temperature(np.zeros((2, 2)), np.zeros(3))
+
+
+def test_ece_small_when_calibrated_large_when_overconfident():
+    rng = np.random.default_rng(0)
+    prob = rng.random(20000)
+    y = (rng.random(20000) < prob).astype(int)
+    assert expected_calibration_error(y, prob) < 0.02
+    logit = np.log(prob / (1 - prob))
+    overconfident = 1 / (1 + np.exp(-5 * logit))
+    assert expected_calibration_error(y, overconfident) > 0.1
+
+
+def test_format_table():
+    text = format_table(evaluate_predictions(Y10, P10, n_resamples=50))
+    lines = text.splitlines()
+    sens = next(line for line in lines if line.startswith("sensitivity"))
+    assert "0.600" in sens and sens.count("[") == 1
+    assert any(line.startswith("loss") and "[" not in line for line in lines)
+    assert any("NORMAL" in line and "PNEUMONIA" in line for line in lines)
+    assert lines[-1].startswith("threshold") and lines[-1].endswith("0.500")
+    plain = format_table(binary_metrics(np.zeros(3, int), np.array([0.1, 0.2, 0.3])))
+    assert "[" not in plain and "n/a" in plain
+
+
+def test_summarize_runs():
+    runs = [
+        {"accuracy": 0.8, "roc_auc": None, "confusion": {"tp": 2}, "ci95": {"f1": [0.1, 0.2]}},
+        {"accuracy": 0.9, "roc_auc": 0.7, "confusion": {"tp": 4}, "ci95": {"f1": [0.1, 0.3]}},
+    ]
+    s = summarize_runs(runs)
+    assert s["accuracy"]["mean"] == pytest.approx(0.85)
+    assert s["accuracy"]["std"] == pytest.approx(math.sqrt(0.005))
+    assert (s["accuracy"]["min"], s["accuracy"]["max"]) == (0.8, 0.9)
+    assert s["roc_auc"] == {"mean": 0.7, "std": 0.0, "min": 0.7, "max": 0.7}
+    assert s["confusion.tp"]["mean"] == 3.0
+    assert not any(key.startswith("ci95") for key in s)
+    with pytest.raises(ValueError, match="got 0"):
+        summarize_runs([])
