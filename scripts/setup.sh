@@ -17,7 +17,8 @@ if [ ! -f "$venv/.complete" ]; then
   rm -rf "$venv.partial"
   mkdir -p "$root"
   "$python" -m venv "$venv.partial"
-  "$venv.partial/bin/python" -m pip install -q --disable-pip-version-check -r requirements.lock
+  "$venv.partial/bin/python" -m pip install -q --disable-pip-version-check -r requirements.lock \
+    2> >(grep -v "is ignored: it is neither" >&2)
   rm -rf "$venv"
   mv "$venv.partial" "$venv"
   # venv scripts name their interpreter by absolute path: rewrite them for the final folder.

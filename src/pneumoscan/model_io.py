@@ -7,6 +7,7 @@ run rather than having them typed again. Nothing here unpickles anything.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -69,18 +70,26 @@ def validate_meta(meta: Any, where: str) -> dict:
         raise bad(f"class_names must be {list(CLASS_NAMES)}")
     if not 0.0 <= float(meta["threshold"]) <= 1.0:
         raise bad("threshold must be within [0, 1]")
-    if not float(meta["temperature"]) > 0:
-        raise bad("temperature must be positive")
+    if not 0 < float(meta["temperature"]) < math.inf:
+        raise bad("temperature must be positive and finite")
     if not 8 <= meta["image_size"] <= 4096:
         raise bad("image_size must be within [8, 4096]")
     if meta["kind"] == "single":
         for key in ("architecture", "in_chans", "intensity"):
             if key not in meta:
                 raise bad(f"missing {key!r}")
+        if not 1 <= meta["in_chans"] <= 4:
+            raise bad("in_chans must be within [1, 4]")
+        scaling = [meta["intensity"].get(k) for k in ("mean", "std")]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in scaling) or not (
+            scaling[1] > 0
+        ):
+            raise bad("'intensity' needs a finite 'mean' and a positive 'std'")
     else:
+        # "." or "" would make the run its own member and recurse without end.
         members = meta.get("members") or []
-        if not members or not all(isinstance(m, str) and "/" not in m and ".." not in m
-                                  for m in members):
+        if not members or not all(isinstance(m, str) and m not in ("", ".") and "/" not in m
+                                  and "\\" not in m and ".." not in m for m in members):
             raise bad("an ensemble or stack needs 'members': sub-folder names of the run")
     return meta
 
@@ -212,14 +221,24 @@ def load_predictor(run_dir: str | Path, device: str | torch.device = "cpu"):
     if meta["kind"] != "single":
         members = [load_predictor(run_dir / m, device) for m in meta["members"]]
         return EnsemblePredictor(run_dir, meta, members)
-    model = create_model(
-        meta["architecture"],
-        in_chans=int(meta["in_chans"]),
-        num_classes=len(CLASS_NAMES),
-        image_size=int(meta["image_size"]),
-        **meta.get("model_kwargs", {}),
-    )
-    model.load_state_dict(_read_weights(run_dir / "model.safetensors"))
+    try:
+        model = create_model(
+            meta["architecture"],
+            in_chans=int(meta["in_chans"]),
+            num_classes=len(CLASS_NAMES),
+            image_size=int(meta["image_size"]),
+            **meta.get("model_kwargs", {}),
+        )
+    except (TypeError, ValueError) as e:  # e.g. an image size or option the model refuses
+        raise PneumoscanError(f"{run_dir / 'model.json'}: cannot build the model ({e})") from None
+    weights = run_dir / "model.safetensors"
+    try:
+        model.load_state_dict(_read_weights(weights))
+    except RuntimeError as e:  # names or shapes that are not this architecture's
+        reason = (str(e).splitlines() or [""])[0]
+        raise PneumoscanError(
+            f"{weights}: weights do not fit {meta['architecture']!r} ({reason})"
+        ) from None
     model.to(device).eval()
     return Predictor(run_dir, meta, model, device)
 

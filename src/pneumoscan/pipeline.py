@@ -129,12 +129,12 @@ def save_predictions(path: Path, split: Split, logits: np.ndarray, prob: np.ndar
 
 
 def write_run_plots(run_dir: Path, history: list[dict]) -> None:
-    from pneumoscan.plots import learning_curves
+    from pneumoscan.run_plots import write_evaluation_plots
 
     try:
-        learning_curves(history, run_dir / "plots" / "learning_curves.png")
+        write_evaluation_plots(run_dir)  # reads metrics.jsonl, which holds ``history``
     except Exception as e:  # a plot must never cost the trained model
-        print(f"warning: learning-curve plot failed: {e}", file=sys.stderr)
+        print(f"warning: run plots failed: {e}", file=sys.stderr)
 
 
 def summary_json(summary: dict) -> str:

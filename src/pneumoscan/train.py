@@ -43,7 +43,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def balanced_class_weights(counts: np.ndarray) -> torch.Tensor:
-    """scikit-learn's 'balanced' weights, n / (n_classes * n_class): 1.95 and 0.67 on Kermany."""
+    """scikit-learn's 'balanced' weights, n / (n_classes * n_class): 1.94 and 0.67 on Kermany."""
     counts = np.asarray(counts, dtype=np.float64)
     return torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
 
@@ -152,6 +152,17 @@ class TrainStep:
         return loss.detach(), correct
 
 
+def epoch_shard(perm: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's disjoint share of an epoch's permutation (the same one on every rank).
+
+    Every rank gets len(perm) // world_size indices, so all take the same number of steps; the
+    remainder (under world_size images) is left out of this epoch only, as the permutation is
+    drawn afresh each epoch.
+    """
+    shard = len(perm) // world_size
+    return perm[rank * shard : (rank + 1) * shard]
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
     fused = {"fused": True} if device.type == "cuda" else {}
     if cfg.optimizer == "adam":
@@ -215,6 +226,13 @@ def fit(
     best_state: dict[str, torch.Tensor] | None = None
     start_epoch = 1
 
+    already_stopped = False
+    if resume and dist_info.is_main:
+        # Left by a process killed mid-write; the checkpoint itself is whole (renamed into place).
+        for stray in run_dir.glob(".*.tmp"):
+            stray.unlink(missing_ok=True)
+        if not (run_dir / CHECKPOINT).exists():
+            print(f"--resume: no {CHECKPOINT} in {run_dir}; starting from epoch 1")
     if resume and (run_dir / CHECKPOINT).exists():
         state = load_checkpoint(run_dir / CHECKPOINT, cfg)
         model.load_state_dict(state["model"])
@@ -230,6 +248,10 @@ def fit(
         if device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"], device)
         start_epoch = int(state["epoch"]) + 1
+        # A run that had already stopped early must not train one epoch more on resume.
+        already_stopped = stopper.should_stop
+        if already_stopped:
+            start_epoch = cfg.epochs + 1
         if dist_info.is_main:
             print(f"resuming {run_dir} after epoch {state['epoch']}")
 
@@ -249,15 +271,16 @@ def fit(
             f"batch {per_rank_batch * dist_info.world_size}, lr {cfg.lr:g}"
         )
 
-    stopped_early = False
+    stopped_early = already_stopped
     for epoch in range(start_epoch, cfg.epochs + 1):
         # ---- the epoch: shuffle, take this rank's shard, step through it
         model.train()
         perm = torch.randperm(len(train), generator=shuffle_gen)
-        perm = perm[dist_info.rank * shard : (dist_info.rank + 1) * shard].to(device)
+        perm = epoch_shard(perm, dist_info.rank, dist_info.world_size).to(device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
+        epoch_lr = optimizer.param_groups[0]["lr"]  # as the epoch starts (one-cycle moves it)
         _sync(device)
         t0 = time.perf_counter()
         batches = range(0, shard, per_rank_batch)
@@ -285,7 +308,7 @@ def fit(
         }
         if dist_info.is_main:
             row.update(validation_figures(model, val_images, val_labels, cfg, device))
-        row["lr"] = optimizer.param_groups[0]["lr"]
+        row["lr"] = epoch_lr
         row["seconds"] = round(seconds, 3)
         row["images_per_s"] = round(seen_total / max(seconds, 1e-9), 1)
 
@@ -301,11 +324,12 @@ def fit(
         # ---- log
         if dist_info.is_main:
             history.append(row)
-            write_metrics(run_dir, history)
+            # Checkpoint first: an epoch in metrics.jsonl is then always one resume keeps.
             save_checkpoint(
                 run_dir / CHECKPOINT, cfg, epoch, model, optimizer, scheduler, stopper,
                 best_state, history, shuffle_gen, augment_gen, device,
             )
+            write_metrics(run_dir, history)
             if progress:
                 print(_epoch_line(row), flush=True)
         if stop:
@@ -361,15 +385,40 @@ def save_checkpoint(
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+_CHECKPOINT_KEYS = ("config", "epoch", "model", "optimizer", "scheduler", "early_stopping",
+                    "history", "rng_cpu", "rng_shuffle", "rng_augment")
+
+
 def load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
     """Resume state, loaded with weights_only=True so a planted pickle cannot run code."""
+    import pickle
+    import warnings
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types; none may run code
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": noise for a user
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's messages advise weights_only=False: not for users
         raise PneumoscanError(
-            f"{path}: refused to load checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})"
+            f"{path}: refused to load checkpoint: corrupt, or holds Python objects other than "
+            "tensors and plain data (which could run code); delete it or use a new --out"
         ) from None
-    saved = json.loads(state["config"])
+    except Exception as e:  # unpickling errors come in many types; none may run code
+        reason = (str(e).strip().splitlines() or [""])[0][:120]
+        raise PneumoscanError(
+            f"{path}: not a readable checkpoint ({type(e).__name__}{': ' if reason else ''}"
+            f"{reason}); delete it or use a new --out"
+        ) from None
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    try:
+        saved = json.loads(state["config"]) if not missing else None
+    except (TypeError, ValueError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise PneumoscanError(
+            f"{path}: not a pneumoscan checkpoint (missing or bad "
+            f"{', '.join(missing) or 'config'}); delete it or use a new --out"
+        )
     current = cfg.to_dict()
     changed = [k for k in current if k not in ("device", "compile") and saved.get(k) != current[k]]
     if changed:

@@ -81,7 +81,7 @@ def load_data(
         splits, skipped, fp = _load_folder(Path(spec), image_size, progress)
         source = str(Path(spec).resolve())
     for name, split in splits.items():
-        _check_classes(split, f"{source} ({name})")
+        _check_classes(split, name, f"{source} ({name})")
     notes: list[str] = []
     val = splits.get("val")
     train = splits["train"]
@@ -114,11 +114,11 @@ def load_data(
     )
 
 
-def _check_classes(split: Split, where: str) -> None:
+def _check_classes(split: Split, name: str, where: str) -> None:
     if len(split) == 0:
         raise PneumoscanError(f"{where}: no readable images")
     present = set(split.labels.tolist())
-    if len(present) < 2 and "train" in where:
+    if len(present) < 2 and name == "train":  # the name, not `where`: a path may hold "train"
         only = CLASS_NAMES[present.pop()]
         raise PneumoscanError(f"{where}: only {only} images; training needs both classes")
 

@@ -1,0 +1,547 @@
+"""The single image decoder shared by training, prediction and the server.
+
+Every X-ray enters the project through ``read_gray`` so that all three see identical pixels,
+and so that a hostile or broken file can only ever produce ``UnreadableImage``.
+
+Decisions worth knowing:
+
+* The format is sniffed from the content; file extensions are ignored.
+* Size limits are checked from the header, before any pixel is decoded.
+* 16-bit greyscale (PNG/TIFF) is scaled linearly from its full range to 0..255. A PNG sBIT
+  chunk is honoured the way the PNG spec defines it: the encoder has already scaled the
+  samples up to 16 bits, so the low ``16 - sbit`` bits are dropped before scaling.
+* Float images (mode "F") are not min-max stretched, because that would make the output depend
+  on the image content: values up to 1 are read as 0..1, up to 255 as 0..255, else as 0..65535.
+* DICOM goes through the modality LUT (rescale), then the VOI LUT or window, and is mapped to
+  0..255 from the range the standard says those steps produce, never from the pixel min/max.
+"""
+
+from __future__ import annotations
+
+import codecs
+import errno
+import os
+import re
+import stat
+import struct
+import warnings
+import zlib
+from io import BytesIO
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pneumoscan.errors import UnreadableImage
+
+MAX_PIXELS: int = 100_000_000
+MAX_FILE_BYTES: int = 512 * 1024 * 1024
+MIN_SIDE: int = 2
+
+SNIFF_BYTES = 132  # a DICOM preamble is 128 bytes, then b"DICM"
+INTERNAL_ERROR = "internal decoder error"
+
+_PILLOW_FORMATS = {
+    "jpeg": "JPEG",
+    "png": "PNG",
+    "bmp": "BMP",
+    "tiff": "TIFF",
+    "gif": "GIF",
+    "webp": "WEBP",
+}
+_LABELS = {**_PILLOW_FORMATS, "webp": "WebP", "dicom": "DICOM"}
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_BMP_HEADER_SIZES = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+# What Pillow raises on malformed input besides its own exception types; its plugins are
+# parsers written in Python, so index and key errors are ordinary signs of a corrupt file.
+_PILLOW_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    struct.error,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    OverflowError,
+    NotImplementedError,
+    zlib.error,
+)
+
+
+class _Refused(Exception):
+    """Carries a reason up to ``read_gray``, which alone knows what to call the file."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def sniff_kind(head: bytes) -> str | None:
+    """The image format named by the magic number at the start of ``head``, or None."""
+    head = bytes(head[:SNIFF_BYTES])
+    # DICOM first: its 128-byte preamble may legitimately hold another format's header.
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(_PNG_MAGIC):
+        return "png"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head[:4] in _TIFF_MAGICS:
+        return "tiff"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if _is_bmp(head):
+        return "bmp"
+    return None
+
+
+def _is_bmp(head: bytes) -> bool:
+    # "BM" alone is too weak: plenty of text files start with it.
+    if not head.startswith(b"BM") or len(head) < 18:
+        return False
+    return int.from_bytes(head[14:18], "little") in _BMP_HEADER_SIZES
+
+
+def looks_like_image(path: str | Path) -> bool:
+    """Whether the file at ``path`` starts like an image this module can try to decode."""
+    try:
+        with _open_regular(Path(path)) as f:
+            head = f.read(SNIFF_BYTES)
+    except (OSError, _Refused):
+        return False
+    return sniff_kind(head) is not None
+
+
+def read_gray(
+    source: str | Path | bytes,
+    size: int | None = None,
+    *,
+    name: str | None = None,
+) -> np.ndarray:
+    """Decode an image file or upload into a 2-D ``uint8`` greyscale array.
+
+    With ``size``, the result is resized to exactly ``(size, size)`` without keeping the aspect
+    ratio, as Keras' ``load_img(target_size=...)`` does. Every failure raises
+    ``UnreadableImage`` naming ``name`` (default: the path, or "upload" for bytes).
+    """
+    if size is not None and size < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    if not isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+        raise TypeError(f"source must be a path or bytes, not {type(source).__name__}")
+    label = name if name is not None else _default_name(source)
+    try:
+        return _read_gray(source, size)
+    except _Refused as e:
+        raise UnreadableImage(label, e.reason) from e.__cause__
+    except MemoryError as e:
+        raise UnreadableImage(label, "not enough memory to decode the image") from e
+    except Exception as e:
+        # A decoder bug must still reach the user as one line, not a traceback; the fuzz
+        # tests look for this reason to find such bugs.
+        reason = f"{INTERNAL_ERROR} ({type(e).__name__}: {_first_line(e)})"
+        raise UnreadableImage(label, reason) from e
+
+
+def _default_name(source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return "upload"
+
+
+def _read_gray(source: str | os.PathLike | bytes, size: int | None) -> np.ndarray:
+    data = _read_source(source)
+    kind = sniff_kind(data[:SNIFF_BYTES])
+    if kind is None:
+        raise _Refused(_not_an_image_reason(data))
+    if kind == "dicom":
+        image = Image.fromarray(_decode_dicom(data))
+    else:
+        image = _decode_pillow(data, kind, size)
+    if size is not None and image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.array(image, dtype=np.uint8)
+
+
+# --- reading bytes -------------------------------------------------------------------------
+
+
+def _read_source(source: str | os.PathLike | bytes) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    else:
+        data = _read_file(Path(source))
+    _check_length(len(data))
+    return data
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        with _open_regular(path) as f:
+            _check_length(os.fstat(f.fileno()).st_size)
+            # One byte past the limit, in case the file grew since fstat.
+            return f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise _Refused(_os_reason(e)) from e
+
+
+def _open_regular(path: Path) -> IO[bytes]:
+    """Open ``path`` for reading, refusing anything that is not a regular file.
+
+    O_NONBLOCK keeps a FIFO from hanging the caller; it changes nothing for regular files.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _Refused("is a directory" if stat.S_ISDIR(mode) else "not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def _os_reason(e: OSError) -> str:
+    if isinstance(e, FileNotFoundError):
+        return "file vanished or does not exist"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    if isinstance(e, IsADirectoryError):
+        return "is a directory"
+    if e.errno == errno.ELOOP:
+        return "symlink loop"
+    return f"cannot read file ({(e.strerror or str(e)).lower()})"
+
+
+def _check_length(n: int) -> None:
+    if n == 0:
+        raise _Refused("empty file")
+    if n > MAX_FILE_BYTES:
+        raise _Refused(f"file too large: {n} bytes exceeds the limit of {MAX_FILE_BYTES}")
+
+
+def _not_an_image_reason(data: bytes) -> str:
+    head = data[:4096]
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<") or _is_text(head):
+        return "not an image (content is text/HTML)"
+    return "not an image (unrecognised format)"
+
+
+def _is_text(head: bytes) -> bool:
+    if any(b < 0x20 and b not in b"\t\n\r\f" for b in head):
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _check_dimensions(width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise _Refused(
+            f"image too large: {width}x{height} pixels exceeds the limit of {MAX_PIXELS}"
+        )
+    if min(width, height) < MIN_SIDE:
+        raise _Refused(f"image too small: {width}x{height} pixels")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else type(e).__name__
+    text = text[:120]
+    return text[:1].lower() + text[1:]
+
+
+# --- Pillow formats ------------------------------------------------------------------------
+
+
+def _decode_pillow(data: bytes, kind: str, size: int | None) -> Image.Image:
+    label = _LABELS[kind]
+    sbit = _scan_png(data) if kind == "png" else None
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb warning fires below our limit; our header check decides.
+            # (catch_warnings is process-wide before Python 3.14; should threads race, the
+            # worst outcome is this filter outliving the block, which changes no result.)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = _open_and_load(data, kind, size)
+        return _to_gray(image, sbit)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _Refused(_bomb_reason(e)) from e
+    except _PILLOW_ERRORS as e:
+        raise _Refused(_pillow_reason(e, label)) from e
+
+
+def _open_and_load(data: bytes, kind: str, size: int | None) -> Image.Image:
+    image = Image.open(BytesIO(data), formats=[_PILLOW_FORMATS[kind]])
+    _check_dimensions(*image.size)
+    if kind == "jpeg":
+        # libjpeg decodes straight to grey, and at 1/2, 1/4 or 1/8 scale when that still
+        # leaves at least size x size pixels: large JPEGs decode several times faster.
+        image.draft("L", (size, size) if size else None)
+    image.load()
+    ImageOps.exif_transpose(image, in_place=True)
+    return image
+
+
+def _bomb_reason(e: Exception) -> str:
+    # Pillow refuses before the image object exists, so only its pixel count is known.
+    match = re.search(r"\((\d+) pixels\)", str(e))
+    count = f"{match.group(1)} pixels" if match else "pixel count"
+    return f"image too large: {count} exceeds the limit of {MAX_PIXELS}"
+
+
+def _pillow_reason(e: BaseException, label: str) -> str:
+    message = str(e).lower()
+    if isinstance(e, EOFError) or "truncated" in message or "premature end" in message:
+        return f"truncated {label}"
+    if "cannot identify image file" in message:
+        return f"corrupt {label} (unreadable header)"
+    return f"corrupt {label} ({_first_line(e)})"
+
+
+def _scan_png(data: bytes) -> int | None:
+    """Verify every PNG chunk's CRC (Pillow skips IDAT's); return sBIT's grey depth if any."""
+    view = memoryview(data)
+    pos, color_type, sbit = len(_PNG_MAGIC), None, None
+    while pos + 12 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        end = pos + 12 + length
+        if end > len(data):
+            raise _Refused("truncated PNG")
+        chunk_type, body = bytes(view[pos + 4 : pos + 8]), view[pos + 8 : end - 4]
+        if zlib.crc32(body, zlib.crc32(chunk_type)) != int.from_bytes(view[end - 4 : end], "big"):
+            raise _Refused("corrupt PNG (bad checksum)")
+        if chunk_type == b"IHDR" and len(body) >= 10:
+            color_type = body[9]
+        elif chunk_type == b"sBIT" and body and color_type in (0, 4):
+            sbit = body[0]
+        elif chunk_type == b"IEND":
+            return sbit if sbit and 1 <= sbit <= 16 else None
+        pos = end
+    raise _Refused("truncated PNG")
+
+
+def _to_gray(image: Image.Image, sbit: int | None) -> Image.Image:
+    mode = image.mode
+    if mode == "L":
+        return image
+    if mode in _SIXTEEN_BIT_MODES:
+        return Image.fromarray(_sixteen_bit_to_uint8(np.asarray(image), sbit or 16))
+    if mode == "F":
+        return Image.fromarray(_float_to_uint8(np.asarray(image)))
+    if mode in ("P", "PA"):
+        return image.convert("RGB").convert("L")
+    if mode == "LAB":
+        return image.getchannel(0)
+    try:
+        return image.convert("L")
+    except ValueError:
+        pass
+    try:
+        return image.convert("RGB").convert("L")
+    except ValueError as e:
+        raise _Refused(f"unsupported pixel mode {mode}") from e
+
+
+def _sixteen_bit_to_uint8(pixels: np.ndarray, bits: int) -> np.ndarray:
+    # Mode "I" is 32-bit, but Pillow uses it for 16-bit data; anything beyond is clipped.
+    values = np.clip(pixels, 0, 65535).astype(np.uint32) >> (16 - bits)
+    top = (1 << bits) - 1
+    return ((values * 255 + top // 2) // top).astype(np.uint8)
+
+
+def _float_to_uint8(pixels: np.ndarray) -> np.ndarray:
+    values = np.nan_to_num(pixels.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    peak = float(values.max()) if values.size else 0.0
+    full_scale = 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0
+    return _linear_to_uint8(values, 0.0, full_scale)
+
+
+def _linear_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map ``low`` to 0 and ``high`` to 255 (either may be the larger), rounding and clipping."""
+    if high == low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (values.astype(np.float32) - np.float32(low)) * np.float32(255.0 / (high - low))
+    scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+# --- DICOM ---------------------------------------------------------------------------------
+
+
+def _decode_dicom(data: bytes) -> np.ndarray:
+    try:
+        import pydicom
+        import pydicom.pixels
+    except ImportError as e:
+        raise _Refused("pydicom is not installed: pip install pydicom") from e
+    dataset = _read_dataset(pydicom, data)
+    _check_dicom_header(dataset)
+    pixels = _dicom_pixel_array(dataset)
+    try:
+        gray = _dicom_to_uint8(pixels, dataset)
+    except _Refused:
+        raise
+    except Exception as e:  # pydicom's LUT code trusts the header; a bad one raises anything
+        raise _Refused(f"corrupt DICOM ({_first_line(e)})") from e
+    if _dicom_str(dataset, "PhotometricInterpretation") == "MONOCHROME1":
+        gray = 255 - gray
+    return gray
+
+
+def _read_dataset(pydicom: Any, data: bytes) -> Any:
+    try:
+        # The sniffer saw the preamble and b"DICM"; force only tolerates an odd meta header.
+        return pydicom.dcmread(BytesIO(data), force=True)
+    except Exception as e:  # pydicom's parser raises whatever a malformed element provokes
+        raise _Refused(f"corrupt DICOM ({_first_line(e)})") from e
+
+
+def _check_dicom_header(ds: Any) -> None:
+    if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise _Refused("DICOM float pixel data is not supported")
+        raise _Refused("DICOM has no pixel data")
+    frames = _dicom_int(ds, "NumberOfFrames", 1)
+    if frames > 1:
+        raise _Refused(f"multi-frame DICOM is not supported ({frames} frames)")
+    _check_dimensions(_dicom_int(ds, "Columns", 0), _dicom_int(ds, "Rows", 0))
+    if _dicom_str(ds, "PhotometricInterpretation") == "PALETTE COLOR":
+        raise _Refused("DICOM palette colour images are not supported")
+
+
+def _dicom_int(ds: Any, keyword: str, default: int) -> int:
+    try:
+        value = ds.get(keyword, None)
+        return default if value is None or value == "" else int(value)
+    except Exception as e:  # a malformed value fails on first access, with any exception
+        raise _Refused(f"corrupt DICOM (bad {keyword})") from e
+
+
+def _dicom_str(ds: Any, keyword: str) -> str:
+    try:
+        return str(ds.get(keyword, "") or "").strip().upper()
+    except Exception as e:
+        raise _Refused(f"corrupt DICOM (bad {keyword})") from e
+
+
+def _dicom_pixel_array(ds: Any) -> np.ndarray:
+    try:
+        pixels = ds.pixel_array
+    except Exception as e:  # decoders raise RuntimeError, NotImplementedError, ValueError, ...
+        raise _Refused(_dicom_decode_reason(ds, e)) from e
+    if pixels.ndim == 3 and pixels.shape[-1] == 3:
+        return pixels
+    if pixels.ndim != 2:
+        raise _Refused(f"corrupt DICOM (pixel array has shape {pixels.shape})")
+    return pixels
+
+
+def _dicom_decode_reason(ds: Any, e: Exception) -> str:
+    uid = _transfer_syntax(ds)
+    if uid is None:
+        return f"corrupt DICOM pixel data ({_first_line(e)})"
+    hint = _dicom_codec_hint(uid)
+    if hint is None:
+        return f"corrupt DICOM pixel data ({_first_line(e)})"
+    return f"cannot decode DICOM transfer syntax {uid.name} ({hint})"
+
+
+def _transfer_syntax(ds: Any) -> Any:
+    try:
+        uid = ds.file_meta.get("TransferSyntaxUID")
+        return uid if uid is not None and uid.is_transfer_syntax and uid.is_compressed else None
+    except Exception:  # an unreadable meta header just means no better message
+        return None
+
+
+def _dicom_codec_hint(uid: Any) -> str | None:
+    """What to install for a compressed transfer syntax; None when a decoder is present."""
+    from pydicom import uid as uids
+    from pydicom.pixels import get_decoder
+
+    try:
+        if get_decoder(uid).is_available:
+            return "corrupt or unsupported compressed data"
+    except NotImplementedError:
+        return "no decoder exists for it"
+    if uid in (
+        uids.JPEG2000Lossless,
+        uids.JPEG2000,
+        uids.HTJ2KLossless,
+        uids.HTJ2KLosslessRPCL,
+        uids.HTJ2K,
+    ):
+        return "install pylibjpeg-openjpeg or gdcm"
+    if uid in (uids.JPEGLSLossless, uids.JPEGLSNearLossless):
+        return "install pyjpegls, pylibjpeg-libjpeg or gdcm"
+    if uid == uids.RLELossless:
+        return "install pylibjpeg-rle"
+    return "install pylibjpeg-libjpeg or gdcm"
+
+
+def _dicom_to_uint8(pixels: np.ndarray, ds: Any) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    if pixels.ndim == 3:
+        # pydicom has already converted YBR to RGB.
+        luma = pixels[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        return _linear_to_uint8(luma, 0, (1 << _dicom_bits_stored(ds)) - 1)
+    values = apply_modality_lut(pixels, ds)
+    low, high = _modality_output_range(ds)
+    voi_range = _voi_output_range(ds, low, high)
+    if voi_range is None:
+        return _linear_to_uint8(values, min(low, high), max(low, high))
+    return _linear_to_uint8(apply_voi_lut(values, ds, prefer_lut=True), *voi_range)
+
+
+def _dicom_bits_stored(ds: Any) -> int:
+    bits = _dicom_int(ds, "BitsStored", 0) or _dicom_int(ds, "BitsAllocated", 8)
+    if not 1 <= bits <= 32:
+        raise _Refused(f"corrupt DICOM (BitsStored {bits})")
+    return bits
+
+
+def _modality_output_range(ds: Any) -> tuple[float, float]:
+    """The value range after the modality LUT, as the standard (and pydicom) defines it.
+
+    Not sorted: with a negative slope ``low > high``; windowing maps below-window to ``low``.
+    """
+    if ds.get("ModalityLUTSequence"):
+        return 0.0, float((1 << int(ds.ModalityLUTSequence[0].LUTDescriptor[2])) - 1)
+    bits = _dicom_bits_stored(ds)
+    if _dicom_int(ds, "PixelRepresentation", 0) == 0:
+        low, high = 0.0, float((1 << bits) - 1)
+    else:
+        low, high = float(-(1 << (bits - 1))), float((1 << (bits - 1)) - 1)
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        low, high = low * float(slope) + float(intercept), high * float(slope) + float(intercept)
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise _Refused("corrupt DICOM (bad rescale slope or intercept)")
+    return low, high
+
+
+def _voi_output_range(ds: Any, low: float, high: float) -> tuple[float, float] | None:
+    """The range ``apply_voi_lut(prefer_lut=True)`` maps into, or None if it does nothing."""
+    from pydicom.pixels import apply_voi
+
+    sequence = ds.get("VOILUTSequence")
+    if sequence and None not in (sequence[0].get("LUTDescriptor"), sequence[0].get("LUTData")):
+        # The LUT's own entries bound its output; many files declare 16 bits but use 12.
+        entries, first = sequence[0].LUTDescriptor[0] or 65536, sequence[0].LUTDescriptor[1]
+        table = apply_voi(np.arange(first, first + entries, dtype=np.int64), ds)
+        return float(table.min()), float(table.max())
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        return low, high
+    return None

@@ -1,0 +1,165 @@
+"""Grad-CAM heat maps: where in an X-ray the evidence for PNEUMONIA lies, as the model sees it.
+
+The map is computed by captum's ``LayerGradCam`` on the layer each model names as its
+``gradcam_layer``. captum registers its hooks for one call and removes them itself, so a model
+is left exactly as it was; the tests check that. Everything else here is the few lines that turn
+the layer attribution into a picture: upsample to the image size, ReLU, scale to [0, 1].
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pneumoscan import CLASS_NAMES
+from pneumoscan.errors import PneumoscanError
+
+TARGET_CLASS = CLASS_NAMES.index("PNEUMONIA")
+BATCH_SIZE = 32  # images per backward pass: bounded memory on a CPU, still batched
+DEFAULT_ALPHA = 0.45
+COLORMAP = "jet"
+
+
+def gradcam(predictor, images: np.ndarray) -> np.ndarray:
+    """Grad-CAM maps for PNEUMONIA: (N, S, S) uint8 images -> (N, S, S) float32 in [0, 1].
+
+    ``predictor`` is a ``Predictor`` or an ``EnsemblePredictor`` (the mean of its members' maps);
+    images are at ``predictor.image_size``. Each map is scaled so that its peak is 1; a map with
+    no positive evidence anywhere is all zeros.
+    """
+    images = np.asarray(images)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 (N, H, W), got {images.dtype} {images.shape}")
+    members = getattr(predictor, "members", None)
+    if members is not None:
+        maps = np.stack([gradcam(member, images) for member in members])
+        return maps.mean(axis=0).astype(np.float32)
+    size = images.shape[1:]
+    out = [
+        _gradcam_batch(predictor, images[start : start + BATCH_SIZE], size)
+        for start in range(0, len(images), BATCH_SIZE)
+    ]
+    if not out:
+        return np.zeros((0, *size), dtype=np.float32)
+    return np.concatenate(out)
+
+
+def _gradcam_batch(predictor, images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    try:
+        from captum.attr import LayerAttribution, LayerGradCam
+    except ImportError:
+        raise PneumoscanError(
+            "Grad-CAM needs captum: pip install 'pneumoscan[explain]'"
+        ) from None
+    from pneumoscan.models import gradcam_module
+
+    model: nn.Module = predictor.model
+    was_training = model.training
+    model.eval()  # BatchNorm running statistics and no dropout, as at prediction
+    try:
+        # Prediction runs under torch.no_grad elsewhere; Grad-CAM needs the graph.
+        with torch.enable_grad():
+            x = predictor.model_input(torch.from_numpy(np.ascontiguousarray(images)))
+            x = x.float().contiguous().requires_grad_(True)
+            cam = LayerGradCam(model, gradcam_module(model))
+            attr = cam.attribute(x, target=TARGET_CLASS)  # (N, 1, h, w) at the layer's size
+            attr = LayerAttribution.interpolate(attr.detach(), size, interpolate_mode="bilinear")
+    finally:
+        model.train(was_training)
+    maps = torch.relu(attr[:, 0].float())
+    peak = maps.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
+    maps = torch.where(peak > 1e-12, maps / peak, torch.zeros_like(maps))
+    return maps.clamp_(0.0, 1.0).cpu().numpy().astype(np.float32)
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
+    """A uint8 grey image (H, W) with a heat map blended over it: uint8 RGB (H, W, 3).
+
+    ``cam`` holds values in [0, 1] (any shape: it is resized to the image); ``alpha`` is the
+    weight of the colour map.
+    """
+    from matplotlib import colormaps
+
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim != 2:
+        raise ValueError(f"image must be a 2-D grey image (H, W), got shape {image.shape}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be within [0, 1], got {alpha}")
+    cam = np.clip(np.nan_to_num(np.asarray(cam, dtype=np.float32)), 0.0, 1.0)
+    if cam.ndim != 2:
+        raise ValueError(f"cam must be 2-D (H, W), got shape {cam.shape}")
+    if cam.shape != image.shape:
+        cam = _resize(cam, image.shape)
+    heat = colormaps[COLORMAP](cam)[..., :3]  # float RGB in [0, 1]
+    gray = np.repeat(image.astype(np.float32)[..., None] / 255.0, 3, axis=2)
+    blended = (1.0 - alpha) * gray + alpha * heat
+    return np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)
+
+
+def _resize(cam: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    t = torch.from_numpy(np.ascontiguousarray(cam))[None, None]
+    t = torch.nn.functional.interpolate(t, size=tuple(shape), mode="bilinear", align_corners=False)
+    return t[0, 0].clamp(0.0, 1.0).numpy()
+
+
+def overlay_png(image: np.ndarray, cam: np.ndarray) -> bytes:
+    """PNG bytes of ``overlay(image, cam)``."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(overlay(image, cam), mode="RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def overlay_name(path: str | Path, taken: set[str]) -> str:
+    """``<stem>_gradcam.png``, numbered when two inputs share a stem so none is overwritten."""
+    stem = Path(path).stem or "image"
+    name, n = f"{stem}_gradcam.png", 1
+    while name in taken:
+        n += 1
+        name = f"{stem}-{n}_gradcam.png"
+    taken.add(name)
+    return name
+
+
+def write_overlays(
+    predictor, paths: Sequence[str | Path], out_dir: str | Path
+) -> list[tuple[str, str | None]]:
+    """Write ``OUT/<stem>_gradcam.png`` for each readable file; (path, error or None) for each.
+
+    Files are decoded with ``read_gray`` at the predictor's size and explained a batch at a time,
+    so memory stays bounded however many paths are given. An unreadable file costs only itself.
+    """
+    from pneumoscan.data.decode import read_gray
+    from pneumoscan.errors import UnreadableImage
+    from pneumoscan.fileio import atomic_write_bytes
+
+    out_dir = Path(out_dir)
+    results: list[tuple[str, str | None]] = []
+    taken: set[str] = set()
+    paths = [str(p) for p in paths]
+    for start in range(0, len(paths), BATCH_SIZE):
+        chunk_paths, chunk_images = [], []
+        for path in paths[start : start + BATCH_SIZE]:
+            try:
+                chunk_images.append(read_gray(path, predictor.image_size))
+                chunk_paths.append(path)
+            except UnreadableImage as e:
+                results.append((path, e.reason))
+        if not chunk_images:
+            continue
+        images = np.stack(chunk_images)
+        maps = gradcam(predictor, images)
+        for path, image, cam in zip(chunk_paths, images, maps, strict=True):
+            atomic_write_bytes(out_dir / overlay_name(path, taken), overlay_png(image, cam))
+            results.append((path, None))
+    order = {p: i for i, p in enumerate(paths)}
+    results.sort(key=lambda r: order[r[0]])  # the caller's order, errors and all
+    return results

@@ -1,0 +1,525 @@
+"""One self-contained HTML report of a run: ``RUN/report.html``.
+
+Everything is inside the one file: figures are PNGs embedded as base64 data URIs, the style is
+inline, and there are no scripts, fonts or other resources from anywhere, so the report can be
+mailed, archived or opened offline and shows the same thing. Each piece a run lacks (an
+ensemble has no learning curves of its own, data may have moved, files may be gone) is replaced
+by a note saying so; a report is never lost to one missing piece.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pneumoscan import CLASS_NAMES, __version__
+from pneumoscan.evaluate import RATE_KEYS
+from pneumoscan.fileio import atomic_write_text, read_json
+from pneumoscan.model_io import read_meta
+from pneumoscan.run_plots import (
+    PLOTS_DIR,
+    SPLIT_TITLES,
+    SPLITS,
+    expected_plots,
+    load_split_predictions,
+    write_evaluation_plots,
+)
+
+REPORT = "report.html"
+GALLERY_PER_CELL = 4  # images per confusion cell in the Grad-CAM gallery
+TEST_METRICS = "test_metrics.json"
+DISCLAIMER = "Research use only, not a medical device."
+SECTIONS = {
+    "data": "Data",
+    "config": "Configuration",
+    "learning": "Learning curves",
+    "figures": "Figures with 95% intervals",
+    "plots": "Plots",
+    "gradcam": "Grad-CAM gallery",
+}
+# file stem in plots/ -> what the figure shows
+PLOT_TITLES = {
+    "roc": "ROC curve",
+    "pr": "Precision-recall curve",
+    "confusion": "Confusion matrix (counts and share of the actual class)",
+    "reliability": "Reliability (before and after temperature scaling)",
+    "histogram": "Scores by actual class",
+}
+# confusion cell -> (actual label, predicted positive?, most confident first: sort descending?)
+CELLS = {
+    "true positives": (1, True, True),
+    "false positives": (0, True, True),
+    "false negatives": (1, False, False),
+    "true negatives": (0, False, False),
+}
+
+
+@dataclass
+class Section:
+    id: str
+    body: list[str] = field(default_factory=list)
+
+    def add(self, *parts: str) -> Section:
+        self.body.extend(parts)
+        return self
+
+    def note(self, text: str) -> Section:
+        return self.add(f'<p class="note">{esc(text)}</p>')
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def img_tag(png: bytes, alt: str, css: str = "") -> str:
+    klass = f' class="{css}"' if css else ""
+    return f'<img{klass} src="{data_uri(png)}" alt="{esc(alt)}">'
+
+
+def figure(png: bytes, caption: str, css: str = "") -> str:
+    return f"<figure>{img_tag(png, caption, css)}<figcaption>{esc(caption)}</figcaption></figure>"
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]], css: str = "") -> str:
+    klass = f' class="{css}"' if css else ""
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table{klass}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _warn(what: str, e: BaseException) -> str:
+    reason = f"{type(e).__name__}: {e}".splitlines()[0]
+    print(f"pneumoscan report: warning: {what}: {reason}", file=sys.stderr)
+    return f"{what}: {reason}"
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def read_config(run_dir: Path, meta: dict) -> dict | None:
+    """The run's resolved config.json; for a stack (which has none with a ``data`` field), the
+    first member's."""
+    config = _read_json_or_none(run_dir / "config.json")
+    if config is not None and "data" not in config and meta.get("members"):
+        member = _read_json_or_none(run_dir / meta["members"][0] / "config.json")
+        if member is not None:
+            config = {**config, "data": member.get("data"), "member_config": member}
+    return config
+
+
+def _read_json_or_none(path: Path) -> Any:
+    try:
+        return read_json(path) if path.is_file() else None
+    except (OSError, ValueError) as e:
+        _warn(f"{path} is unreadable", e)
+        return None
+
+
+def flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested dicts as dotted keys, in their own order."""
+    rows: list[tuple[str, Any]] = []
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            rows += flatten(value, name + ".")
+        else:
+            rows.append((name, value))
+    return rows
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def data_section(run_dir: Path, meta: dict, config: dict | None) -> Section:
+    section = Section("data")
+    eda_dir = run_dir / "eda"
+    if eda_dir.is_dir():
+        return _data_from_eda(section, eda_dir)
+    spec = (config or {}).get("data")
+    if not spec:
+        section.note("The run does not record its data source; the counts below are those of "
+                     "the saved predictions.")
+        return _data_from_predictions(section, run_dir)
+    try:
+        return _data_from_source(section, str(spec), meta, config or {})
+    except Exception as e:  # moved, deleted or offline data: say so and go on
+        section.note(_warn(f"the data at {spec} is not reachable now", e)
+                     + ". The counts below are those of the saved predictions.")
+        return _data_from_predictions(section, run_dir)
+
+
+def _counts_table(counts: dict[str, dict[str, int]]) -> str:
+    rows = []
+    for split, by_class in counts.items():
+        total = sum(by_class.values())
+        share = by_class.get(CLASS_NAMES[1], 0) / total if total else 0.0
+        rows.append([split, *(by_class.get(c, 0) for c in CLASS_NAMES), total, f"{share:.1%}"])
+    return table(["split", *CLASS_NAMES, "total", f"share {CLASS_NAMES[1]}"], rows, "numbers")
+
+
+def _data_from_eda(section: Section, eda_dir: Path) -> Section:
+    section.note(f"From the data summary saved in {eda_dir}.")
+    summary = _read_json_or_none(eda_dir / "eda.json")
+    if summary:
+        section.add(f"<p>Source: <code>{esc(summary.get('source', '?'))}</code></p>")
+        counts = {
+            split: {c: int(s.get("n", 0)) for c, s in entry.get("classes", {}).items()}
+            for split, entry in summary.get("splits", {}).items()
+        }
+        section.add(_counts_table(counts))
+        for note in summary.get("notes", []):
+            section.note(note)
+    for name, caption in (("class_balance.png", "Class balance per split"),
+                          ("sample_grid.png", "Sample images per class (training split)")):
+        if (eda_dir / name).is_file():
+            section.add(figure((eda_dir / name).read_bytes(), caption))
+    return section
+
+
+def _data_from_source(section: Section, spec: str, meta: dict, config: dict) -> Section:
+    from pneumoscan import plots
+    from pneumoscan.data.dataset import load_data
+
+    image_size = int(config.get("image_size") or meta["image_size"])
+    data = load_data(
+        spec, image_size, val_fraction=float(config.get("val_fraction", 0.1)),
+        seed=int(config.get("seed", 0)), progress=False, carve_val="cv" not in config,
+    )
+    section.add(f"<p>Source: <code>{esc(data.source)}</code></p>")
+    if (Path(spec) / "SYNTHETIC.txt").is_file():
+        section.add(f'<p class="warning">{esc((Path(spec) / "SYNTHETIC.txt").read_text().strip())}'
+                    "</p>")
+    counts = {name: split.class_counts() for name, split in data.splits().items() if len(split)}
+    section.add(_counts_table(counts))
+    for note in data.notes:
+        section.note(note)
+    if data.skipped:
+        section.note(f"{len(data.skipped)} unreadable file(s) were skipped.")
+    rng = np.random.default_rng(0)
+    samples = {}
+    for label, cls in enumerate(CLASS_NAMES):
+        idx = np.flatnonzero(data.train.labels == label)
+        pick = rng.choice(idx, size=min(5, len(idx)), replace=False)
+        samples[cls] = [data.train.images[i] for i in sorted(pick)]
+    with tempfile.TemporaryDirectory() as tmp:
+        balance = plots.class_balance(counts, Path(tmp) / "balance.png").read_bytes()
+        grid = plots.sample_grid(samples, Path(tmp) / "grid.png").read_bytes()
+    section.add(figure(balance, "Class balance per split"),
+                figure(grid, "Sample images per class (training split)"))
+    return section
+
+
+def _data_from_predictions(section: Section, run_dir: Path) -> Section:
+    counts = {}
+    for split in SPLITS:
+        pred = load_split_predictions(run_dir, split)
+        if pred is not None:
+            counts[split] = {c: int(np.sum(pred.labels == i)) for i, c in enumerate(CLASS_NAMES)}
+    if counts:
+        section.add(_counts_table(counts))
+    else:
+        section.note("No saved predictions either: no counts to show.")
+    return section
+
+
+def config_section(config: dict | None) -> Section:
+    section = Section("config")
+    if config is None:
+        return section.note("This run has no config.json.")
+    rows = [(k, "" if v is None else v) for k, v in flatten(config) if k != "member_config"]
+    return section.add(table(["setting", "value"], rows, "config"))
+
+
+def learning_section(run_dir: Path, meta: dict) -> Section:
+    section = Section("learning")
+    path = run_dir / PLOTS_DIR / "learning_curves.png"
+    if path.is_file():
+        section.add(figure(path.read_bytes(), "Loss and accuracy per epoch"))
+        if "epochs_trained" in meta:
+            section.note(f"{meta['epochs_trained']} epoch(s) trained.")
+    elif meta.get("kind") != "single":
+        section.note(f"A {meta.get('kind')} run has no learning curves of its own; each member "
+                     "run has its own in its plots/ folder.")
+    else:
+        section.note("This run has no metrics.jsonl: no learning curves to show.")
+    return section
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.3f}"
+    return str(x)
+
+
+def _with_ci(metrics: dict | None, key: str) -> tuple[str, str]:
+    if not metrics:
+        return "", ""
+    ci = (metrics.get("ci95") or {}).get(key)
+    ci_text = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else ""
+    return _fmt(metrics.get(key)), ci_text
+
+
+def figures_section(run_dir: Path, meta: dict) -> Section:
+    section = Section("figures")
+    columns = {"validation": meta.get("validation"),
+               "test": _read_json_or_none(run_dir / TEST_METRICS)}
+    columns = {k: v for k, v in columns.items() if isinstance(v, dict)}
+    if not columns:
+        return section.note("No validation or test figures were saved with this run.")
+    header = ["figure"]
+    for name in columns:
+        header += [name, "95% interval"]
+    rows = []
+    for key in RATE_KEYS:
+        row = [key.replace("_", " ")]
+        for metrics in columns.values():
+            row += _with_ci(metrics, key)
+        rows.append(row)
+    for key in ("loss", "brier", "ece", "threshold", "n"):
+        rows.append([key, *(x for m in columns.values() for x in (_fmt(m.get(key)), ""))])
+    for cell in ("tp", "fp", "tn", "fn"):
+        rows.append([f"confusion {cell}", *(x for m in columns.values()
+                                            for x in (_fmt((m.get("confusion") or {}).get(cell)),
+                                                      ""))])
+    section.add(table(header, rows, "numbers"))
+    rule = meta.get("threshold_rule", "")
+    section.note(
+        f"Positive class {CLASS_NAMES[1]}. Threshold {float(meta['threshold']):.3f}"
+        + (f" ({rule})" if rule else "")
+        + ", chosen on validation data; the test split was never used to select anything. "
+        "Intervals: stratified bootstrap, 95%."
+    )
+    if "test" not in columns:
+        section.note("This run has no test split figures (test_metrics.json).")
+    return section
+
+
+def plots_section(run_dir: Path, notes: list[str]) -> Section:
+    section = Section("plots")
+    for note in notes:
+        section.note(note)
+    shown = False
+    for split in SPLITS:
+        figures = []
+        for stem, title in PLOT_TITLES.items():
+            path = run_dir / PLOTS_DIR / f"{stem}_{split}.png"
+            if path.is_file():
+                figures.append(figure(path.read_bytes(), f"{title}, {SPLIT_TITLES[split]}"))
+        if figures:
+            shown = True
+            section.add(f"<h3>{esc(SPLIT_TITLES[split].capitalize())}</h3>",
+                        '<div class="grid">', *figures, "</div>")
+            if not (run_dir / PLOTS_DIR / f"roc_{split}.png").is_file():
+                section.note(f"No ROC or PR curve for {SPLIT_TITLES[split]}: "
+                             "it holds only one class.")
+    if not shown:
+        section.note("This run has no saved predictions to plot.")
+    return section
+
+
+def gallery_picks(
+    labels: np.ndarray, prob: np.ndarray, threshold: float, per_cell: int = GALLERY_PER_CELL
+) -> dict[str, list[int]]:
+    """Indices for each confusion cell, most confident first (the clearest examples and the
+    most confident mistakes)."""
+    labels, prob = np.asarray(labels), np.asarray(prob)
+    positive = prob >= threshold
+    picks = {}
+    for cell, (actual, predicted_positive, descending) in CELLS.items():
+        idx = np.flatnonzero((labels == actual) & (positive == predicted_positive))
+        order = np.argsort(-prob[idx] if descending else prob[idx], kind="stable")
+        picks[cell] = idx[order][:per_cell].tolist()
+    return picks
+
+
+def gradcam_section(run_dir: Path, meta: dict, device: str) -> Section:
+    section = Section("gradcam")
+    split, pred = None, None
+    for split in ("test", "val"):  # test when there is one: validation chose the threshold
+        pred = load_split_predictions(run_dir, split)
+        if pred is not None:
+            break
+    if pred is None or not pred.paths:
+        return section.note("No saved predictions with file paths: no gallery to show.")
+    try:
+        cards = _gallery_cards(run_dir, meta, pred, device)
+    except Exception as e:  # captum missing, weights gone, ...: the rest of the report stands
+        return section.note(_warn("the Grad-CAM gallery could not be made", e))
+    if cards is None:
+        return section.note(f"The {SPLIT_TITLES[split]} images are no longer at the paths "
+                            "saved with the run: no gallery to show.")
+    section.add(f"<p>{esc(SPLIT_TITLES[split].capitalize())} split, threshold "
+                f"{float(meta['threshold']):.3f}. Each pair shows the image and where the "
+                f"evidence for {CLASS_NAMES[1]} lies (red = strongest; each map is scaled to "
+                f"its own peak, so it shows where, not how much). Up to {GALLERY_PER_CELL} of "
+                "each kind, most confident first.</p>")
+    for cell, items in cards.items():
+        section.add(f"<h3>{esc(cell.capitalize())}</h3>")
+        if items:
+            section.add('<div class="gallery">', *items, "</div>")
+        else:
+            section.note(f"No {cell} in this split.")
+    return section
+
+
+def _gallery_cards(run_dir: Path, meta: dict, pred, device: str) -> dict[str, list[str]] | None:
+    from pneumoscan.data.decode import read_gray
+    from pneumoscan.errors import UnreadableImage
+    from pneumoscan.explain import gradcam, overlay_png
+    from pneumoscan.model_io import load_predictor
+    from pneumoscan.train import resolve_device
+
+    predictor = load_predictor(run_dir, resolve_device(device))
+    picks = gallery_picks(pred.labels, pred.prob, float(meta["threshold"]))
+    chosen, images = [], []
+    for cell, indices in picks.items():
+        for i in indices:
+            try:
+                images.append(read_gray(pred.paths[i], predictor.image_size))
+                chosen.append((cell, i))
+            except UnreadableImage:
+                continue  # moved or deleted since training: the others still show
+    if not images:
+        return None if any(picks.values()) else {cell: [] for cell in picks}
+    maps = gradcam(predictor, np.stack(images))
+    cards: dict[str, list[str]] = {cell: [] for cell in picks}
+    for (cell, i), image, cam in zip(chosen, images, maps, strict=True):
+        path = pred.paths[i]
+        label = CLASS_NAMES[int(pred.labels[i])]
+        caption = (f'<figcaption><span class="path" title="{esc(path)}">{esc(Path(path).name)}'
+                   f"</span><br>P({CLASS_NAMES[1]}) = {pred.prob[i]:.3f} &middot; actual "
+                   f"{esc(label)}</figcaption>")
+        cards[cell].append(
+            '<figure class="card"><div class="pair">'
+            + img_tag(_png(image), f"{path}", "xray")
+            + img_tag(overlay_png(image, cam), f"Grad-CAM of {path}", "xray")
+            + "</div>" + caption + "</figure>"
+        )
+    return cards
+
+
+def _png(image: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- page
+
+
+CSS = """
+:root { color-scheme: light; }
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
+       margin: 0; color: #1d232a; background: #f6f7f9; line-height: 1.45; }
+header { background: #1f3a5f; color: #fff; padding: 1.2rem 2rem; }
+header h1 { margin: 0 0 .3rem; font-size: 1.6rem; }
+header p { margin: .2rem 0; }
+.disclaimer { display: inline-block; background: #ffd166; color: #3d2c00; font-weight: 600;
+              padding: .25rem .6rem; border-radius: 4px; }
+nav { background: #fff; border-bottom: 1px solid #dde1e6; padding: .5rem 2rem;
+      position: sticky; top: 0; z-index: 1; }
+nav a { margin-right: 1.1rem; color: #1f3a5f; text-decoration: none; font-weight: 600; }
+main { max-width: 1280px; margin: 0 auto; padding: 1rem 2rem 3rem; }
+section { background: #fff; border: 1px solid #dde1e6; border-radius: 6px;
+          padding: 1rem 1.4rem; margin: 1.2rem 0; }
+h2 { margin-top: .2rem; color: #1f3a5f; }
+table { border-collapse: collapse; margin: .6rem 0; font-size: .92rem; }
+th, td { border: 1px solid #dde1e6; padding: .25rem .6rem; text-align: left; }
+thead th { background: #eef1f5; }
+table.numbers td:not(:first-child) { text-align: right; font-variant-numeric: tabular-nums; }
+table.config td:last-child { font-family: ui-monospace, Menlo, Consolas, monospace; }
+.note { color: #5a6572; font-style: italic; }
+.warning { color: #8a1c1c; font-weight: 600; }
+figure { display: inline-block; margin: .5rem 1rem .5rem 0; vertical-align: top; }
+figure img { max-width: 100%; border: 1px solid #dde1e6; }
+figcaption { font-size: .85rem; color: #3b4652; max-width: 480px; }
+.grid figure { width: 360px; }
+.grid figure img { width: 360px; }
+.gallery { display: flex; flex-wrap: wrap; gap: .6rem; }
+.card { background: #fafbfc; border: 1px solid #dde1e6; border-radius: 4px; padding: .4rem;
+        margin: 0; width: 260px; }
+.pair { display: flex; gap: 4px; }
+img.xray { width: 128px; height: 128px; image-rendering: auto; }
+.path { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: .78rem;
+        word-break: break-all; }
+code { font-family: ui-monospace, Menlo, Consolas, monospace; }
+footer { color: #5a6572; font-size: .8rem; text-align: center; padding-bottom: 2rem; }
+"""
+
+
+def _header(run_dir: Path, meta: dict) -> str:
+    kind = meta.get("kind", "single")
+    model = meta.get("architecture", "") if kind == "single" else (
+        f"{kind} of {len(meta.get('members', []))} runs")
+    facts = [
+        ("run", str(run_dir.resolve())),
+        ("model", model),
+        ("image size", f"{meta['image_size']} px"),
+        ("decision threshold", f"{float(meta['threshold']):.3f}"
+         + (f" ({meta['threshold_rule']})" if meta.get("threshold_rule") else "")),
+        ("temperature", f"{float(meta['temperature']):.3f}"),
+    ]
+    if meta.get("data_fingerprint"):
+        facts.append(("data fingerprint", meta["data_fingerprint"]))
+    rows = "".join(f"<p><strong>{esc(k)}:</strong> {esc(v)}</p>" for k, v in facts)
+    return (f"<header><h1>pneumoscan report: {esc(run_dir.resolve().name)}</h1>"
+            f'<p class="disclaimer">{esc(DISCLAIMER)}</p>{rows}</header>')
+
+
+def render(run_dir: Path, meta: dict, sections: list[Section]) -> str:
+    nav = "".join(f'<a href="#{s.id}">{esc(SECTIONS[s.id])}</a>' for s in sections)
+    body = "".join(
+        f'<section id="{s.id}"><h2>{esc(SECTIONS[s.id])}</h2>{"".join(s.body)}</section>'
+        for s in sections
+    )
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>pneumoscan report: {esc(run_dir.resolve().name)}</title>"
+        f"<style>{CSS}</style></head><body>"
+        f"{_header(run_dir, meta)}<nav>{nav}</nav><main>{body}</main>"
+        f"<footer>pneumoscan {esc(__version__)}, {esc(stamp)}. {esc(DISCLAIMER)}</footer>"
+        "</body></html>\n"
+    )
+
+
+def build_report(run_dir: str | Path, *, device: str = "cpu") -> Path:
+    """Write ``RUN/report.html`` atomically (drawing any missing plots first); returns its path."""
+    run_dir = Path(run_dir)
+    meta = read_meta(run_dir)
+    config = read_config(run_dir, meta)
+    plot_notes: list[str] = []
+    if any(not p.is_file() for p in expected_plots(run_dir)):
+        try:
+            write_evaluation_plots(run_dir)
+        except Exception as e:
+            plot_notes.append(_warn("the plots could not be drawn", e))
+    sections = [
+        data_section(run_dir, meta, config),
+        config_section(config),
+        learning_section(run_dir, meta),
+        figures_section(run_dir, meta),
+        plots_section(run_dir, plot_notes),
+        gradcam_section(run_dir, meta, device),
+    ]
+    return atomic_write_text(run_dir / REPORT, render(run_dir, meta, sections))

@@ -1,0 +1,126 @@
+"""End to end through main(argv): train -> evaluate -> eda on a few dozen generated images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import REAL_DATA
+
+from pneumoscan.cli import main
+from pneumoscan.model_io import read_meta
+
+EVALUATE_KEYS = {"n", "accuracy", "sensitivity", "specificity", "precision", "npv", "f1",
+                 "roc_auc", "pr_auc", "loss", "brier", "ece", "threshold", "confusion", "ci95"}
+METRIC_KEYS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
+               "seconds", "images_per_s"}
+
+
+def test_train_writes_a_complete_run_directory(trained_run):
+    for name in ("config.json", "metrics.jsonl", "model.safetensors", "model.json",
+                 "checkpoint.pt", "test_metrics.json", "plots/learning_curves.png"):
+        assert (trained_run / name).exists(), name
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(METRIC_KEYS <= r.keys() for r in rows)
+    meta = read_meta(trained_run)
+    assert meta["architecture"] == "seed_cnn" and meta["image_size"] == 32
+    assert 0 <= meta["threshold"] <= 1 and meta["temperature"] > 0
+    assert meta["data_fingerprint"]
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["recipe"] == "cpu" and config["epochs"] == 2
+
+
+def test_evaluate_json_has_the_documented_keys(trained_run, synthetic_data, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", str(trained_run), "--data", str(synthetic_data),
+                 "--json", str(out), "--quiet"]) == 0
+    figures = json.loads(out.read_text())
+    assert EVALUATE_KEYS <= figures.keys()
+    assert figures["n"] == 30
+    assert set(figures["confusion"]) == {"tp", "fp", "tn", "fn"}
+    assert sum(figures["confusion"].values()) == 30
+    assert figures["threshold"] == read_meta(trained_run)["threshold"]
+    low, high = figures["ci95"]["accuracy"]
+    assert low <= figures["accuracy"] <= high
+    assert "sensitivity" in capsys.readouterr().out
+
+
+def test_eda_writes_charts_and_a_table(synthetic_data, tmp_path, capsys):
+    out = tmp_path / "eda"
+    assert main(["eda", "--data", str(synthetic_data), "--out", str(out), "--image-size", "32",
+                 "--quiet"]) == 0
+    for name in ("class_balance.png", "sample_grid.png", "eda.json", "eda.txt"):
+        assert (out / name).stat().st_size > 0
+    summary = json.loads((out / "eda.json").read_text())
+    assert set(summary["splits"]) == {"train", "val", "test"}
+    total = sum(c["n"] for s in summary["splits"].values() for c in s["classes"].values())
+    assert total == 120
+    assert "PNEUMONIA" in capsys.readouterr().out
+
+
+def test_models_lists_names_and_keras_counts(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "seed_cnn" in out and "6,642,594" in out and "6,640,226" in out
+    assert "resnet18" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--data", "/nonexistent/folder", "--quiet"], "not a folder"),
+        (["evaluate", "/nonexistent/run"], "not a run directory"),
+        (["train", "--data", "x", "--threshold-rule", "median"], "youden"),
+    ],
+)
+def test_bad_usage_exits_2_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) if argv[-2] == "--threshold-rule" else _nullcontext() as e:
+        status = main(argv)
+    status = e.value.code if hasattr(e, "value") and e.value is not None else status
+    assert status == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err
+    assert len(err.splitlines()) <= 2  # argparse adds its usage line
+
+
+class _nullcontext:
+    value = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_seeds_write_a_summary(synthetic_data, tmp_path):
+    out = tmp_path / "seeds"
+    assert main(["train", "--data", str(synthetic_data), "--out", str(out), "--recipe", "cpu",
+                 "--model", "seed_cnn", "--image-size", "32", "--epochs", "1", "--seeds", "0,1",
+                 "--quiet"]) == 0
+    summary = json.loads((out / "seeds_summary.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    acc = summary["test"]["accuracy"]
+    assert acc["min"] <= acc["mean"] <= acc["max"]
+    assert (out / "seed-0" / "model.json").exists() and (out / "seed-1" / "model.json").exists()
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "SYNTHETIC" in out
+    assert (tmp_path / "demo" / "evaluate.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_DATA.exists(), reason="real data not beside the project")
+def test_learns_the_real_signal(tmp_path):
+    """A short run at low resolution on the real X-rays reaches a validation ROC AUC >= 0.90."""
+    out = tmp_path / "real"
+    assert main(["train", "--data", str(REAL_DATA), "--out", str(out), "--recipe", "cpu",
+                 "--model", "resnet18", "--image-size", "32", "--epochs", "3", "--quiet"]) == 0
+    validation = read_meta(out)["validation"]
+    assert validation["roc_auc"] >= 0.90, validation
+    assert np.isfinite(validation["loss"])

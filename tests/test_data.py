@@ -1,0 +1,147 @@
+"""Discovery of folder layouts, patient ids, the patient split, the decode cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REAL_DATA, write_image
+
+from pneumoscan.data.cache import decode_files
+from pneumoscan.data.dataset import load_data
+from pneumoscan.data.discover import discover, patient_id
+from pneumoscan.data.split import patient_folds, patient_split
+from pneumoscan.errors import PneumoscanError
+
+
+def _gray(seed: int, size: int = 40) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (size, size), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    "name, patient",
+    [
+        ("person1000_bacteria_2931.jpeg", "person1000"),
+        ("person1000_virus_1681.jpeg", "person1000"),
+        ("IM-0115-0001.jpeg", "IM-0115"),
+        ("NORMAL2-IM-0927-0001.jpeg", "NORMAL2-IM-0927"),
+        ("scan_42.png", "train/NORMAL/scan_42.png"),  # no id in the name: its own patient
+    ],
+)
+def test_patient_ids_from_kermany_names(name, patient):
+    root = Path("/data")
+    assert patient_id(root / "train" / "NORMAL" / name, root) == patient
+
+
+def test_discover_class_folders_any_case_and_by_content(tmp_path):
+    write_image(tmp_path / "normal" / "a.png", _gray(0))
+    write_image(tmp_path / "Pneumonia" / "sub" / "b.png", _gray(1))
+    # A PNG named .jpeg is still found; hidden files are not.
+    (tmp_path / "Pneumonia" / "c.jpeg").write_bytes((tmp_path / "normal" / "a.png").read_bytes())
+    (tmp_path / "normal" / ".DS_Store").write_bytes(b"junk")
+    found = discover(tmp_path)
+    assert list(found) == ["train"]
+    labels = sorted((s.path.name, s.label) for s in found["train"])
+    assert labels == [("a.png", 0), ("b.png", 1), ("c.jpeg", 1)]
+    data = load_data(str(tmp_path), 32, progress=False, carve_val=False)
+    assert len(data.train) == 3 and data.train.images.dtype == np.uint8
+
+
+def test_discover_split_folders(tmp_path):
+    for split in ("TRAIN", "val", "test"):
+        for cls in ("NORMAL", "PNEUMONIA"):
+            write_image(tmp_path / split / cls / f"{split}_{cls}.png", _gray(hash(split) % 99))
+    found = discover(tmp_path)
+    assert list(found) == ["train", "val", "test"]
+    assert all(len(v) == 2 for v in found.values())
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ({}, "expected class folders"),
+        ({"NORMAL": 3}, "only NORMAL"),
+        ({"xrays": 3}, "expected class folders"),
+    ],
+)
+def test_bad_layouts_are_one_line_errors(tmp_path, layout, message):
+    for folder, n in layout.items():
+        for i in range(n):
+            write_image(tmp_path / folder / f"{i}.png", _gray(i))
+    with pytest.raises(PneumoscanError, match=message) as e:
+        load_data(str(tmp_path), 32, progress=False)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_folder_is_an_error(tmp_path):
+    with pytest.raises(PneumoscanError, match="not a folder"):
+        discover(tmp_path / "nope")
+
+
+def test_small_val_folder_is_ignored_and_validation_carved(tmp_path):
+    for i in range(40):
+        cls = "PNEUMONIA" if i % 3 else "NORMAL"
+        write_image(tmp_path / "train" / cls / f"person{i}_x_{i}.png", _gray(i))
+    for cls in ("NORMAL", "PNEUMONIA"):
+        write_image(tmp_path / "val" / cls / f"v_{cls}.png", _gray(7))
+    data = load_data(str(tmp_path), 32, val_fraction=0.2, progress=False)
+    assert any("too few" in note for note in data.notes)
+    assert len(data.val) > 2 and len(data.train) + len(data.val) == 40
+    assert data.train_counts.tolist() == [14, 26]
+
+
+def test_patient_split_keeps_patients_together_and_stratifies():
+    rng = np.random.default_rng(0)
+    patients = [f"p{i}" for i in rng.integers(0, 400, 1200)]
+    pneumonia_patients = {p for p in set(patients) if hash(p) % 4}
+    labels = np.array([int(p in pneumonia_patients) for p in patients])
+    train_idx, val_idx = patient_split(labels, patients, 0.1, seed=0)
+    assert not {patients[i] for i in train_idx} & {patients[i] for i in val_idx}
+    assert len(train_idx) + len(val_idx) == len(labels)
+    assert abs(len(val_idx) / len(labels) - 0.1) < 0.03
+    assert abs(labels[val_idx].mean() - labels.mean()) < 0.02
+
+
+def test_patient_folds_cover_every_image_once():
+    labels = np.array([0, 1] * 50)
+    patients = [f"p{i // 2}" for i in range(100)]
+    folds = patient_folds(labels, patients, 5, seed=1)
+    held = np.concatenate([h for _, h in folds])
+    assert sorted(held.tolist()) == list(range(100))
+
+
+def test_decode_cache_is_reused_and_rebuilt_when_files_change(tmp_path):
+    paths = [write_image(tmp_path / f"{i}.png", _gray(i)) for i in range(3)]
+    cache = tmp_path / "cache"
+    first = decode_files(paths, 16, cache_dir=cache, progress=False)
+    assert isinstance(first.images, np.memmap)  # read back memory-mapped
+    again = decode_files(paths, 16, cache_dir=cache, progress=False)
+    assert again.fingerprint == first.fingerprint
+    write_image(paths[0], _gray(99))
+    os.utime(paths[0], ns=(1, 1))
+    changed = decode_files(paths, 16, cache_dir=cache, progress=False)
+    assert changed.fingerprint != first.fingerprint
+    assert not np.array_equal(changed.images[0], first.images[0])
+
+
+def test_unreadable_files_are_skipped_and_named(tmp_path, capsys):
+    for i in range(6):
+        write_image(tmp_path / ("PNEUMONIA" if i % 2 else "NORMAL") / f"{i}.png", _gray(i))
+    (tmp_path / "NORMAL" / "empty.png").write_bytes(b"")
+    (tmp_path / "PNEUMONIA" / "notes.jpeg").write_text("<html>not an x-ray</html>")
+    data = load_data(str(tmp_path), 32, progress=False, carve_val=False)
+    err = capsys.readouterr().err
+    assert "skipped 2 unreadable file(s)" in err
+    assert "empty.png" in err and "notes.jpeg" in err
+    assert len(data.train) == 6
+
+
+@pytest.mark.skipif(not REAL_DATA.exists(), reason="real data not beside the project")
+def test_real_kermany_layout_and_patients():
+    found = discover(REAL_DATA)
+    samples = found["train"]
+    assert len(samples) == 5216
+    assert sum(s.label for s in samples) == 3875
+    assert len({s.patient for s in samples}) < len(samples)  # several images share a patient

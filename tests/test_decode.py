@@ -1,0 +1,510 @@
+"""read_gray: every supported format decodes to 2-D uint8, every broken file is refused by name."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, JpegImagePlugin
+
+from pneumoscan.data import decode
+from pneumoscan.data.decode import MAX_PIXELS, looks_like_image, read_gray, sniff_kind
+from pneumoscan.errors import UnreadableImage
+
+pydicom = pytest.importorskip("pydicom")
+from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
+from pydicom.encaps import encapsulate  # noqa: E402
+from pydicom.uid import (  # noqa: E402
+    JPEG2000,
+    ExplicitVRLittleEndian,
+    JPEGLSLossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared/data/chest_xray_224"
+LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def gradient(height: int = 48, width: int = 64) -> np.ndarray:
+    """A smooth 8-bit image with structure along both axes, so transposes are visible."""
+    y, x = np.mgrid[0:height, 0:width]
+    return ((x * 3 + y * 2) % 256).astype(np.uint8)
+
+
+def rgb_image(height: int = 48, width: int = 64) -> np.ndarray:
+    g = gradient(height, width).astype(np.int32)
+    return np.stack([g, 255 - g, (g * 7) % 256], axis=-1).astype(np.uint8)
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def refused(source, *args, **kwargs) -> str:
+    with pytest.raises(UnreadableImage) as info:
+        read_gray(source, *args, **kwargs)
+    return info.value.reason
+
+
+def patch_png_chunk(data: bytes, chunk: bytes, body: bytes) -> bytes:
+    """Replace the body of the first ``chunk`` (same length) and give it a valid CRC."""
+    at = data.index(chunk)
+    length = int.from_bytes(data[at - 4 : at], "big")
+    assert len(body) == length
+    crc = zlib.crc32(chunk + body).to_bytes(4, "big")
+    return data[: at + 4] + body + crc + data[at + 8 + length :]
+
+
+def ihdr_with_size(data: bytes, width: int, height: int) -> bytes:
+    at = data.index(b"IHDR")
+    body = struct.pack(">II", width, height) + data[at + 12 : at + 17]
+    return patch_png_chunk(data, b"IHDR", body)
+
+
+# --- formats and modes ----------------------------------------------------------------------
+
+
+def test_8bit_gray_png_is_exact(tmp_path):
+    pixels = gradient()
+    out = read_gray(write(tmp_path / "g.png", encode(Image.fromarray(pixels), "PNG")))
+    assert out.dtype == np.uint8 and out.shape == pixels.shape
+    np.testing.assert_array_equal(out, pixels)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "LA"])
+def test_colour_modes_become_luma(tmp_path, mode):
+    rgb = rgb_image()
+    image = Image.fromarray(rgb)
+    if mode == "RGBA":
+        image.putalpha(Image.fromarray(gradient()))
+    elif mode == "LA":
+        image = image.convert("L").convert("LA")
+    elif mode == "P":
+        image = image.quantize(256)
+    out = read_gray(write(tmp_path / "c.png", encode(image, "PNG")))
+    expected = np.asarray(image.convert("RGB").convert("L"))
+    assert out.shape == rgb.shape[:2] and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, expected)
+    if mode != "P":  # quantisation moves colours; alpha must simply be dropped
+        np.testing.assert_allclose(out, rgb @ LUMA, atol=1.5)
+
+
+def test_cmyk_jpeg(tmp_path):
+    rgb = rgb_image()
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    out = read_gray(write(tmp_path / "c.jpg", encode(cmyk, "JPEG", quality=95)))
+    expected = np.asarray(cmyk.convert("RGB").convert("L"), dtype=float)
+    assert out.shape == rgb.shape[:2]
+    assert np.abs(out - expected).mean() < 4
+
+
+def test_16bit_png_ramp_maps_to_full_8bit_range(tmp_path):
+    ramp = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    out = read_gray(write(tmp_path / "r.png", encode(Image.fromarray(ramp), "PNG")))
+    flat = out.ravel().astype(int)
+    assert out.dtype == np.uint8
+    assert flat[0] == 0 and flat[-1] == 255
+    assert np.all(np.diff(flat) >= 0)
+    np.testing.assert_array_equal(flat, np.round(np.arange(65536) * 255 / 65535))
+
+
+def test_16bit_png_honours_sbit(tmp_path):
+    # A 12-bit source stored per the PNG spec: shifted up to 16 bits, sBIT records 12.
+    source = np.linspace(0, 4095, 64 * 32).round().astype(np.uint16).reshape(32, 64)
+    data = encode(Image.fromarray(source << 4), "PNG")
+    sbit = b"\x00\x00\x00\x01sBIT\x0c" + zlib.crc32(b"sBIT\x0c").to_bytes(4, "big")
+    at = data.index(b"IDAT") - 4
+    out = read_gray(data[:at] + sbit + data[at:])
+    np.testing.assert_array_equal(out, np.round(source.astype(float) * 255 / 4095))
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    pixels = gradient(40, 80)
+    data = encode(Image.fromarray(pixels), "JPEG", exif=exif.tobytes(), quality=95)
+    out = read_gray(write(tmp_path / "rotated.jpg", data))
+    assert out.shape == (80, 40)
+    expected = np.rot90(pixels, k=-1).astype(float)
+    assert np.abs(out - expected).mean() < 3
+
+
+def test_resize_ignores_aspect_ratio(tmp_path):
+    path = write(tmp_path / "wide.png", encode(Image.fromarray(gradient(30, 90)), "PNG"))
+    out = read_gray(path, 50)
+    assert out.shape == (50, 50) and out.dtype == np.uint8
+    expected = Image.fromarray(gradient(30, 90)).resize((50, 50), Image.Resampling.BILINEAR)
+    np.testing.assert_array_equal(out, np.asarray(expected))
+
+
+def test_large_jpeg_uses_draft_and_matches_full_decode(tmp_path, monkeypatch):
+    y, x = np.mgrid[0:1600, 0:2000]
+    pixels = (127 + 60 * np.sin(x / 90) + 60 * np.cos(y / 70)).astype(np.uint8)
+    path = write(tmp_path / "big.jpg", encode(Image.fromarray(pixels), "JPEG", quality=90))
+    full = Image.fromarray(read_gray(path)).resize((224, 224), Image.Resampling.BILINEAR)
+
+    calls = []
+    original = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        result = original(self, mode, size)
+        calls.append((mode, size, self.size))
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    fast = read_gray(path, 224)
+    assert calls == [("L", (224, 224), (500, 400))]  # libjpeg decoded at 1/4 scale
+    assert fast.shape == (224, 224)
+    assert np.abs(fast.astype(float) - np.asarray(full, dtype=float)).mean() < 2
+
+
+def test_bytes_input_equals_path_input(tmp_path):
+    data = encode(Image.fromarray(rgb_image()), "JPEG")
+    path = write(tmp_path / "a.jpg", data)
+    np.testing.assert_array_equal(read_gray(data, 32), read_gray(path, 32))
+    np.testing.assert_array_equal(read_gray(bytearray(data)), read_gray(str(path)))
+
+
+def test_extension_is_ignored(tmp_path):
+    png = write(tmp_path / "x.jpeg", encode(Image.fromarray(gradient()), "PNG"))
+    np.testing.assert_array_equal(read_gray(png), gradient())
+    text = write(tmp_path / "x.png", b"patient notes, not a picture\n")
+    assert refused(text) == "not an image (content is text/HTML)"
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "GIF", "TIFF", "WEBP"])
+def test_other_pillow_formats(fmt):
+    options = {"lossless": True} if fmt == "WEBP" else {}
+    out = read_gray(encode(Image.fromarray(gradient()), fmt, **options))
+    np.testing.assert_array_equal(out, gradient())
+
+
+def test_real_chest_xray_decodes():
+    path = SHARED_DATA / "train/NORMAL/IM-0115-0001.jpeg"
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    out = read_gray(path)
+    assert out.shape == (224, 224) and out.dtype == np.uint8
+    assert read_gray(path, 128).shape == (128, 128)
+
+
+# --- refusals -------------------------------------------------------------------------------
+
+
+def test_error_names_the_file(tmp_path):
+    path = write(tmp_path / "empty.png", b"")
+    with pytest.raises(UnreadableImage) as info:
+        read_gray(path)
+    assert str(info.value) == f"{path}: empty file"
+    with pytest.raises(UnreadableImage) as info:
+        read_gray(b"")
+    assert str(info.value) == "upload: empty file"
+    with pytest.raises(UnreadableImage) as info:
+        read_gray(b"", name="chest.png")
+    assert str(info.value) == "chest.png: empty file"
+
+
+def test_file_over_size_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(decode, "MAX_FILE_BYTES", 16)
+    path = write(tmp_path / "big.png", encode(Image.fromarray(gradient()), "PNG"))
+    assert refused(path).startswith("file too large")
+    assert refused(path.read_bytes()).startswith("file too large")
+
+
+def test_truncated_jpeg(tmp_path):
+    data = encode(Image.fromarray(rgb_image(200, 300)), "JPEG")
+    assert refused(write(tmp_path / "t.jpg", data[: len(data) // 2])) == "truncated JPEG"
+
+
+def test_truncated_png():
+    data = encode(Image.fromarray(rgb_image()), "PNG")
+    assert refused(data[: len(data) // 2]) == "truncated PNG"
+
+
+@pytest.mark.parametrize("chunk", [b"IHDR", b"IDAT"])
+def test_png_with_bad_crc(tmp_path, chunk):
+    data = bytearray(encode(Image.fromarray(gradient()), "PNG"))
+    at = data.index(chunk)
+    data[at + 4 + int.from_bytes(data[at - 4 : at], "big")] ^= 0x5A  # first CRC byte
+    reason = refused(write(tmp_path / "crc.png", bytes(data)))
+    assert reason == "corrupt PNG (bad checksum)"
+
+
+def test_html_named_jpeg(tmp_path):
+    page = b"<!DOCTYPE html>\n<html><body>Not found</body></html>\n"
+    assert refused(write(tmp_path / "x.jpeg", page)) == "not an image (content is text/HTML)"
+
+
+def test_binary_junk():
+    assert refused(bytes(range(256)) * 4) == "not an image (unrecognised format)"
+
+
+def test_one_pixel_image():
+    data = encode(Image.new("L", (1, 1)), "PNG")
+    assert refused(data) == "image too small: 1x1 pixels"
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "expected"),
+    [
+        (50_000, 50_000, "image too large: 2500000000 pixels exceeds the limit of 100000000"),
+        (12_000, 9_000, "image too large: 12000x9000 pixels exceeds the limit of 100000000"),
+    ],
+)
+def test_decompression_bomb_refused_from_header(width, height, expected):
+    data = ihdr_with_size(encode(Image.new("L", (4, 4)), "PNG"), width, height)
+    started = time.perf_counter()
+    assert refused(data) == expected
+    assert time.perf_counter() - started < 1.0
+
+
+def test_bomb_limit_is_ours_not_pillows(monkeypatch):
+    # Pillow's warning threshold (~89M) is below ours; such images must not be refused by it.
+    monkeypatch.setattr(decode, "MAX_PIXELS", 10)
+    assert refused(encode(Image.new("L", (4, 4)), "PNG")).startswith("image too large: 4x4")
+    assert MAX_PIXELS == 100_000_000
+
+
+def test_directory(tmp_path):
+    assert refused(tmp_path) == "is a directory"
+
+
+def test_missing_file(tmp_path):
+    assert refused(tmp_path / "nope.png") == "file vanished or does not exist"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads all")
+def test_permission_denied(tmp_path):
+    path = write(tmp_path / "secret.png", encode(Image.fromarray(gradient()), "PNG"))
+    path.chmod(0)
+    try:
+        assert refused(path) == "permission denied"
+    finally:
+        path.chmod(0o600)
+
+
+def test_permission_error_is_reported_even_as_root(tmp_path, monkeypatch):
+    path = write(tmp_path / "secret.png", encode(Image.fromarray(gradient()), "PNG"))
+
+    def deny(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(decode.os, "open", deny)
+    assert refused(path) == "permission denied"
+
+
+def test_symlink_loop(tmp_path):
+    (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    assert refused(tmp_path / "a.png") == "symlink loop"
+
+
+def test_fifo_is_not_read(tmp_path):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs here")
+    os.mkfifo(tmp_path / "pipe.png")
+    assert refused(tmp_path / "pipe.png") == "not a regular file"
+
+
+# --- sniffing -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("head", "kind"),
+    [
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF", "jpeg"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR", "png"),
+        (b"\x00" * 128 + b"DICM", "dicom"),
+        (b"BM" + b"\x00" * 12 + (40).to_bytes(4, "little"), "bmp"),
+        (b"II*\x00\x08\x00\x00\x00", "tiff"),
+        (b"MM\x00*\x00\x00\x00\x08", "tiff"),
+        (b"GIF89a\x01\x00", "gif"),
+        (b"GIF87a\x01\x00", "gif"),
+        (b"RIFF\x00\x00\x00\x00WEBPVP8 ", "webp"),
+        (b"BMW owners' manual", None),
+        (b"RIFF\x00\x00\x00\x00WAVEfmt ", None),
+        (b"%PDF-1.7", None),
+        (b"", None),
+    ],
+)
+def test_sniff_kind(head, kind):
+    assert sniff_kind(head) == kind
+
+
+def test_looks_like_image(tmp_path):
+    assert looks_like_image(write(tmp_path / "a.txt", encode(Image.new("L", (4, 4)), "PNG")))
+    assert not looks_like_image(write(tmp_path / "b.png", b"hello"))
+    assert not looks_like_image(tmp_path / "missing.png")
+    assert not looks_like_image(tmp_path)
+
+
+# --- DICOM ----------------------------------------------------------------------------------
+
+
+def dicom_bytes(pixels: np.ndarray, transfer_syntax=ExplicitVRLittleEndian, **attributes) -> bytes:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = transfer_syntax
+    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\x00" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.SamplesPerPixel = 3 if pixels.shape[-1] == 3 else 1
+    ds.Rows, ds.Columns = pixels.shape[-3:-1] if ds.SamplesPerPixel == 3 else pixels.shape[-2:]
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    ds.BitsStored = ds.BitsAllocated
+    ds.PixelRepresentation = int(pixels.dtype.kind == "i")
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.HighBit = ds.BitsStored - 1
+    if ds.SamplesPerPixel == 3:
+        ds.PlanarConfiguration = 0
+    ds.PixelData = pixels.tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def twelve_bit(pixels: np.ndarray) -> np.ndarray:
+    return np.round(pixels.astype(float) * 4095 / 255).astype(np.uint16)
+
+
+def test_dicom_monochrome2_12_in_16(tmp_path):
+    source = gradient()
+    data = dicom_bytes(twelve_bit(source), BitsStored=12)
+    out = read_gray(write(tmp_path / "x.dcm", data))
+    assert out.dtype == np.uint8 and out.shape == source.shape
+    assert np.abs(out.astype(int) - source).max() <= 1
+    np.testing.assert_array_equal(read_gray(data), out)
+
+
+def test_dicom_monochrome1_is_inverted():
+    source = gradient()
+    data = dicom_bytes(twelve_bit(source), BitsStored=12, PhotometricInterpretation="MONOCHROME1")
+    assert np.abs(read_gray(data).astype(int) - (255 - source.astype(int))).max() <= 1
+
+
+def test_dicom_rescale_is_applied():
+    # A negative slope reverses the stored values; only an applied rescale can show that.
+    source = gradient()
+    data = dicom_bytes(twelve_bit(source), BitsStored=12, RescaleSlope=-1, RescaleIntercept=4095)
+    assert np.abs(read_gray(data).astype(int) - (255 - source.astype(int))).max() <= 1
+
+
+def windowed(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2.1 linear window, to 0..255."""
+    out = ((values - (center - 0.5)) / (width - 1) + 0.5) * 255
+    return np.clip(np.round(out), 0, 255)
+
+
+def test_dicom_window_is_applied():
+    stored = np.arange(0, 4096, 2, dtype=np.uint16).reshape(32, 64)
+    data = dicom_bytes(stored, BitsStored=12, WindowCenter=2048, WindowWidth=1024)
+    out = read_gray(data).astype(int)
+    assert out[stored < 1500].max() == 0 and out[stored > 2600].min() == 255
+    assert np.abs(out - windowed(stored.astype(float), 2048, 1024)).max() <= 1
+
+
+def test_dicom_window_after_rescale():
+    stored = np.arange(0, 4096, 2, dtype=np.uint16).reshape(32, 64)
+    data = dicom_bytes(
+        stored,
+        BitsStored=12,
+        RescaleSlope=2,
+        RescaleIntercept=-1000,
+        WindowCenter=3000,
+        WindowWidth=4000,
+    )
+    expected = windowed(stored * 2.0 - 1000, 3000, 4000)
+    assert np.abs(read_gray(data).astype(int) - expected).max() <= 1
+
+
+def test_dicom_signed_pixels_use_signed_range():
+    stored = np.linspace(-2048, 2047, 48 * 64).round().astype(np.int16).reshape(48, 64)
+    out = read_gray(dicom_bytes(stored, BitsStored=12))
+    expected = np.round((stored.astype(float) + 2048) * 255 / 4095)
+    assert np.abs(out - expected).max() <= 1
+
+
+def test_dicom_rgb_to_gray():
+    rgb = rgb_image()
+    out = read_gray(dicom_bytes(rgb, PhotometricInterpretation="RGB"))
+    assert out.shape == rgb.shape[:2]
+    np.testing.assert_allclose(out, rgb @ LUMA, atol=1)
+
+
+def test_dicom_resize():
+    out = read_gray(dicom_bytes(twelve_bit(gradient()), BitsStored=12), 20)
+    assert out.shape == (20, 20) and out.dtype == np.uint8
+
+
+def test_dicom_without_pixel_data():
+    data = dicom_bytes(twelve_bit(gradient()), BitsStored=12)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    del ds.PixelData
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    assert refused(buffer.getvalue()) == "DICOM has no pixel data"
+
+
+def test_multiframe_dicom_refused():
+    frames = np.stack([twelve_bit(gradient())] * 12)
+    data = dicom_bytes(frames, BitsStored=12, NumberOfFrames=12)
+    assert refused(data) == "multi-frame DICOM is not supported (12 frames)"
+
+
+def test_huge_dicom_refused_before_pixels():
+    data = dicom_bytes(twelve_bit(gradient()), BitsStored=12, Rows=20_000, Columns=20_000)
+    assert refused(data) == "image too large: 20000x20000 pixels exceeds the limit of 100000000"
+
+
+@pytest.mark.parametrize(
+    ("syntax", "expected"),
+    [
+        (JPEG2000, "cannot decode DICOM transfer syntax JPEG 2000 Image Compression"),
+        (JPEGLSLossless, "cannot decode DICOM transfer syntax JPEG-LS Lossless Image Compression"),
+    ],
+)
+def test_compressed_dicom_that_cannot_be_decoded(syntax, expected):
+    data = dicom_bytes(twelve_bit(gradient()), BitsStored=12)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.PixelData = encapsulate([b"\x00\x01junk" * 50])
+    ds["PixelData"].VR = "OB"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    reason = refused(buffer.getvalue())
+    assert reason.startswith(expected)
+    if syntax == JPEGLSLossless:
+        assert "install" in reason
+
+
+def test_dicom_without_pydicom(monkeypatch):
+    import builtins
+
+    data = dicom_bytes(twelve_bit(gradient()), BitsStored=12)
+    real_import = builtins.__import__
+
+    def no_pydicom(name, *args, **kwargs):
+        if name == "pydicom" or name.startswith("pydicom."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pydicom)
+    assert refused(data) == "pydicom is not installed: pip install pydicom"
