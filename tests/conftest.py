@@ -42,7 +42,23 @@ def trained_run(synthetic_data, tmp_path_factory) -> Path:
 
     os.environ.setdefault("PNEUMOSCAN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     out = tmp_path_factory.mktemp("run") / "run"
-    status = main(["train", "--data", str(synthetic_data), "--out", str(out), "--recipe", "cpu",
-                   "--model", "seed_cnn", "--image-size", "32", "--epochs", "2", "--quiet"])
+    status = main(
+        [
+            "train",
+            "--data",
+            str(synthetic_data),
+            "--out",
+            str(out),
+            "--recipe",
+            "cpu",
+            "--model",
+            "seed_cnn",
+            "--image-size",
+            "32",
+            "--epochs",
+            "2",
+            "--quiet",
+        ]
+    )
     assert status == 0
     return out

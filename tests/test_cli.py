@@ -6,20 +6,50 @@ import json
 
 import numpy as np
 import pytest
-from conftest import REAL_DATA
 
+from conftest import REAL_DATA
 from pneumoscan.cli import main
 from pneumoscan.model_io import read_meta
 
-EVALUATE_KEYS = {"n", "accuracy", "sensitivity", "specificity", "precision", "npv", "f1",
-                 "roc_auc", "pr_auc", "loss", "brier", "ece", "threshold", "confusion", "ci95"}
-METRIC_KEYS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
-               "seconds", "images_per_s"}
+EVALUATE_KEYS = {
+    "n",
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "npv",
+    "f1",
+    "roc_auc",
+    "pr_auc",
+    "loss",
+    "brier",
+    "ece",
+    "threshold",
+    "confusion",
+    "ci95",
+}
+METRIC_KEYS = {
+    "epoch",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "lr",
+    "seconds",
+    "images_per_s",
+}
 
 
 def test_train_writes_a_complete_run_directory(trained_run):
-    for name in ("config.json", "metrics.jsonl", "model.safetensors", "model.json",
-                 "checkpoint.pt", "test_metrics.json", "plots/learning_curves.png"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "model.safetensors",
+        "model.json",
+        "checkpoint.pt",
+        "test_metrics.json",
+        "plots/learning_curves.png",
+    ):
         assert (trained_run / name).exists(), name
     rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -34,8 +64,20 @@ def test_train_writes_a_complete_run_directory(trained_run):
 
 def test_evaluate_json_has_the_documented_keys(trained_run, synthetic_data, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    assert main(["evaluate", str(trained_run), "--data", str(synthetic_data),
-                 "--json", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(trained_run),
+                "--data",
+                str(synthetic_data),
+                "--json",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     figures = json.loads(out.read_text())
     assert EVALUATE_KEYS <= figures.keys()
     assert figures["n"] == 30
@@ -49,8 +91,21 @@ def test_evaluate_json_has_the_documented_keys(trained_run, synthetic_data, tmp_
 
 def test_eda_writes_charts_and_a_table(synthetic_data, tmp_path, capsys):
     out = tmp_path / "eda"
-    assert main(["eda", "--data", str(synthetic_data), "--out", str(out), "--image-size", "32",
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "eda",
+                "--data",
+                str(synthetic_data),
+                "--out",
+                str(out),
+                "--image-size",
+                "32",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     for name in ("class_balance.png", "sample_grid.png", "eda.json", "eda.txt"):
         assert (out / name).stat().st_size > 0
     summary = json.loads((out / "eda.json").read_text())
@@ -97,9 +152,29 @@ class _nullcontext:
 
 def test_seeds_write_a_summary(synthetic_data, tmp_path):
     out = tmp_path / "seeds"
-    assert main(["train", "--data", str(synthetic_data), "--out", str(out), "--recipe", "cpu",
-                 "--model", "seed_cnn", "--image-size", "32", "--epochs", "1", "--seeds", "0,1",
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(synthetic_data),
+                "--out",
+                str(out),
+                "--recipe",
+                "cpu",
+                "--model",
+                "seed_cnn",
+                "--image-size",
+                "32",
+                "--epochs",
+                "1",
+                "--seeds",
+                "0,1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "seeds_summary.json").read_text())
     assert summary["seeds"] == [0, 1]
     acc = summary["test"]["accuracy"]
@@ -119,8 +194,27 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 def test_learns_the_real_signal(tmp_path):
     """A short run at low resolution on the real X-rays reaches a validation ROC AUC >= 0.90."""
     out = tmp_path / "real"
-    assert main(["train", "--data", str(REAL_DATA), "--out", str(out), "--recipe", "cpu",
-                 "--model", "resnet18", "--image-size", "32", "--epochs", "3", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(REAL_DATA),
+                "--out",
+                str(out),
+                "--recipe",
+                "cpu",
+                "--model",
+                "resnet18",
+                "--image-size",
+                "32",
+                "--epochs",
+                "3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     validation = read_meta(out)["validation"]
     assert validation["roc_auc"] >= 0.90, validation
     assert np.isfinite(validation["loss"])

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REAL_DATA, write_image
 
+from conftest import REAL_DATA, write_image
 from pneumoscan.data.cache import decode_files
 from pneumoscan.data.dataset import load_data
 from pneumoscan.data.discover import discover, patient_id

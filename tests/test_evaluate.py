@@ -185,7 +185,7 @@ def test_youden_perfect_separation_stays_in_unit_interval():
     t = choose_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 1.0]))
     assert t == pytest.approx(0.8)
     t = choose_threshold(np.array([1, 0]), np.array([0.5, 0.5]))  # J = 0 everywhere
-    assert 0.0 <= t <= 1.0
+    assert t == 0.5
 
 
 def test_sensitivity_rule_picks_highest_qualifying_threshold():

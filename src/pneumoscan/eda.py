@@ -1,4 +1,4 @@
-"""A first look at a data set: counts and balance per split, original sizes, intensities, samples."""
+"""A first look at a data set: counts and balance per split, sizes, intensities, samples."""
 
 from __future__ import annotations
 
@@ -33,8 +33,12 @@ def original_size(path: str) -> tuple[int, int] | None:
 
 def summarize(data: DataBundle) -> dict:
     """Counts, balance, original sizes and intensity statistics, per split and class."""
-    summary: dict = {"source": data.source, "notes": data.notes, "skipped": len(data.skipped),
-                     "splits": {}}
+    summary: dict = {
+        "source": data.source,
+        "notes": data.notes,
+        "skipped": len(data.skipped),
+        "splits": {},
+    }
     for name, split in data.splits().items():
         entry: dict = {"n": len(split), "classes": {}}
         for label, cls in enumerate(CLASS_NAMES):
@@ -48,8 +52,16 @@ def summarize(data: DataBundle) -> dict:
             sizes = [s for s in (original_size(split.paths[i]) for i in idx) if s]
             if sizes:
                 w, h = np.array(sizes).T
-                stats["width"] = {"min": int(w.min()), "median": int(np.median(w)), "max": int(w.max())}
-                stats["height"] = {"min": int(h.min()), "median": int(np.median(h)), "max": int(h.max())}
+                stats["width"] = {
+                    "min": int(w.min()),
+                    "median": int(np.median(w)),
+                    "max": int(w.max()),
+                }
+                stats["height"] = {
+                    "min": int(h.min()),
+                    "median": int(np.median(h)),
+                    "max": int(h.max()),
+                }
             entry["classes"][cls] = stats
         summary["splits"][name] = entry
     return summary
@@ -57,7 +69,10 @@ def summarize(data: DataBundle) -> dict:
 
 def format_summary(summary: dict) -> str:
     lines = [f"data: {summary['source']}", *[f"  {n}" for n in summary["notes"]]]
-    header = f"{'split':6s} {'class':10s} {'images':>7s} {'share':>6s} {'mean':>6s} {'std':>6s}  size (w x h, median [min-max])"
+    header = (
+        f"{'split':6s} {'class':10s} {'images':>7s} {'share':>6s} {'mean':>6s} {'std':>6s}"
+        "  size (w x h, median [min-max])"
+    )
     lines += [header, "-" * len(header)]
     for name, entry in summary["splits"].items():
         for cls, s in entry["classes"].items():
@@ -65,8 +80,9 @@ def format_summary(summary: dict) -> str:
             size = ""
             if "width" in s:
                 w, h = s["width"], s["height"]
-                size = (f"{w['median']} x {h['median']} [{w['min']}-{w['max']} x "
-                        f"{h['min']}-{h['max']}]")
+                size = (
+                    f"{w['median']} x {h['median']} [{w['min']}-{w['max']} x {h['min']}-{h['max']}]"
+                )
             lines.append(
                 f"{name:6s} {cls:10s} {s['n']:7d} {share:6.1%} {s.get('intensity_mean', 0):6.1f} "
                 f"{s.get('intensity_std', 0):6.1f}  {size}"

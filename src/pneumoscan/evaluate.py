@@ -370,7 +370,7 @@ def choose_threshold(y_true: np.ndarray, prob: np.ndarray, rule: str = "youden")
     """Operating threshold (predict positive iff ``prob >= threshold``) chosen by ``rule``.
 
     - ``youden``: the ROC threshold maximising sensitivity + specificity - 1 (the highest
-      one among ties), clipped into [0, 1];
+      one among ties), clipped into [0, 1]; 0.5 when no threshold beats chance;
     - ``sensitivity:X``: the highest ROC threshold whose sensitivity is at least X;
     - ``fixed:X``: X itself.
     """
@@ -387,6 +387,8 @@ def choose_threshold(y_true: np.ndarray, prob: np.ndarray, rule: str = "youden")
     fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
     score = tpr - fpr if name == "youden" else tpr >= value
     best = int(np.argmax(score))  # first maximum: the highest such threshold
+    if name == "youden" and score[best] <= 0:
+        return 0.5  # scores that carry no information: no threshold beats chance
     return float(np.clip(thresholds[best], 0.0, 1.0))
 
 

@@ -7,16 +7,28 @@ from pathlib import Path
 from pneumoscan.evaluate import summarize_runs
 from pneumoscan.fileio import atomic_write_json
 
-FIGURES = ("accuracy", "sensitivity", "specificity", "roc_auc", "pr_auc", "f1", "loss", "brier",
-           "ece")
+FIGURES = (
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "roc_auc",
+    "pr_auc",
+    "f1",
+    "loss",
+    "brier",
+    "ece",
+)
 
 
 def write_seed_summary(out: Path, seeds: list[int], summaries: list[dict]) -> dict:
     """OUT/seeds_summary.json: per split, each figure's mean, std, min and max over seeds."""
     result: dict = {"seeds": seeds}
     for split in ("validation", "test"):
-        rows = [{k: s[split][k] for k in FIGURES if s.get(split, {}).get(k) is not None}
-                for s in summaries if split in s]
+        rows = [
+            {k: s[split][k] for k in FIGURES if s.get(split, {}).get(k) is not None}
+            for s in summaries
+            if split in s
+        ]
         if rows:
             result[split] = summarize_runs(rows)
     atomic_write_json(out / "seeds_summary.json", result)
@@ -24,5 +36,7 @@ def write_seed_summary(out: Path, seeds: list[int], summaries: list[dict]) -> di
         if split in result:
             print(f"{split} over seeds {', '.join(map(str, seeds))}:")
             for k, v in result[split].items():
-                print(f"  {k:12s} {v['mean']:.4f} +- {v['std']:.4f}  [{v['min']:.4f}, {v['max']:.4f}]")
+                print(
+                    f"  {k:12s} {v['mean']:.4f} +- {v['std']:.4f}  [{v['min']:.4f}, {v['max']:.4f}]"
+                )
     return result

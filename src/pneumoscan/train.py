@@ -210,7 +210,8 @@ def fit(
     val_images = torch.from_numpy(np.ascontiguousarray(val.images))
     val_labels = torch.from_numpy(val.labels)
 
-    model = build_model(cfg).to(device)
+    model = build_model(cfg).to(device)  # same initial weights on every rank
+    torch.manual_seed(cfg.seed + dist_info.rank)  # but independent dropout masks per rank
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     class_weights = balanced_class_weights(class_counts).to(device) if cfg.class_weights else None

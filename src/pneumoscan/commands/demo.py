@@ -23,11 +23,33 @@ def run(args: argparse.Namespace) -> int:
     print(f"== {SYNTHETIC_NOTE}\n== data: {data}")
     run_dir = out / "run"
     steps = [
-        ["train", "--data", str(data), "--out", str(run_dir), "--recipe", "cpu",
-         "--image-size", "64", "--epochs", str(args.epochs), "--batch-size", "32",
-         "--device", args.device],
-        ["evaluate", str(run_dir), "--data", str(data), "--json", str(out / "evaluate.json"),
-         "--device", args.device],
+        [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(run_dir),
+            "--recipe",
+            "cpu",
+            "--image-size",
+            "64",
+            "--epochs",
+            str(args.epochs),
+            "--batch-size",
+            "32",
+            "--device",
+            args.device,
+        ],
+        [
+            "evaluate",
+            str(run_dir),
+            "--data",
+            str(data),
+            "--json",
+            str(out / "evaluate.json"),
+            "--device",
+            args.device,
+        ],
         ["eda", "--data", str(data), "--out", str(out / "eda"), "--image-size", "64"],
     ]
     if "report" in COMMANDS:

@@ -9,19 +9,26 @@ from pneumoscan.evaluate import parse_threshold_rule
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
-    p.add_argument("--data", default="pneumoniamnist",
-                   help="its test/ split if it has one, otherwise every image in its class folders")
+    p.add_argument(
+        "--data",
+        default="pneumoniamnist",
+        help="its test/ split if it has one, otherwise every image in its class folders",
+    )
     p.add_argument("--json", metavar="FILE", help="write the figures as one JSON object")
-    p.add_argument("--threshold", type=parse_threshold_rule, metavar="RULE",
-                   help="fixed:X overrides the run's stored threshold (chosen on validation)")
+    p.add_argument(
+        "--threshold",
+        type=parse_threshold_rule,
+        metavar="RULE",
+        help="fixed:X overrides the run's stored threshold (chosen on validation)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quiet", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     from pneumoscan.data.dataset import load_eval_split
-    from pneumoscan.evaluate import evaluate_predictions, format_table
     from pneumoscan.errors import PneumoscanError
+    from pneumoscan.evaluate import evaluate_predictions, format_table
     from pneumoscan.fileio import atomic_write_json
     from pneumoscan.model_io import load_predictor
     from pneumoscan.train import resolve_device
@@ -30,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
     threshold = predictor.threshold
     if args.threshold:
         if not args.threshold.startswith("fixed:"):
-            raise PneumoscanError("--threshold takes fixed:X here; other rules need validation data")
+            raise PneumoscanError(
+                "--threshold takes fixed:X here; other rules need validation data"
+            )
         threshold = float(args.threshold.split(":", 1)[1])
     split, description = load_eval_split(args.data, predictor.image_size, progress=not args.quiet)
     prob = predictor.predict_proba(split.images)

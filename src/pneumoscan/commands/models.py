@@ -7,8 +7,12 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--in-chans", type=int, default=None,
-                   help="input channels (default: 3 for seed_cnn as the report, 1 otherwise)")
+    p.add_argument(
+        "--in-chans",
+        type=int,
+        default=None,
+        help="input channels (default: 3 for seed_cnn as the report, 1 otherwise)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
         model = create_model(name, in_chans=in_chans, image_size=args.image_size)
         total, trainable = keras_parameter_counts(model)
         print(f"{name:18s} {total:12,d} {trainable:12,d}  {model.gradcam_layer}")
-    print(f"(at {args.image_size} px; parameters count BatchNorm moving statistics, as Keras does;"
-          " any timm model name also works)")
+    print(
+        f"(at {args.image_size} px; parameters count BatchNorm moving statistics, as Keras does;"
+        " any timm model name also works)"
+    )
     return 0

@@ -12,10 +12,14 @@ from pneumoscan.errors import PneumoscanError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_train_options(p)
-    p.add_argument("--seeds", help="comma-separated seeds: one run per seed in OUT/seed-N, "
-                   "then OUT/seeds_summary.json (mean, std, range of each figure)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from OUT/checkpoint.pt")
+    p.add_argument(
+        "--seeds",
+        help="comma-separated seeds: one run per seed in OUT/seed-N, "
+        "then OUT/seeds_summary.json (mean, std, range of each figure)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from OUT/checkpoint.pt"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
 
 

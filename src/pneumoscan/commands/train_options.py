@@ -10,28 +10,51 @@ from pneumoscan.train import resolve_device
 
 
 def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> None:
-    p.add_argument("--data", default="pneumoniamnist",
-                   help="folder (class folders, or train/ val/ test/ holding them), or "
-                   "pneumoniamnist[:SIZE] (downloaded; the default)")
+    p.add_argument(
+        "--data",
+        default="pneumoniamnist",
+        help="folder (class folders, or train/ val/ test/ holding them), or "
+        "pneumoniamnist[:SIZE] (downloaded; the default)",
+    )
     if with_out:
         p.add_argument("--out", default="runs/latest", help="run directory (default runs/latest)")
-    p.add_argument("--recipe", default="auto", choices=["auto", *RECIPES],
-                   help="auto: strong on a GPU, cpu otherwise; seed: the report's recipe")
+    p.add_argument(
+        "--recipe",
+        default="auto",
+        choices=["auto", *RECIPES],
+        help="auto: strong on a GPU, cpu otherwise; seed: the report's recipe",
+    )
     p.add_argument("--model", help="registry name or any timm model (see `pneumoscan models`)")
-    p.add_argument("--pretrained", nargs="?", const="timm", default=None, metavar="PATH",
-                   help="start from timm's weights (needs the network) or a local weights file")
+    p.add_argument(
+        "--pretrained",
+        nargs="?",
+        const="timm",
+        default=None,
+        metavar="PATH",
+        help="start from timm's weights (needs the network) or a local weights file",
+    )
     p.add_argument("--image-size", type=int, help="square input size in pixels")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="(peak) learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--val-fraction", type=float,
-                   help="share of train carved by patient for validation (default 0.1)")
-    p.add_argument("--threshold-rule", type=parse_threshold_rule,
-                   help="youden (default), sensitivity:0.95 or fixed:0.5; chosen on validation")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for long CUDA runs)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        help="share of train carved by patient for validation (default 0.1)",
+    )
+    p.add_argument(
+        "--threshold-rule",
+        type=parse_threshold_rule,
+        help="youden (default), sensitivity:0.95 or fixed:0.5; chosen on validation",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the model (default: on for long CUDA runs)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:

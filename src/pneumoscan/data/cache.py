@@ -109,7 +109,7 @@ def _decode_all(paths: list[Path], size: int, workers: int | None, progress: boo
     bar = _progress_bar(len(paths), progress)
 
     def collect(chunk: range, results: list) -> None:
-        for i, (image, error) in zip(chunk, results):
+        for i, (image, error) in zip(chunk, results, strict=True):
             if error is None:
                 images[i], ok[i] = image, True
             else:

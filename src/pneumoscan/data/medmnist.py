@@ -34,9 +34,7 @@ def parse_spec(spec: str) -> int | None:
     if not size:
         return None
     if not size.isdigit() or int(size) not in FILES:
-        raise PneumoscanError(
-            f"{spec}: PneumoniaMNIST comes in sizes {', '.join(map(str, FILES))}"
-        )
+        raise PneumoscanError(f"{spec}: PneumoniaMNIST comes in sizes {', '.join(map(str, FILES))}")
     return int(size)
 
 
@@ -81,7 +79,8 @@ def fetch(size: int) -> Path:
     require_network(
         "zenodo.org",
         what=f"PneumoniaMNIST ({name})",
-        instead="--data DIR (a folder with NORMAL/ and PNEUMONIA/) or place the file at " + str(path),
+        instead="--data DIR (a folder with NORMAL/ and PNEUMONIA/) or place the file at "
+        + str(path),
     )
     print(f"downloading {name} to {path}")
     atomic_write(path, lambda tmp: _download(f"{RECORD}/{name}?download=1", tmp, md5))

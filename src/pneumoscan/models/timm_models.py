@@ -69,7 +69,9 @@ def _create_offline_aware(timm, arch: str, kwargs: dict) -> nn.Module:
     # Downloading needs the network: fail at once, not after a long time-out.
     from pneumoscan.net import require_network
 
-    require_network("huggingface.co", what=f"pretrained {arch} weights", instead="--pretrained PATH")
+    require_network(
+        "huggingface.co", what=f"pretrained {arch} weights", instead="--pretrained PATH"
+    )
     try:
         return timm.create_model(arch, **kwargs)
     except Exception as e:  # hub and HTTP errors come in many types

@@ -1,0 +1,283 @@
+"""The fast training step against a plain reference, class weights, early stopping, augmentation.
+
+The fast path (``TrainStep``: uint8 batch on the device, augmentation there, no host sync) must
+compute exactly what a plain eager loop computes when augmentation is off; these tests pin that
+down on CPU, where everything is deterministic.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pneumoscan.augment import augment_batch
+from pneumoscan.config import AugmentConfig, TrainConfig
+from pneumoscan.data.dataset import Split
+from pneumoscan.train import (
+    METRICS,
+    EarlyStopping,
+    TrainStep,
+    balanced_class_weights,
+    build_model,
+    fit,
+    make_optimizer,
+    predict_logits,
+    weighted_loss,
+)
+
+NO_AUGMENT = AugmentConfig(rotation_deg=0.0, zoom=0.0, shift=0.0, hflip=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models on a shared 2-core machine: a second thread only adds spin-wait contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(**kw) -> TrainConfig:
+    base = dict(model="seed_cnn", image_size=32, in_chans=3, mean=0.5, std=0.25, lr=1e-2,
+                adam_eps=1e-7, device="cpu", augment=NO_AUGMENT, compile=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def _batch(n: int = 12, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, size, size), dtype=torch.uint8, generator=g)
+    labels = torch.arange(n) % 3 != 0  # both classes, 2:1 like the real data
+    return images, labels.long()
+
+
+def _plain_adam_step(params, grads, state, *, lr, eps, step, betas=(0.9, 0.999)) -> None:
+    """Adam (Kingma and Ba, algorithm 1, as torch.optim.Adam orders the arithmetic)."""
+    b1, b2 = betas
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        m, v = state.setdefault(i, (torch.zeros_like(p), torch.zeros_like(p)))
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (v.sqrt() / math.sqrt(1 - b2**step)).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / (1 - b1**step))
+
+
+# ---- the fast path equals a plain eager loop
+
+
+def test_train_step_matches_plain_eager_loop_exactly():
+    cfg = _config()
+    torch.manual_seed(0)
+    fast_model = build_model(cfg)
+    plain_model = copy.deepcopy(fast_model)
+    # Counts unlike the batch's 4:8, so that the batch's weights do not sum to its size (where
+    # the mean of weighted losses and their weighted average would coincide).
+    weights = balanced_class_weights(np.array([3, 9]))
+    step = TrainStep(fast_model, make_optimizer(fast_model, cfg, torch.device("cpu")), None, cfg,
+                     weights, torch.device("cpu"), torch.Generator().manual_seed(1))
+    plain_params = list(plain_model.parameters())
+    adam_state: dict = {}
+    for i in range(3):  # several steps, so Adam's moments and bias correction are exercised
+        images, labels = _batch(seed=i)
+        torch.manual_seed(100 + i)  # the same dropout masks on both paths
+        fast_loss, fast_correct = step(images, labels)
+
+        torch.manual_seed(100 + i)
+        x = images[:, None].float() / 255
+        x = ((x - cfg.mean) / cfg.std).repeat(1, 3, 1, 1)
+        logits = plain_model(x)
+        per_image = F.cross_entropy(logits, labels, reduction="none")
+        plain_loss = (per_image * weights[labels]).mean()  # Keras class_weight: mean, not / sum w
+        grads = torch.autograd.grad(plain_loss, plain_params)
+        with torch.no_grad():
+            _plain_adam_step(plain_params, grads, adam_state, lr=cfg.lr, eps=cfg.adam_eps,
+                             step=i + 1)
+
+        assert torch.equal(fast_loss, plain_loss.detach()), (i, fast_loss, plain_loss)
+        assert int(fast_correct) == int((logits.argmax(1) == labels).sum())
+        for (name, a), b in zip(fast_model.named_parameters(), plain_params, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9, msg=f"step {i}: {name}")
+    # The step really moved the weights (else the comparison above proves nothing).
+    assert not torch.equal(next(fast_model.parameters()), next(build_model(cfg).parameters()))
+    # Running statistics follow the same batches too.
+    for (name, a), b in zip(fast_model.named_buffers(), plain_model.buffers(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_weighted_loss_equals_hand_computation():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.5], [-1.0, 3.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 1, 1, 0])
+    w = torch.tensor([2.0, 0.5])  # the batch's weights sum to 5, not to its size 4
+
+    def nll(row, label):  # -log softmax, by hand
+        return -(row[label] - math.log(sum(math.exp(v) for v in row)))
+
+    rows = logits.tolist()
+    expected = sum(w[y].item() * nll(r, y) for r, y in zip(rows, labels.tolist(), strict=True))
+    expected /= len(rows)  # Keras divides by the batch size, not by the sum of the weights
+    assert weighted_loss(logits, labels, w, 0.0).item() == pytest.approx(expected, rel=1e-6)
+    unweighted = sum(nll(r, y) for r, y in zip(rows, labels.tolist(), strict=True)) / len(rows)
+    assert weighted_loss(logits, labels, None, 0.0).item() == pytest.approx(unweighted, rel=1e-6)
+
+
+def test_balanced_class_weights_on_kermany_counts():
+    w = balanced_class_weights(np.array([1341, 3875]))
+    assert w.dtype == torch.float32
+    assert w[0].item() == pytest.approx(5216 / (2 * 1341), rel=1e-6)  # 1.9448
+    assert w[1].item() == pytest.approx(5216 / (2 * 3875), rel=1e-6)  # 0.6730
+    assert [round(v, 2) for v in w.tolist()] == [1.94, 0.67]
+    # Balanced weights make each class carry the same total weight.
+    assert 1341 * w[0].item() == pytest.approx(3875 * w[1].item(), rel=1e-6)
+
+
+# ---- early stopping
+
+
+def test_early_stopping_state_machine():
+    s = EarlyStopping(patience=2, min_delta=0.01)
+    assert s.update(1.0, 1) and s.best_epoch == 1
+    assert not s.update(0.995, 2)  # better, but by less than min_delta: not an improvement
+    assert s.wait == 1 and not s.should_stop
+    assert s.update(0.98, 3) and s.best_epoch == 3 and s.wait == 0  # 0.02 below the best
+    assert not s.update(0.975, 4) and not s.should_stop
+    assert not s.update(2.0, 5) and s.should_stop
+    assert s.best_loss == 0.98 and s.best_epoch == 3
+
+
+def test_early_stopping_off_when_patience_zero():
+    s = EarlyStopping(patience=0, min_delta=0.0)
+    s.update(1.0, 1)
+    for epoch in range(2, 20):
+        s.update(5.0, epoch)
+    assert not s.should_stop and s.best_epoch == 1
+
+
+def _random_split(n: int, size: int, seed: int) -> Split:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
+    labels = (np.arange(n) % 3 != 0).astype(np.int64)
+    return Split(images, labels, [f"p{i}" for i in range(n)], [f"{i}.png" for i in range(n)])
+
+
+def _expected_best_epoch(val_losses: list[float], min_delta: float) -> int:
+    best, best_epoch = math.inf, 0
+    for epoch, loss in enumerate(val_losses, start=1):
+        if loss < best - min_delta:
+            best, best_epoch = loss, epoch
+    return best_epoch
+
+
+def test_fit_early_stops_and_restores_best_weights(tmp_path):
+    # Random labels and a high learning rate: validation loss bounces, so patience 1 stops early
+    # and the best epoch is not the last one.
+    cfg = _config(epochs=6, batch_size=8, lr=0.01, early_stop_patience=1,
+                  early_stop_min_delta=0.001, restore_best=True, augment=AugmentConfig())
+    train, val = _random_split(32, 32, seed=1), _random_split(16, 32, seed=2)
+    result = fit(cfg, train, val, tmp_path, class_counts=np.array([11, 21]), progress=False)
+
+    rows = [json.loads(line) for line in (tmp_path / METRICS).read_text().splitlines()]
+    assert rows == result.history and [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))
+    val_losses = [r["val_loss"] for r in rows]
+    assert result.stopped_early and len(rows) < cfg.epochs
+    assert result.best_epoch == _expected_best_epoch(val_losses, cfg.early_stop_min_delta)
+    assert result.best_epoch == int(np.argmin(val_losses)) + 1
+    assert result.best_epoch < len(rows)
+    # The returned weights are the best epoch's: they give back that epoch's validation loss.
+    logits = predict_logits(result.model, torch.from_numpy(val.images), cfg, torch.device("cpu"))
+    val_loss = F.cross_entropy(logits, torch.from_numpy(val.labels)).item()
+    assert val_loss == pytest.approx(val_losses[result.best_epoch - 1], abs=1e-6)
+    assert val_loss != pytest.approx(val_losses[-1], abs=1e-4)
+    # ... and the checkpoint holds the same copy, not an alias of the live parameters.
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    for name, value in result.model.state_dict().items():
+        assert torch.equal(state["best_model"][name], value), name
+    assert not all(torch.equal(state["model"][k], v) for k, v in state["best_model"].items())
+
+
+# ---- augmentation
+
+
+def _asymmetric_images(n: int, size: int = 32) -> torch.Tensor:
+    """A bright block in the left third on a dark ramp: mirroring it is unmistakable."""
+    x = torch.linspace(0.1, 0.3, size).expand(size, size).clone()
+    x[size // 4 : 3 * size // 4, 2 : size // 3] = 1.0
+    return x.expand(n, 1, size, size).clone()
+
+
+def test_augment_is_identity_when_ranges_are_zero():
+    x = torch.rand(4, 1, 32, 32)
+    assert torch.equal(augment_batch(x, NO_AUGMENT, torch.Generator().manual_seed(0)), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_augment_keeps_shape_and_dtype(dtype):
+    x = torch.rand(5, 3, 40, 24, dtype=dtype)
+    y = augment_batch(x, AugmentConfig(), torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.dtype == dtype and torch.isfinite(y).all()
+
+
+def test_augment_draws_fresh_parameters_per_image():
+    x = _asymmetric_images(2)
+    y = augment_batch(x, AugmentConfig(), torch.Generator().manual_seed(0))
+    assert not torch.equal(y[0], y[1])
+    assert (y[0] - y[1]).abs().max() > 0.1
+    # ... and from the generator: the same seed gives the same batch.
+    assert torch.equal(y, augment_batch(x, AugmentConfig(), torch.Generator().manual_seed(0)))
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a = a.flatten(1) - a.flatten(1).mean(1, keepdim=True)
+    b = b.flatten(1) - b.flatten(1).mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+
+
+@pytest.mark.parametrize("hflip", [False, True])
+def test_augment_never_mirrors_unless_asked(hflip):
+    x = _asymmetric_images(64)
+    cfg = AugmentConfig(rotation_deg=5.0, zoom=0.05, shift=0.02, hflip=hflip)
+    y = augment_batch(x, cfg, torch.Generator().manual_seed(3))
+    mirrored = _correlation(y, x.flip(-1)) > _correlation(y, x)
+    if hflip:  # the check can see a flip: about half the batch is mirrored
+        assert 16 < int(mirrored.sum()) < 48
+    else:
+        assert not mirrored.any()
+    assert AugmentConfig().hflip is False  # and flips are off by default
+
+
+def test_augment_repeats_edge_pixels():
+    x = torch.ones(16, 1, 32, 32)  # a constant-255 image, scaled to [0, 1]
+    for cfg in (AugmentConfig(rotation_deg=0, zoom=0, shift=0.1),  # shift alone
+                AugmentConfig(rotation_deg=30, zoom=0.2, shift=0.1)):  # zoomed out and rotated
+        y = augment_batch(x, cfg, torch.Generator().manual_seed(0))
+        assert (y > 0.999).all(), f"{cfg}: min {y.min().item()}"  # no zeros padded in
+
+
+# ---- the speed benchmark runs the same code on CPU (its GPU run is in benchmarks/gpu_check.sh)
+
+
+def test_train_speed_benchmark_runs_on_cpu(capsys):
+    pytest.importorskip("torchvision")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_speed.py"
+    spec = importlib.util.spec_from_file_location("train_speed", path)
+    train_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_speed)
+    argv = ["--model", "seed_cnn", "--image-size", "32", "--batch-size", "8", "--device", "cpu",
+            "--steps", "2", "--warmup", "1", "--threads", "1"]
+    assert train_speed.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"model", "image_size", "batch_size", "device", "project_images_per_s",
+            "plain_images_per_s", "ratio", "torch", "command"} <= set(result)
+    assert result["model"] == "seed_cnn" and result["image_size"] == 32
+    assert result["batch_size"] == 8 and result["device"] == "cpu"
+    assert result["project_images_per_s"] > 0 and result["plain_images_per_s"] > 0
+    assert result["ratio"] == pytest.approx(
+        result["project_images_per_s"] / result["plain_images_per_s"], rel=0.02)
+    assert result["command"].startswith("python benchmarks/train_speed.py --model seed_cnn")
