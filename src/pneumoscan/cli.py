@@ -17,7 +17,7 @@ from pneumoscan.errors import PneumoscanError
 # verb -> one-line help; the module pneumoscan.commands.<verb> implements it
 COMMANDS = {
     "train": "train a model on a folder of X-rays or PneumoniaMNIST",
-    "evaluate": "figures of a trained run on a data set, with 95% intervals",
+    "evaluate": "figures of a trained run on a data set, with 95%% intervals",
     "predict": "predict files, folders or globs with a trained run",
     "explain": "Grad-CAM heat-map overlays for files",
     "eda": "class balance, sample grid and image statistics of a data set",
@@ -37,7 +37,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pneumoscan", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="pneumoscan",
+        description="Train, evaluate, explain and serve pediatric chest X-ray pneumonia "
+        "classifiers. Research use only: not a medical device.",
+    )
     parser.add_argument("--version", action="version", version=f"pneumoscan {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for verb, help_text in COMMANDS.items():

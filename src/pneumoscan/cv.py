@@ -1,0 +1,348 @@
+"""Patient-grouped K-fold cross-validation whose folds are saved as one ensemble run.
+
+The data set is decoded once; each fold takes index slices of it and frees them when done, so
+memory stays flat from fold to fold. For fold k the held-out fold is predicted untouched: the fold
+model's validation split (early stopping, temperature, threshold) is carved by patient from its own
+training folds, so every out-of-fold (OOF) probability comes from a model that selected nothing on
+that image.
+
+The output folder is itself an ensemble run directory (``model.json`` kind "ensemble", members
+``fold-0`` ... ``fold-{K-1}``): ``evaluate``, ``predict``, ``report``, ``serve`` and ``export`` take
+it like any run. Its threshold is chosen on the pooled OOF probabilities. That is an
+approximation: on a new image the ensemble's probability is the mean over K fold models, while each
+OOF probability comes from one model; the mean of calibrated members is usually a little less
+extreme, so the pooled threshold is close to, not exactly, the best one for the ensemble. The
+pooled threshold-dependent figures (sensitivity, specificity, ...) are measured on the data the
+threshold was chosen on and so lean slightly optimistic; ROC AUC, PR AUC, loss and Brier score
+do not depend on it, and the per-fold figures use each fold model's own threshold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pneumoscan import CLASS_NAMES, __version__
+from pneumoscan.config import TrainConfig
+from pneumoscan.data.dataset import DataBundle, Split, load_data
+from pneumoscan.data.split import patient_folds, patient_split
+from pneumoscan.errors import PneumoscanError
+from pneumoscan.evaluate import choose_threshold, evaluate_predictions, format_table
+from pneumoscan.fileio import atomic_write, atomic_write_json
+from pneumoscan.model_io import load_predictor, probabilities, read_meta, save_meta
+
+OOF_PREDICTIONS = "oof_predictions.npz"
+CV_METRICS = "cv_metrics.json"
+TEST_METRICS = "test_metrics.json"
+TEST_PREDICTIONS = "test_predictions.npz"
+VAL_PREDICTIONS = "val_predictions.npz"  # the pooled OOF predictions, in the single-run format
+LOGIT_EPS = 1e-6  # probabilities are clipped to [eps, 1 - eps] before taking log-odds
+
+THRESHOLD_NOTE = (
+    "threshold chosen on the pooled out-of-fold probabilities, each from one fold model; the "
+    "ensemble averages all fold models, so this approximates its best threshold"
+)
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    run_dir: Path
+    held_out: np.ndarray  # indices into the cross-validated pool
+    prob: np.ndarray  # calibrated OOF probabilities of those images
+    threshold: float  # the fold model's own, chosen on its inner validation split
+    metrics: dict
+
+
+def fold_name(k: int) -> str:
+    return f"fold-{k}"
+
+
+def log_odds(prob: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)), clipped as ``model_io.stack_probabilities`` clips its inputs."""
+    p = np.clip(np.asarray(prob, dtype=np.float64), LOGIT_EPS, 1 - LOGIT_EPS)
+    return np.log(p / (1 - p))
+
+
+def make_folds(pool: Split, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train_idx, held_out_idx) per fold: grouped by patient, stratified by class."""
+    if n_folds < 2:
+        raise PneumoscanError(f"--folds {n_folds}: cross-validation needs at least 2 folds")
+    n_patients = len(set(pool.patients))
+    if n_patients < n_folds:
+        raise PneumoscanError(
+            f"--folds {n_folds}: the data has only {n_patients} patients; use fewer folds"
+        )
+    return patient_folds(pool.labels, pool.patients, n_folds, seed)
+
+
+def inner_split(
+    pool: Split, train_idx: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The fold model's own (fit_idx, val_idx), carved by patient from its training folds."""
+    labels = pool.labels[train_idx]
+    patients = [pool.patients[i] for i in train_idx]
+    try:
+        fit_rel, val_rel = patient_split(labels, patients, val_fraction, seed)
+    except ValueError as e:
+        raise PneumoscanError(
+            f"cannot carve a validation split from {len(train_idx)} training images ({e}); "
+            "use fewer folds or more data"
+        ) from None
+    if len(set(labels[val_rel].tolist())) < 2:  # temperature and threshold need both classes
+        raise PneumoscanError(
+            f"the validation split carved from {len(train_idx)} training images holds one class "
+            "only; use fewer folds, a larger --val-fraction or more data"
+        )
+    return train_idx[fit_rel], train_idx[val_rel]
+
+
+def cross_validate(
+    cfg: TrainConfig,
+    n_folds: int,
+    *,
+    progress: bool = True,
+    after_fold: Callable[[FoldResult], None] | None = None,
+) -> dict:
+    """Run K-fold cross-validation as ``cfg`` says and leave an ensemble run in ``cfg.out``.
+
+    ``after_fold`` is called with each finished fold (the memory benchmark measures there).
+    Returns the contents of cv_metrics.json, plus "test" when the data has a test split.
+    """
+    from pneumoscan.train import resolve_device
+
+    out = Path(cfg.out)
+    if n_folds < 2:  # before decoding anything
+        raise PneumoscanError(f"--folds {n_folds}: cross-validation needs at least 2 folds")
+    data = load_data(cfg.data, cfg.image_size, seed=cfg.seed, progress=progress, carve_val=False)
+    pool = data.train  # train and any val/, un-carved; the test split is never touched here
+    folds = make_folds(pool, n_folds, cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", {
+        "pneumoscan": __version__, "cv": {"folds": n_folds, "seed": cfg.seed}, **cfg.to_dict(),
+    })
+    _describe(data, n_folds)
+
+    results: list[FoldResult] = []
+    for k, (train_idx, held_idx) in enumerate(folds):
+        print(f"\n== fold {k + 1}/{n_folds}: train on {len(train_idx)} images, "
+              f"predict {len(held_idx)} held out")
+        result = run_fold(cfg, data, k, train_idx, held_idx, progress=progress)
+        results.append(result)
+        if after_fold is not None:
+            after_fold(result)
+
+    summary = _pool_folds(cfg, data, pool, results)
+    device = resolve_device(cfg.device)
+    if data.test is not None:
+        summary["test"] = evaluate_ensemble_on_test(out, data.test, float(summary["threshold"]),
+                                                    device)
+    return summary
+
+
+def run_fold(
+    cfg: TrainConfig,
+    data: DataBundle,
+    k: int,
+    train_idx: np.ndarray,
+    held_idx: np.ndarray,
+    *,
+    progress: bool = True,
+) -> FoldResult:
+    """Train fold ``k`` into OUT/fold-k (a full run dir) and predict its held-out images."""
+    from pneumoscan.pipeline import finish_run
+    from pneumoscan.train import fit, predict_logits
+
+    pool = data.train
+    fold_dir = Path(cfg.out) / fold_name(k)
+    fold_cfg = dataclasses.replace(cfg, out=str(fold_dir), seed=cfg.seed + k)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(fold_dir / "config.json", {
+        "pneumoscan": __version__, "cv": {"fold": k}, **fold_cfg.to_dict(),
+    })
+    fit_idx, val_idx = inner_split(pool, train_idx, cfg.val_fraction, fold_cfg.seed)
+    bundle = DataBundle(
+        train=pool.subset(fit_idx),
+        val=pool.subset(val_idx),
+        test=None,  # the ensemble, not each fold, is evaluated on test
+        source=data.source,
+        notes=[f"cross-validation fold {k}: validation carved by patient from its training folds"],
+        fingerprint=data.fingerprint,
+        train_counts=np.bincount(pool.labels[train_idx], minlength=len(CLASS_NAMES)),
+    )
+    result = fit(fold_cfg, bundle.train, bundle.val, fold_dir,
+                 class_counts=bundle.train_counts, progress=progress)
+    finish_run(fold_cfg, bundle, result.model, fold_dir, result.history)
+    meta = read_meta(fold_dir)
+
+    held = pool.subset(held_idx)
+    device = next(result.model.parameters()).device
+    logits = predict_logits(result.model, torch.from_numpy(held.images), fold_cfg, device).numpy()
+    prob = probabilities(logits, float(meta["temperature"]))
+    metrics = evaluate_predictions(held.labels, prob, float(meta["threshold"]), seed=k)
+
+    # Free this fold's copies and tensors before the next fold allocates its own.
+    del result, bundle, held, logits
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return FoldResult(k, fold_dir, held_idx, prob, float(meta["threshold"]), metrics)
+
+
+def _pool_folds(cfg: TrainConfig, data: DataBundle, pool: Split, results: list[FoldResult]) -> dict:
+    """OOF predictions, pooled figures and the ensemble's model.json."""
+    out = Path(cfg.out)
+    n = len(pool)
+    prob = np.full(n, np.nan)
+    fold_of = np.full(n, -1, dtype=np.int64)
+    for r in results:
+        prob[r.held_out] = r.prob
+        fold_of[r.held_out] = r.fold
+    assert (fold_of >= 0).all(), "every image is held out by exactly one fold"
+
+    threshold = choose_threshold(pool.labels, prob, cfg.threshold_rule)
+    pooled = evaluate_predictions(pool.labels, prob, threshold)
+    paths = _absolute_paths(pool.paths, cfg.data)
+    save_oof(out / OOF_PREDICTIONS, pool.labels, prob, fold_of, paths, pool.patients)
+    _save_val_predictions(out / VAL_PREDICTIONS, pool.labels, prob, paths)
+
+    summary = {
+        "folds": [
+            {"fold": r.fold, "run": fold_name(r.fold), "n": len(r.held_out),
+             "threshold": r.threshold, "metrics": r.metrics}
+            for r in results
+        ],
+        "pooled": pooled,
+        "threshold": float(threshold),
+        "threshold_rule": cfg.threshold_rule,
+        "threshold_note": THRESHOLD_NOTE,
+        "seed": cfg.seed,
+    }
+    atomic_write_json(out / CV_METRICS, summary)
+    save_meta(out, {
+        "kind": "ensemble",
+        "members": [fold_name(r.fold) for r in results],
+        "image_size": cfg.image_size,
+        "class_names": list(CLASS_NAMES),
+        "threshold": float(threshold),
+        "threshold_rule": cfg.threshold_rule,
+        "threshold_note": THRESHOLD_NOTE,
+        "temperature": 1.0,  # members are calibrated one by one; their mean is not rescaled
+        "data_fingerprint": data.fingerprint,
+        "data_source": data.source,
+        "validation": pooled,
+    })
+    print("\n" + format_fold_table(summary["folds"]))
+    print(f"\npooled out-of-fold ({n} images; threshold {threshold:.3f} by {cfg.threshold_rule}, "
+          "chosen on these predictions):")
+    print(format_table(pooled))
+    return summary
+
+
+def evaluate_ensemble_on_test(
+    run_dir: Path, test: Split, threshold: float, device: torch.device
+) -> dict:
+    """The saved ensemble's figures on the test split; nothing is selected on them."""
+    predictor = load_predictor(run_dir, device)
+    prob = predictor.predict_proba(test.images)
+    z = log_odds(prob)
+    logits = np.stack([np.zeros_like(z), z], axis=1).astype(np.float32)  # softmax -> prob
+    metrics = evaluate_predictions(test.labels, prob, threshold)
+    _save_val_predictions(run_dir / TEST_PREDICTIONS, test.labels, prob, test.paths, logits)
+    atomic_write_json(run_dir / TEST_METRICS, metrics)
+    print(f"\ntest, ensemble of {len(predictor.members)} fold models (held out; nothing was "
+          "selected on it):")
+    print(format_table(metrics))
+    return metrics
+
+
+def save_oof(
+    path: Path,
+    labels: np.ndarray,
+    prob: np.ndarray,
+    fold: np.ndarray,
+    paths: list[str],
+    patients: list[str],
+) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, labels=labels, prob=prob, fold=fold,
+                     paths=np.array(paths, dtype=str), patients=np.array(patients, dtype=str))
+
+    atomic_write(path, write)
+
+
+def load_oof(run_dir: str | Path) -> dict[str, np.ndarray]:
+    """A cv run's OOF predictions; a one-line error when the run has none."""
+    path = Path(run_dir) / OOF_PREDICTIONS
+    if not path.is_file():
+        raise PneumoscanError(
+            f"{run_dir}: not a cross-validation run (no {OOF_PREDICTIONS}); "
+            "make one with `pneumoscan cv`"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            oof = {key: z[key] for key in ("labels", "prob", "fold", "paths", "patients")}
+    except (OSError, ValueError, KeyError) as e:
+        raise PneumoscanError(f"{path}: unreadable out-of-fold predictions ({e})") from None
+    n = len(oof["labels"])
+    if any(len(v) != n for v in oof.values()) or not np.isfinite(oof["prob"]).all():
+        raise PneumoscanError(f"{path}: inconsistent out-of-fold predictions")
+    return oof
+
+
+def format_fold_table(folds: list[dict]) -> str:
+    """One line a fold: n, ROC AUC with its interval, sensitivity, specificity, threshold."""
+    lines = [f"{'fold':<6}{'n':>6}  {'roc_auc':>7}  {'95% CI':<15}{'sens':>7}{'spec':>7}"
+             f"{'thr':>7}"]
+    for f in folds:
+        m = f["metrics"]
+        ci = (m.get("ci95") or {}).get("roc_auc")
+        ci_text = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "n/a"
+        lines.append(f"{f['fold']:<6}{f['n']:>6}  {_num(m['roc_auc']):>7}  {ci_text:<15}"
+                     f"{_num(m['sensitivity']):>7}{_num(m['specificity']):>7}"
+                     f"{f['threshold']:>7.3f}")
+    return "\n".join(lines)
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _describe(data: DataBundle, n_folds: int) -> None:
+    print(f"data: {data.source}")
+    counts = ", ".join(f"{k} {v}" for k, v in data.train.class_counts().items())
+    print(f"  cross-validated: {len(data.train)} images ({counts}), "
+          f"{len(set(data.train.patients))} patients, {n_folds} folds by patient")
+    if data.test is not None:
+        print(f"  test: {len(data.test)} images, evaluated once at the end")
+
+
+def _absolute_paths(paths: list[str], spec: str) -> list[str]:
+    # Absolute, so that `stack` matches two cv runs over the same files started from other folders.
+    if spec.lower().startswith("pneumoniamnist"):
+        return list(paths)
+    return [os.path.abspath(p) for p in paths]
+
+
+def _save_val_predictions(
+    path: Path, labels: np.ndarray, prob: np.ndarray, paths: list[str],
+    logits: np.ndarray | None = None,
+) -> None:
+    """The single-run predictions format (labels, (N, 2) logits, prob, paths)."""
+    if logits is None:
+        z = log_odds(prob)
+        logits = np.stack([np.zeros_like(z), z], axis=1).astype(np.float32)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, labels=labels, logits=logits, prob=prob, paths=np.array(paths, dtype=str))
+
+    atomic_write(path, write)

@@ -1,0 +1,212 @@
+"""Files -> calibrated predictions, in bounded memory: one row per file, errors included.
+
+Paths may be files, folders (walked recursively, hidden entries skipped, symlinked folders not
+followed so a link loop cannot recurse) or glob patterns. Files are decoded and predicted a batch
+at a time, and rows are yielded as each batch finishes, so thousands of files cost the memory of
+one batch. An unreadable file gives a row with ``error`` set; every other file is still predicted.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+from pneumoscan import CLASS_NAMES
+from pneumoscan.data.decode import looks_like_image, read_gray
+from pneumoscan.errors import PneumoscanError, UnreadableImage
+from pneumoscan.fileio import atomic_write
+
+FIELDS = ("path", "probability", "label", "threshold", "error")
+# Extensions taken from a folder without sniffing; other files in a folder are taken only when
+# their content starts like an image (DICOMs often have no extension at all).
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".dcm", ".dicom", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+)
+_GLOB_CHARS = frozenset("*?[")
+_DECODE_THREADS = 4  # Pillow and pydicom release the GIL while decoding
+
+
+@dataclass
+class Row:
+    path: str
+    probability: float | None  # calibrated P(PNEUMONIA); None when the file could not be read
+    label: str  # PNEUMONIA if probability >= threshold, else NORMAL; "" on error
+    threshold: float
+    error: str  # "" when the prediction worked, otherwise why the file could not be read
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Inputs:
+    files: list[Path]  # in the order given, duplicates removed
+    missing: list[tuple[str, str]]  # (argument, reason) for paths and globs that found nothing
+    skipped: int  # files inside folders that are not images (README.txt and the like)
+
+
+def label_for(probability: float, threshold: float) -> str:
+    return CLASS_NAMES[1] if probability >= threshold else CLASS_NAMES[0]
+
+
+def expand_paths(specs: Sequence[str | Path]) -> Inputs:
+    """Files named by ``specs``: files as given, folders walked, globs expanded."""
+    files: dict[str, Path] = {}  # real path -> first name given: one row per file
+    missing: list[tuple[str, str]] = []
+    skipped = 0
+    for spec in specs:
+        text = os.fspath(spec)
+        if os.path.lexists(text):
+            targets = [text]
+        elif _GLOB_CHARS & set(text):
+            targets = sorted(glob.glob(text, recursive=True))
+            if not targets:
+                missing.append((text, "no files match this pattern"))
+                continue
+        else:
+            missing.append((text, "no such file or folder"))
+            continue
+        for target in targets:
+            if os.path.isdir(target):
+                found, n_skipped = _walk_folder(Path(target))
+                skipped += n_skipped
+                for path in found:
+                    files.setdefault(os.path.realpath(path), path)
+            else:
+                # Named explicitly (or by a glob): always tried, so a bad one is reported.
+                files.setdefault(os.path.realpath(target), Path(target))
+    return Inputs(list(files.values()), missing, skipped)
+
+
+def _walk_folder(root: Path) -> tuple[list[Path], int]:
+    found, skipped = [], 0
+    for folder, dirs, names in os.walk(root, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if name.startswith("."):
+                continue
+            path = Path(folder) / name
+            if path.suffix.lower() in IMAGE_SUFFIXES or looks_like_image(path):
+                found.append(path)
+            else:
+                skipped += 1
+    return found, skipped
+
+
+def iter_predictions(
+    predictor,
+    paths: Sequence[Path],
+    *,
+    batch_size: int = 32,
+    progress: bool = True,
+    on_batch=None,
+) -> Iterator[Row]:
+    """Rows in the order of ``paths``, predicted ``batch_size`` files at a time.
+
+    ``on_batch(decoded_paths)`` is called after each batch with the files that were predicted
+    (used to write Grad-CAM overlays without holding every image).
+    """
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise PneumoscanError(f"--batch-size must be positive, got {batch_size}")
+    size, threshold = predictor.image_size, float(predictor.threshold)
+    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)
+    with bar, ThreadPoolExecutor(_DECODE_THREADS) as pool:
+        for start in range(0, len(paths), batch_size):
+            batch = list(paths[start : start + batch_size])
+            decoded = list(pool.map(lambda p: _decode(p, size), batch))
+            good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
+            prob = np.zeros(0)
+            if good:
+                prob = predictor.predict_proba(np.stack([decoded[i] for i in good]))
+            by_index = dict(zip(good, prob, strict=True))
+            if on_batch is not None and good:
+                on_batch([batch[i] for i in good])
+            for i, path in enumerate(batch):
+                if i in by_index:
+                    p = float(by_index[i])
+                    yield Row(str(path), p, label_for(p, threshold), threshold, "")
+                else:
+                    yield Row(str(path), None, "", threshold, decoded[i])
+            bar.update(len(batch))
+
+
+def _decode(path: Path, size: int) -> np.ndarray | str:
+    try:
+        return read_gray(path, size)
+    except UnreadableImage as e:
+        return e.reason
+
+
+def predict_files(predictor, paths: Sequence[Path], *, batch_size: int = 32) -> list[Row]:
+    """Every row at once: for library callers with a modest number of files."""
+    return list(iter_predictions(predictor, paths, batch_size=batch_size, progress=False))
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+def output_format(path: str | Path) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".csv", ".json"):
+        raise PneumoscanError(f"--output {path}: name a .csv or .json file")
+    return suffix[1:]
+
+
+def write_rows(path: str | Path, rows: Iterable[Row]) -> int:
+    """Stream rows into a CSV or JSON file (by extension), atomically. Returns the row count."""
+    fmt = output_format(path)
+    count = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal count
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            count = (_write_csv if fmt == "csv" else _write_json)(f, rows)
+
+    atomic_write(path, write)
+    return count
+
+
+def _write_csv(f: IO[str], rows: Iterable[Row]) -> int:
+    writer = csv.DictWriter(f, fieldnames=FIELDS)
+    writer.writeheader()
+    count = 0
+    for row in rows:
+        record = row.as_dict()
+        # Full precision, so the label can be re-derived from the file exactly.
+        record["probability"] = "" if row.probability is None else repr(row.probability)
+        writer.writerow(record)
+        count += 1
+    return count
+
+
+def _write_json(f: IO[str], rows: Iterable[Row]) -> int:
+    # Written one object at a time, so the file is a JSON list without the list in memory.
+    f.write("[")
+    count = 0
+    for row in rows:
+        f.write(",\n  " if count else "\n  ")
+        f.write(json.dumps(row.as_dict()))
+        count += 1
+    f.write("\n]\n" if count else "]\n")
+    return count
+
+
+def table_header() -> str:
+    return f"{'probability':>11}  {'label':<9}  path"
+
+
+def table_line(row: Row) -> str:
+    if row.error:
+        return f"{'-':>11}  {'ERROR':<9}  {row.path}  ({row.error})"
+    return f"{row.probability:>11.4f}  {row.label:<9}  {row.path}"

@@ -1,0 +1,262 @@
+"""The web service and its page: one trained run, loaded once, answering uploads.
+
+Routes
+    GET  /              the single page (pick or drop an X-ray, see probability and heat map)
+    POST /api/predict   multipart field ``file`` -> probability, label, threshold, Grad-CAM
+    GET  /api/health    {"status": "ok", "model": ...} (also at /health)
+    GET  /api/model     the run's model.json (paths on the server reduced to file names)
+
+Every error is JSON ``{"error": "..."}``:
+    413  the upload exceeds MAX_UPLOAD_BYTES, or the image's header declares more than
+         MAX_PIXELS pixels (refused before any pixel is decoded; both are "too large")
+    415  the bytes are neither an image format the decoder knows nor DICOM
+    422  no ``file`` field, a malformed body, or an image that cannot be decoded (truncated,
+         corrupt, unsupported DICOM)
+
+The server reads only the uploaded bytes, never a file a client names. Inference runs in
+FastAPI's thread pool under one lock: the model is shared, and Grad-CAM hooks it while it runs.
+"""
+
+import base64
+import importlib.util
+import io
+import threading
+from collections.abc import AsyncIterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pneumoscan import CLASS_NAMES, __version__
+from pneumoscan.data import decode
+from pneumoscan.errors import PneumoscanError, UnreadableImage
+
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_PIXELS = decode.MAX_PIXELS  # the decoder enforces it from the header
+ENVELOPE_BYTES = 64 * 1024  # multipart boundaries and part headers around the file itself
+DISPLAY_SIZE = 320  # side of the gray image and overlay the page shows
+MAX_FILENAME = 255
+
+
+class ApiError(Exception):
+    """An answer other than 200, carried out of the request handling to one JSON handler."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def create_app(run_dir: str | Path, device: str = "cpu"):
+    """A FastAPI app serving the run in ``run_dir``; the model is loaded here, once."""
+    fastapi = _require_fastapi()
+    from fastapi import Request
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from pneumoscan.model_io import load_predictor
+
+    predictor = load_predictor(run_dir, device)
+    model_info = public_meta(predictor.meta)
+    page = resources.files("pneumoscan.serve").joinpath("page.html").read_text("utf-8")
+    service = _Service(predictor)
+
+    app = fastapi.FastAPI(
+        title="pneumoscan",
+        version=__version__,
+        description="Pneumonia on pediatric chest X-rays. Research use only: not a medical device.",
+    )
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request, exc: ApiError):
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, exc: StarletteHTTPException):
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request, exc: RequestValidationError):
+        return JSONResponse({"error": f"invalid request: {exc.errors()}"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request, exc: Exception):
+        # Still JSON for the page; the traceback goes to the server's log, not to the client.
+        return JSONResponse({"error": "internal server error"}, status_code=500)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/api/health")
+    @app.get("/health", include_in_schema=False)
+    def health() -> dict:
+        return {"status": "ok", "model": predictor.name}
+
+    @app.get("/api/model")
+    def model() -> dict:
+        return model_info
+
+    @app.post("/api/predict", openapi_extra=_UPLOAD_SCHEMA)
+    async def predict(request: Request) -> dict:
+        # The body is read here, not by FastAPI's form handling, so that an oversized upload
+        # is refused while streaming instead of after it has been spooled to disk.
+        data, filename = await _read_upload(request)
+        result = await run_in_threadpool(service.predict, data, filename)
+        return result
+
+    return app
+
+
+def _require_fastapi():
+    try:
+        import fastapi
+        import multipart  # noqa: F401  (python-multipart: FastAPI's form parser)
+    except ImportError as e:
+        raise PneumoscanError(
+            f"serve needs fastapi, uvicorn and python-multipart ({e.name} is missing): "
+            "pip install 'pneumoscan[serve]'"
+        ) from None
+    return fastapi
+
+
+_UPLOAD_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            }
+        },
+    }
+}
+
+
+def public_meta(meta: dict) -> dict:
+    """model.json as clients may see it: local paths on the server are reduced to names."""
+    info = dict(meta)
+    if isinstance(info.get("data_source"), str):
+        info["data_source"] = Path(info["data_source"]).name
+    if isinstance(info.get("onnx"), dict) and "file" in info["onnx"]:
+        info["onnx"] = {**info["onnx"], "file": Path(str(info["onnx"]["file"])).name}
+    return info
+
+
+# --- reading the upload --------------------------------------------------------------------
+
+
+async def _read_upload(request) -> tuple[bytes, str]:
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    limit = MAX_UPLOAD_BYTES + ENVELOPE_BYTES
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large()
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise ApiError(422, "send the image as multipart/form-data in a field named 'file'")
+    parser = MultiPartParser(request.headers, _limited(request.stream(), limit),
+                             max_files=1, max_fields=4)
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise ApiError(422, f"malformed multipart body ({e.message})") from None
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(422, "missing file: send the image in a multipart field named 'file'")
+        data = await upload.read(MAX_UPLOAD_BYTES + 1)
+        filename = (upload.filename or "upload")[:MAX_FILENAME]
+    finally:
+        await form.close()
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise _too_large()
+    return data, filename
+
+
+async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    """The request body, refusing it (413) as soon as more than ``limit`` bytes have arrived."""
+    received = 0
+    async for chunk in stream:
+        received += len(chunk)
+        if received > limit:
+            raise _too_large()
+        yield chunk
+
+
+def _too_large() -> ApiError:
+    return ApiError(413, f"upload too large: the limit is {MAX_UPLOAD_BYTES:,} bytes")
+
+
+# --- inference -----------------------------------------------------------------------------
+
+
+class _Service:
+    """The loaded predictor, its Grad-CAM if available, and the lock that serialises them."""
+
+    def __init__(self, predictor):
+        self.predictor = predictor
+        self.lock = threading.Lock()
+        # Grad-CAM needs captum, an optional dependency: without it predictions still work,
+        # and answers carry "gradcam_png": null.
+        self.explain = None
+        if importlib.util.find_spec("captum") is not None:
+            from pneumoscan import explain
+
+            self.explain = explain
+
+    def _gradcam(self, image: np.ndarray) -> np.ndarray | None:
+        if self.explain is None:
+            return None
+        return self.explain.gradcam(self.predictor, image[None])[0]
+
+    def predict(self, data: bytes, filename: str) -> dict[str, Any]:
+        if decode.sniff_kind(data[: decode.SNIFF_BYTES]) is None:
+            raise ApiError(415, f"{filename}: not an image or DICOM file")
+        size = self.predictor.image_size
+        image = _decode(data, size, filename)
+        with self.lock:
+            probability = float(self.predictor.predict_proba(image[None])[0])
+            cam = self._gradcam(image)
+        threshold = float(self.predictor.threshold)
+        display = _decode(data, max(size, DISPLAY_SIZE), filename)
+        return {
+            "probability": probability,
+            "label": CLASS_NAMES[1] if probability >= threshold else CLASS_NAMES[0],
+            "threshold": threshold,
+            "model": self.predictor.name,
+            "filename": filename,
+            "gradcam_png": _overlay_b64(self.explain, display, cam),
+            "image_png": base64.b64encode(_gray_png(display)).decode("ascii"),
+        }
+
+
+def _decode(data: bytes, size: int, filename: str) -> np.ndarray:
+    try:
+        return decode.read_gray(data, size, name=filename)
+    except UnreadableImage as e:
+        # Header-declared size beyond MAX_PIXELS is "too large", like an oversized upload.
+        status = 413 if e.reason.startswith(("image too large", "file too large")) else 422
+        raise ApiError(status, f"{filename}: {e.reason}") from None
+
+
+def _overlay_b64(explain, display: np.ndarray, cam: np.ndarray | None) -> str | None:
+    if explain is None or cam is None:
+        return None
+    # The map is computed at the model's input size; overlay_png stretches it to the image.
+    return base64.b64encode(explain.overlay_png(display, cam)).decode("ascii")
+
+
+def _gray_png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,256 @@
+"""A logistic-regression stack over cross-validated runs, with figures no combiner has seen.
+
+The combiner is fitted on the members' out-of-fold (OOF) log-odds. Its reported figures come from
+nested cross-validation over those OOF rows, grouped by patient: the combiner is fitted on K-1
+folds' rows and predicts the held-out fold's, and the predictions are pooled. The threshold is
+chosen on those pooled nested predictions; the final combiner is then fitted on every OOF row.
+Like any figure measured where its threshold was chosen, the threshold-dependent rates lean
+slightly optimistic; ROC AUC, PR AUC, loss and Brier score do not depend on the threshold.
+As in ``cv``, each OOF row comes from one fold model while a member predicts new images with the
+mean of its fold models, so the combiner is fitted on slightly more spread-out inputs than it
+later sees.
+
+The output is a run directory of kind "stack" that holds copies of its members (each member's
+``model.json`` and fold runs, without resume checkpoints), so nothing in it refers outside it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pneumoscan import CLASS_NAMES, __version__
+from pneumoscan.cv import CV_METRICS, OOF_PREDICTIONS, load_oof, log_odds
+from pneumoscan.data.split import patient_folds
+from pneumoscan.errors import PneumoscanError
+from pneumoscan.evaluate import choose_threshold, evaluate_predictions, format_table
+from pneumoscan.fileio import atomic_write, atomic_write_json
+from pneumoscan.model_io import read_meta, save_meta, stack_probabilities
+
+STACK_METRICS = "stack_metrics.json"
+NESTED_PREDICTIONS = "val_predictions.npz"  # nested-CV predictions, in the single-run format
+_SKIP_ON_COPY = ("checkpoint.pt",)  # resume state: several times the weights, never needed here
+
+
+@dataclass
+class StackFit:
+    stacker: dict  # {"coef": [...], "intercept": x}, fitted on every row
+    nested_prob: np.ndarray  # each row predicted by a combiner that did not see its fold
+    nested_fold: np.ndarray
+    threshold: float
+    metrics: dict  # of nested_prob at threshold, with 95% bootstrap intervals
+
+
+def fit_combiner(member_prob: np.ndarray, labels: np.ndarray) -> dict:
+    """A logistic regression on the members' log-odds, as ``model_io.stack_probabilities`` reads."""
+    from sklearn.linear_model import LogisticRegression
+
+    lr = LogisticRegression(C=1.0, max_iter=1000)
+    lr.fit(log_odds(member_prob), labels)
+    return {"coef": [float(c) for c in lr.coef_[0]], "intercept": float(lr.intercept_[0])}
+
+
+def fit_stack(
+    member_prob: np.ndarray,
+    labels: np.ndarray,
+    patients: list[str],
+    *,
+    n_folds: int = 5,
+    seed: int = 0,
+    threshold_rule: str = "youden",
+) -> StackFit:
+    """Nested-CV figures of a stack over ``member_prob`` (N, M), then the combiner on all rows."""
+    member_prob = np.asarray(member_prob, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if member_prob.ndim != 2 or member_prob.shape[0] != labels.shape[0]:
+        raise ValueError(f"member_prob must be (N, M) with N = {len(labels)}, "
+                         f"got shape {member_prob.shape}")
+    if len(set(patients)) < n_folds:
+        raise PneumoscanError(f"--folds {n_folds}: the OOF rows come from only "
+                              f"{len(set(patients))} patients; use fewer folds")
+    nested = np.full(len(labels), np.nan)
+    fold_of = np.full(len(labels), -1, dtype=np.int64)
+    for k, (fit_idx, held_idx) in enumerate(patient_folds(labels, patients, n_folds, seed)):
+        if len(set(labels[fit_idx].tolist())) < 2:
+            raise PneumoscanError("a nested fold has only one class; use fewer --folds")
+        stacker = fit_combiner(member_prob[fit_idx], labels[fit_idx])
+        nested[held_idx] = stack_probabilities(member_prob[held_idx], stacker)
+        fold_of[held_idx] = k
+    threshold = choose_threshold(labels, nested, threshold_rule)
+    metrics = evaluate_predictions(labels, nested, threshold)
+    return StackFit(fit_combiner(member_prob, labels), nested, fold_of, threshold, metrics)
+
+
+def aligned_oof(runs: list[Path]) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """(member_prob (N, M), labels, patients, paths), rows matched by image path.
+
+    Refuses runs whose OOF predictions cover different images, or disagree on a label.
+    """
+    oofs = [load_oof(run) for run in runs]
+    first = oofs[0]
+    paths = [str(p) for p in first["paths"]]
+    if len(set(paths)) != len(paths):
+        raise PneumoscanError(f"{runs[0]}: {OOF_PREDICTIONS} lists an image twice")
+    reference = set(paths)
+    columns = []
+    for run, oof in zip(runs, oofs, strict=True):
+        row_of = {str(p): i for i, p in enumerate(oof["paths"])}
+        if set(row_of) != reference:
+            only_here = len(set(row_of) - reference)
+            only_first = len(reference - set(row_of))
+            raise PneumoscanError(
+                f"{run}: its out-of-fold predictions are for other images than {runs[0]}'s "
+                f"({only_here} only here, {only_first} only there); stack runs of the same data"
+            )
+        order = np.array([row_of[p] for p in paths])
+        if not np.array_equal(oof["labels"][order], first["labels"]):
+            raise PneumoscanError(f"{run}: labels differ from {runs[0]}'s for the same images")
+        columns.append(oof["prob"][order])
+    patients = [str(p) for p in first["patients"]]
+    return np.stack(columns, axis=1), first["labels"].astype(np.int64), patients, paths
+
+
+def member_names(runs: list[Path]) -> list[str]:
+    """Sub-folder names for the members: each run's folder name, made safe and distinct."""
+    names: list[str] = []
+    for i, run in enumerate(runs):
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(run).resolve().name).strip(".-") or "member"
+        name = base
+        if name in names:
+            name = f"{base}-{i}"
+        names.append(name)
+    return names
+
+
+def build_stack(
+    runs: list[str | Path],
+    out: str | Path,
+    *,
+    n_folds: int = 5,
+    seed: int = 0,
+    threshold_rule: str | None = None,
+) -> dict:
+    """Stack cv runs into the run directory ``out``; returns the contents of stack_metrics.json."""
+    runs = [Path(r) for r in runs]
+    out = Path(out)
+    if len(runs) < 2:
+        raise PneumoscanError("stack needs at least two cross-validated runs")
+    for run in runs:
+        load_oof(run)  # a one-line refusal for anything that is not a cv output, before any work
+        if out.resolve() == run.resolve() or run.resolve() in out.resolve().parents:
+            raise PneumoscanError(f"--out {out}: must not be one of the runs or inside one")
+    if len({r.resolve() for r in runs}) != len(runs):
+        raise PneumoscanError("the same run is named twice")
+    metas = [read_meta(run) for run in runs]
+    rule = threshold_rule or metas[0].get("threshold_rule", "youden")
+
+    member_prob, labels, patients, paths = aligned_oof(runs)
+    fitted = fit_stack(member_prob, labels, patients, n_folds=n_folds, seed=seed,
+                       threshold_rule=rule)
+    names = member_names(runs)
+    members = {
+        name: {
+            "run": str(run.resolve()),
+            "threshold": float(meta["threshold"]),
+            "oof": evaluate_predictions(labels, member_prob[:, i], float(meta["threshold"])),
+        }
+        for i, (name, run, meta) in enumerate(zip(names, runs, metas, strict=True))
+    }
+    summary = {
+        "stack": fitted.metrics,
+        "members": members,
+        "stacker": fitted.stacker,
+        "features": "log-odds of each member's calibrated out-of-fold probability",
+        "nested_folds": n_folds,
+        "seed": seed,
+        "threshold": fitted.threshold,
+        "threshold_rule": rule,
+        "note": "stack figures: nested cross-validation over the OOF rows, grouped by patient; "
+                "the threshold is chosen on those nested predictions",
+    }
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, run in zip(names, runs, strict=True):
+        copy_member(run, out / name)
+    _save_nested(out / NESTED_PREDICTIONS, labels, fitted, paths, patients)
+    atomic_write_json(out / "config.json", {
+        "pneumoscan": __version__,
+        "stack": {"runs": [str(r.resolve()) for r in runs], "members": names,
+                  "nested_folds": n_folds, "seed": seed, "threshold_rule": rule},
+    })
+    atomic_write_json(out / STACK_METRICS, summary)
+    save_meta(out, {  # last: a crash before this leaves no half-made run behind a model.json
+        "kind": "stack",
+        "members": names,
+        "image_size": max(int(m["image_size"]) for m in metas),  # each member resizes to its own
+        "class_names": list(CLASS_NAMES),
+        "threshold": float(fitted.threshold),
+        "threshold_rule": rule,
+        "temperature": 1.0,  # the combiner's output is a probability already
+        "stacker": fitted.stacker,
+        "data_fingerprint": metas[0].get("data_fingerprint", ""),
+        "validation": fitted.metrics,
+    })
+    print(format_comparison(summary))
+    return summary
+
+
+def copy_member(run: Path, dest: Path) -> None:
+    """A cv run's model.json, OOF predictions and member runs, copied into ``dest``."""
+    meta = read_meta(run)
+    staging = dest.with_name(f".{dest.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for sub in meta.get("members", []):
+        shutil.copytree(run / sub, staging / sub, symlinks=False,
+                        ignore=shutil.ignore_patterns(*_SKIP_ON_COPY))
+    for name in ("model.json", "model.safetensors", OOF_PREDICTIONS, CV_METRICS, "config.json"):
+        if (run / name).is_file():
+            shutil.copy2(run / name, staging / name)
+    if dest.exists():
+        shutil.rmtree(dest)
+    staging.rename(dest)
+
+
+def format_comparison(summary: dict) -> str:
+    lines = [f"stack of {len(summary['members'])}: nested {summary['nested_folds']}-fold "
+             "cross-validation over the out-of-fold predictions (threshold "
+             f"{summary['threshold']:.3f} by {summary['threshold_rule']}):",
+             format_table(summary["stack"]), "", "members (pooled out-of-fold, own thresholds):"]
+    for name, member in summary["members"].items():
+        m = member["oof"]
+        ci = (m.get("ci95") or {}).get("roc_auc")
+        ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+        lines.append(f"  {name}: roc_auc {_num(m['roc_auc'])}{ci_text}  "
+                     f"sensitivity {_num(m['sensitivity'])}  specificity "
+                     f"{_num(m['specificity'])}  accuracy {_num(m['accuracy'])}")
+    s = summary["stack"]
+    lines.append(f"  stack: roc_auc {_num(s['roc_auc'])}  sensitivity {_num(s['sensitivity'])}  "
+                 f"specificity {_num(s['specificity'])}  accuracy {_num(s['accuracy'])}")
+    lines.append("stacker coefficients (per member log-odds): "
+                 + ", ".join(f"{c:.3f}" for c in summary["stacker"]["coef"])
+                 + f"; intercept {summary['stacker']['intercept']:.3f}")
+    return "\n".join(lines)
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _save_nested(
+    path: Path, labels: np.ndarray, fitted: StackFit, paths: list[str], patients: list[str]
+) -> None:
+    z = log_odds(fitted.nested_prob)
+    logits = np.stack([np.zeros_like(z), z], axis=1).astype(np.float32)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, labels=labels, logits=logits, prob=fitted.nested_prob,
+                     fold=fitted.nested_fold, paths=np.array(paths, dtype=str),
+                     patients=np.array(patients, dtype=str))
+
+    atomic_write(path, write)

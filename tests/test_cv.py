@@ -1,0 +1,168 @@
+"""pneumoscan cv: patient-grouped folds, honest out-of-fold predictions, an ensemble run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pneumoscan.cli import main
+from pneumoscan.cv import inner_split, load_oof, make_folds
+from pneumoscan.data.dataset import Split
+from pneumoscan.errors import PneumoscanError
+from pneumoscan.model_io import EnsemblePredictor, load_predictor, read_meta
+
+FOLDS = 3
+
+
+@pytest.fixture(scope="module")
+def cv_data(tmp_path_factory) -> Path:
+    from pneumoscan.data.synthetic import write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("cvdata"), n_train=48, n_test=12,
+                                   size=32)
+
+
+@pytest.fixture(scope="module")
+def cv_run(cv_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cv") / "cv"
+    with pytest.MonkeyPatch.context() as mp:  # the autouse cache fixture is per test
+        mp.setenv("PNEUMOSCAN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        status = main(["cv", "--data", str(cv_data), "--folds", str(FOLDS), "--out", str(out),
+                       "--recipe", "cpu", "--model", "seed_cnn", "--image-size", "32",
+                       "--epochs", "1", "--val-fraction", "0.2", "--quiet"])
+    assert status == 0
+    return out
+
+
+def _pool(n_patients: int = 60, seed: int = 0) -> Split:
+    """Patients with 1-3 images each, about three pneumonia patients to one normal."""
+    rng = np.random.default_rng(seed)
+    labels, patients = [], []
+    for p in range(n_patients):
+        label = int(p % 4 != 0)
+        for _ in range(rng.integers(1, 4)):
+            labels.append(label)
+            patients.append(f"person{p}")
+    n = len(labels)
+    return Split(images=np.zeros((n, 4, 4), np.uint8), labels=np.array(labels),
+                 patients=patients, paths=[f"img{i}.png" for i in range(n)])
+
+
+def test_folds_keep_each_patient_in_one_fold_and_are_stratified():
+    pool = _pool()
+    folds = make_folds(pool, 5, seed=3)
+    held = np.concatenate([h for _, h in folds])
+    assert sorted(held.tolist()) == list(range(len(pool)))  # every image held out exactly once
+    overall = pool.labels.mean()
+    seen: dict[str, int] = {}
+    for k, (train_idx, held_idx) in enumerate(folds):
+        assert not set(train_idx) & set(held_idx)
+        train_patients = {pool.patients[i] for i in train_idx}
+        held_patients = {pool.patients[i] for i in held_idx}
+        assert not train_patients & held_patients
+        for p in held_patients:
+            assert seen.setdefault(p, k) == k, f"patient {p} in folds {seen[p]} and {k}"
+        assert abs(pool.labels[held_idx].mean() - overall) < 0.15
+        # the fold model's own validation split comes from its training folds, by patient
+        fit_idx, val_idx = inner_split(pool, train_idx, 0.2, seed=k)
+        assert set(fit_idx) | set(val_idx) == set(train_idx)
+        assert not {pool.patients[i] for i in fit_idx} & {pool.patients[i] for i in val_idx}
+        assert set(pool.labels[val_idx].tolist()) == {0, 1}
+
+
+def test_make_folds_refuses_bad_fold_counts():
+    with pytest.raises(PneumoscanError, match="at least 2"):
+        make_folds(_pool(), 1, seed=0)
+    with pytest.raises(PneumoscanError, match="only 6 patients"):
+        make_folds(_pool(n_patients=6), 10, seed=0)
+
+
+def test_cv_saves_every_fold_as_a_full_run(cv_run):
+    for k in range(FOLDS):
+        fold = cv_run / f"fold-{k}"
+        assert (fold / "model.safetensors").is_file() and (fold / "config.json").is_file()
+        assert read_meta(fold)["kind"] == "single"
+
+
+def test_oof_predictions_cover_every_training_image_exactly_once(cv_run, cv_data):
+    oof = load_oof(cv_run)
+    expected = {os.path.abspath(p) for p in (cv_data / "train").rglob("*.png")}
+    paths = [str(p) for p in oof["paths"]]
+    assert len(paths) == len(set(paths)) == len(expected)
+    assert set(paths) == expected
+    assert set(oof["fold"].tolist()) == set(range(FOLDS))
+    assert ((oof["prob"] >= 0) & (oof["prob"] <= 1)).all()
+    for path, label in zip(paths, oof["labels"], strict=True):
+        assert Path(path).parent.name == ("PNEUMONIA" if label == 1 else "NORMAL")
+    patient_fold: dict[str, int] = {}
+    for patient, fold in zip(oof["patients"], oof["fold"], strict=True):
+        assert patient_fold.setdefault(str(patient), int(fold)) == int(fold)
+
+
+def test_fold_models_never_select_on_their_held_out_images(cv_run):
+    oof = load_oof(cv_run)
+    for k in range(FOLDS):
+        with np.load(cv_run / f"fold-{k}" / "val_predictions.npz") as val:
+            val_paths = {os.path.abspath(str(p)) for p in val["paths"]}
+        held = {str(p) for p, f in zip(oof["paths"], oof["fold"], strict=True) if f == k}
+        assert val_paths and not val_paths & held
+
+
+def test_cv_metrics_has_each_fold_and_the_pooled_figures(cv_run):
+    metrics = json.loads((cv_run / "cv_metrics.json").read_text())
+    assert [f["fold"] for f in metrics["folds"]] == list(range(FOLDS))
+    assert sum(f["n"] for f in metrics["folds"]) == metrics["pooled"]["n"] == 48
+    for figures in [f["metrics"] for f in metrics["folds"]] + [metrics["pooled"]]:
+        assert {"sensitivity", "specificity", "roc_auc", "ci95"} <= set(figures)
+    assert metrics["pooled"]["threshold"] == metrics["threshold"]
+
+
+def test_the_output_is_an_ensemble_run_of_the_folds(cv_run):
+    meta = read_meta(cv_run)
+    assert meta["kind"] == "ensemble"
+    assert meta["members"] == [f"fold-{k}" for k in range(FOLDS)]
+    assert meta["temperature"] == 1.0 and meta["image_size"] == 32
+    assert meta["validation"]["n"] == 48
+    predictor = load_predictor(cv_run)
+    assert isinstance(predictor, EnsemblePredictor) and len(predictor.members) == FOLDS
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32), dtype=np.uint8)
+    mean = np.mean([m.predict_proba(images) for m in predictor.members], axis=0)
+    np.testing.assert_allclose(predictor.predict_proba(images), mean)
+
+
+def test_the_ensemble_is_evaluated_on_test_and_evaluate_agrees(cv_run, cv_data, tmp_path):
+    saved = json.loads((cv_run / "test_metrics.json").read_text())
+    assert saved["n"] == 12
+    with np.load(cv_run / "test_predictions.npz") as z:
+        assert z["logits"].shape == (12, 2) and z["prob"].shape == (12,)
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", str(cv_run), "--data", str(cv_data), "--json", str(out),
+                 "--device", "cpu", "--quiet"]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["n"] == 12
+    assert figures["threshold"] == pytest.approx(read_meta(cv_run)["threshold"])
+    assert figures["brier"] == pytest.approx(saved["brier"], abs=1e-6)
+
+
+def test_predict_accepts_the_ensemble_run(cv_run, cv_data, tmp_path):
+    files = sorted((cv_data / "test").rglob("*.png"))[:3]
+    out = tmp_path / "predictions.json"
+    status = main(["predict", str(cv_run), *map(str, files), "--output", str(out),
+                   "--device", "cpu", "--quiet"])
+    assert status == 0
+    text = out.read_text()
+    assert all(f.name in text for f in files)
+
+
+def test_cv_refuses_one_fold_and_needs_out(cv_data, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["cv", "--data", str(cv_data), "--folds", "1", "--out", str(out)]) == 2
+    assert "at least 2 folds" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["cv", "--data", str(cv_data)])
+    assert exc.value.code == 2

@@ -1,0 +1,226 @@
+"""Grad-CAM: hooks removed, maps in [0, 1] at the image size, and peaks on the evidence.
+
+The localisation test trains a tiny network on a task whose label depends only on a bright
+6x6 blob at a random position, so the only place the evidence for class 1 can be is the blob.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+pytest.importorskip("captum")
+
+from pneumoscan.cli import main  # noqa: E402
+from pneumoscan.explain import gradcam, overlay, overlay_png, write_overlays  # noqa: E402
+from pneumoscan.model_io import EnsemblePredictor, Predictor, load_predictor  # noqa: E402
+from pneumoscan.models import create_model, register_model  # noqa: E402
+
+SIZE, BLOB, N_PER_CLASS = 32, 6, 64
+
+
+class BlobNet(nn.Module):
+    """Two convolutions at full resolution, then a global max: made to find one bright spot."""
+
+    gradcam_layer = "features"
+
+    def __init__(self, in_chans: int = 1, num_classes: int = 2):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_chans, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).amax(dim=(2, 3)))
+
+
+@register_model
+def blob_test_net(in_chans: int = 1, num_classes: int = 2, **_) -> nn.Module:
+    return BlobNet(in_chans, num_classes)
+
+
+def blob_images(n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uint8 (2n, S, S) noisy backgrounds; class 1 has a bright blob. Returns images, labels,
+    and each blob's top-left corner (-1 for class 0)."""
+    rng = np.random.default_rng(seed)
+    n = 2 * n_per_class
+    images = rng.normal(rng.uniform(60, 110, size=(n, 1, 1)), 18, size=(n, SIZE, SIZE))
+    labels = np.repeat([0, 1], n_per_class)
+    corners = np.full((n, 2), -1)
+    for i in np.flatnonzero(labels == 1):
+        r, c = rng.integers(0, SIZE - BLOB + 1, size=2)
+        images[i, r : r + BLOB, c : c + BLOB] += 130
+        corners[i] = r, c
+    return np.clip(images, 0, 255).astype(np.uint8), labels, corners
+
+
+@pytest.fixture(scope="module")
+def blob_run(tmp_path_factory) -> Path:
+    """A BlobNet trained with the project's fit() and saved as a run directory."""
+    from pneumoscan.config import AugmentConfig, TrainConfig
+    from pneumoscan.data.dataset import Split
+    from pneumoscan.model_io import save_model
+    from pneumoscan.train import fit
+
+    run_dir = tmp_path_factory.mktemp("blob") / "run"
+    run_dir.mkdir()
+    images, labels, _ = blob_images(N_PER_CLASS, seed=0)
+    val_images, val_labels, _ = blob_images(8, seed=1)
+    cfg = TrainConfig(
+        data="generated", out=str(run_dir), model="blob_test_net", image_size=SIZE, in_chans=1,
+        mean=0.3, std=0.2, epochs=8, batch_size=16, lr=1e-2, optimizer="adam",
+        augment=AugmentConfig(rotation_deg=0.0, zoom=0.0, shift=0.0), class_weights=False,
+        early_stop_patience=0, restore_best=False, device="cpu", compile=False,
+    )
+
+    def split(x, y):
+        return Split(x, y.astype(np.int64), [f"p{i}" for i in range(len(y))],
+                     [f"img{i}.png" for i in range(len(y))])
+
+    result = fit(cfg, split(images, labels), split(val_images, val_labels), run_dir,
+                 class_counts=np.bincount(labels), progress=False)
+    assert result.history[-1]["val_accuracy"] >= 0.9, result.history  # it learned the task
+    save_model(run_dir, result.model, {
+        "architecture": cfg.model, "image_size": SIZE, "in_chans": 1,
+        "class_names": ["NORMAL", "PNEUMONIA"],
+        "intensity": {"scale": 1 / 255, "mean": cfg.mean, "std": cfg.std},
+        "threshold": 0.5, "temperature": 1.0,
+    })
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def blob_predictor(blob_run) -> Predictor:
+    return load_predictor(blob_run, "cpu")
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks)
+        for m in model.modules()
+    )
+
+
+def _seed_cnn_predictor(tmp_path: Path) -> Predictor:
+    model = create_model("seed_cnn", in_chans=3, image_size=SIZE).eval()
+    meta = {"architecture": "seed_cnn", "image_size": SIZE, "in_chans": 3,
+            "intensity": {"mean": 0.0, "std": 1.0}, "threshold": 0.5, "temperature": 1.0}
+    return Predictor(tmp_path, meta, model, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("which", ["blob", "seed_cnn"])
+def test_gradcam_map_shape_range_and_no_hooks_left(which, blob_predictor, tmp_path):
+    predictor = blob_predictor if which == "blob" else _seed_cnn_predictor(tmp_path)
+    images, _, _ = blob_images(3, seed=2)
+    assert _hooks(predictor.model) == 0
+    with torch.no_grad():  # as prediction runs: Grad-CAM must still get its gradients
+        maps = gradcam(predictor, images)
+    assert maps.shape == images.shape and maps.dtype == np.float32
+    assert np.isfinite(maps).all() and maps.min() >= 0.0 and maps.max() <= 1.0
+    if which == "blob":  # trained: evidence somewhere, scaled to a peak of 1
+        assert (maps.reshape(len(maps), -1).max(axis=1) > 0.99).any()
+    assert _hooks(predictor.model) == 0
+    assert not predictor.model.training
+    assert all(p.grad is None for p in predictor.model.parameters())  # nothing accumulated
+
+
+def test_gradcam_peaks_on_the_blob(blob_predictor):
+    images, labels, corners = blob_images(20, seed=3)
+    positive = labels == 1
+    maps = gradcam(blob_predictor, images[positive])
+    margin, hits = 3, 0
+    for cam, (r, c) in zip(maps, corners[positive], strict=True):
+        pr, pc = np.unravel_index(np.argmax(cam), cam.shape)
+        hits += (r - margin <= pr < r + BLOB + margin) and (c - margin <= pc < c + BLOB + margin)
+    assert hits / positive.sum() >= 0.7, f"peak on the blob for {hits}/{positive.sum()} images"
+
+
+def test_gradcam_empty_batch_and_bad_input(blob_predictor):
+    assert gradcam(blob_predictor, np.zeros((0, SIZE, SIZE), np.uint8)).shape == (0, SIZE, SIZE)
+    with pytest.raises(ValueError, match="uint8"):
+        gradcam(blob_predictor, np.zeros((2, SIZE, SIZE), np.float32))
+
+
+def test_gradcam_of_an_ensemble_is_the_mean_of_its_members(blob_predictor, blob_run):
+    images, _, _ = blob_images(2, seed=4)
+    single = gradcam(blob_predictor, images)
+    flat = Predictor(blob_run, blob_predictor.meta, BlobNet().eval(), torch.device("cpu"))
+    with torch.no_grad():
+        for p in flat.model.parameters():
+            p.zero_()  # no evidence anywhere: an all-zero map
+    assert gradcam(flat, images).max() == 0.0
+    ensemble = EnsemblePredictor(blob_run, {**blob_predictor.meta, "kind": "ensemble"},
+                                 [blob_predictor, flat])
+    np.testing.assert_allclose(gradcam(ensemble, images), single / 2, atol=1e-6)
+
+
+def test_overlay_shapes_dtypes_and_blend():
+    image = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (40, 1))  # (40, 64)
+    cam = np.zeros((10, 16), np.float32)
+    cam[2:5, 3:6] = 1.0
+    rgb = overlay(image, cam)
+    assert rgb.shape == (40, 64, 3) and rgb.dtype == np.uint8
+    np.testing.assert_array_equal(overlay(image, cam, alpha=0.0)[..., 0], image)
+    hot = overlay(np.zeros((8, 8), np.uint8), np.ones((8, 8)), alpha=1.0)
+    cold = overlay(np.zeros((8, 8), np.uint8), np.zeros((8, 8)), alpha=1.0)
+    assert hot[..., 0].mean() > hot[..., 2].mean()  # jet: high = red
+    assert cold[..., 2].mean() > cold[..., 0].mean()  # low = blue
+    with pytest.raises(ValueError, match="shape"):
+        overlay(np.zeros((2, 8, 8), np.uint8), cam)
+    png = overlay_png(image, cam)
+    with Image.open(io.BytesIO(png)) as im:
+        assert im.format == "PNG" and im.mode == "RGB" and im.size == (64, 40)
+
+
+def _write_png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def test_write_overlays_reports_each_file(blob_predictor, tmp_path):
+    images, _, _ = blob_images(1, seed=5)
+    good = _write_png(tmp_path / "in" / "a.png", images[0])
+    same_stem = _write_png(tmp_path / "in" / "sub" / "a.png", images[1])
+    bad = tmp_path / "in" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    results = write_overlays(blob_predictor, [good, bad, same_stem], tmp_path / "out")
+    assert [p for p, _ in results] == [str(good), str(bad), str(same_stem)]
+    assert results[0][1] is None and results[2][1] is None and results[1][1]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["a-2_gradcam.png", "a_gradcam.png"]  # same stem: neither overwritten
+    with Image.open(tmp_path / "out" / "a_gradcam.png") as im:
+        assert im.size == (SIZE, SIZE) and im.mode == "RGB"
+
+
+def test_explain_cli_writes_overlays_and_names_bad_files(blob_run, tmp_path, capsys):
+    images, _, _ = blob_images(2, seed=6)
+    folder = tmp_path / "imgs"
+    for i, image in enumerate(images):
+        _write_png(folder / f"x{i}.png", image)
+    (folder / "notes.txt").write_text("not an image")  # in a folder: skipped, not an error
+    bad = tmp_path / "bad.png"
+    bad.write_text("<html>not an image</html>")
+    out = tmp_path / "out"
+    status = main(["explain", str(blob_run), str(folder), str(bad), str(tmp_path / "gone.png"),
+                   "--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert sorted(p.name for p in out.iterdir()) == [f"x{i}_gradcam.png" for i in range(4)]
+    lines = [line for line in err.splitlines() if line.startswith("pneumoscan explain:")]
+    assert any(str(bad) in line and "not an image" in line for line in lines), err
+    assert any("gone.png" in line for line in lines), err
+    assert "Traceback" not in err
+
+    status = main(["explain", str(blob_run), str(folder / "x0.png"), "--out", str(out),
+                   "--device", "cpu"])
+    assert status == 0
+    assert main(["explain", str(tmp_path), str(bad), "--out", str(out)]) == 2  # not a run

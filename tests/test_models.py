@@ -1,0 +1,98 @@
+"""The registry contract, checked over every registered model at 64 px on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pneumoscan.errors import PneumoscanError
+from pneumoscan.models import create_model, gradcam_module, keras_parameter_counts, list_models
+
+SIZE = 64
+CASES = [(name, 1) for name in list_models()] + [("seed_cnn", 3)]
+
+
+def _undo_zero_init(model: nn.Module) -> None:
+    """Set to 1 the norm weights that start at zero (timm's zero-initialised residual branches).
+
+    Such a branch passes no gradient to its earlier layers until that weight moves, by design;
+    with it at 1 every parameter must receive a gradient.
+    """
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and weight is not None:
+            if not weight.detach().any():
+                nn.init.ones_(weight)
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{n}-{c}ch" for n, c in CASES])
+def built(request):
+    name, in_chans = request.param
+    torch.manual_seed(0)
+    model = create_model(name, in_chans=in_chans, image_size=SIZE)
+    return name, in_chans, model
+
+
+def test_registry_lists_the_report_cnn_and_standard_backbones():
+    names = list_models()
+    assert "seed_cnn" in names
+    assert {"resnet18", "densenet121", "efficientnet_b0", "convnext_nano"} <= set(names)
+
+
+def test_forward_shape_finite_and_gradients_reach_every_parameter(built):
+    name, in_chans, model = built
+    _undo_zero_init(model)
+    model.train()
+    torch.manual_seed(1)
+    x = torch.randn(2, in_chans, SIZE, SIZE)
+    logits = model(x)
+    assert logits.shape == (2, 2), f"{name}: logits {tuple(logits.shape)}"
+    assert torch.isfinite(logits).all(), f"{name}: non-finite logits"
+
+    model.zero_grad(set_to_none=True)
+    logits.sum().backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable, f"{name}: no trainable parameters"
+    missing = [n for n, p in trainable if p.grad is None]
+    assert not missing, f"{name}: no gradient reached {missing[:5]}"
+    assert all(torch.isfinite(p.grad).all() for _, p in trainable), f"{name}: non-finite grads"
+    zero = [n for n, p in trainable if not p.grad.abs().sum() > 0]
+    # A few exact zeros can happen by chance (a ReLU unit dead on both images); many cannot.
+    assert len(zero) <= max(2, len(trainable) // 50), f"{name}: zero gradient at {zero[:8]}"
+
+
+def test_gradcam_layer_resolves_to_a_spatial_feature_map(built):
+    name, in_chans, model = built
+    target = gradcam_module(model)
+    assert isinstance(target, nn.Module)
+    seen: list[torch.Tensor] = []
+    handle = target.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.randn(2, in_chans, SIZE, SIZE))
+    finally:
+        handle.remove()
+    assert seen, f"{name}: {model.gradcam_layer} never ran in forward"
+    assert seen[-1].ndim == 4 and seen[-1].shape[0] == 2, (
+        f"{name}: {model.gradcam_layer} gives shape {tuple(seen[-1].shape)}, not (N, C, h, w)"
+    )
+
+
+def test_gradcam_module_unwraps_compile_and_ddp_style_wrappers():
+    model = create_model("seed_cnn", in_chans=1, image_size=SIZE)
+    wrapper = nn.Module()
+    wrapper.module = model  # what DistributedDataParallel exposes
+    assert gradcam_module(wrapper) is gradcam_module(model)
+
+
+def test_seed_cnn_has_the_report_parameter_counts_at_3x224():
+    model = create_model("seed_cnn", in_chans=3, image_size=224)
+    assert keras_parameter_counts(model) == (6_642_594, 6_640_226)
+    assert model(torch.zeros(2, 3, 224, 224)).shape == (2, 2)
+
+
+def test_unknown_model_name_is_a_user_error():
+    with pytest.raises(PneumoscanError, match="no_such_net_xyz"):
+        create_model("no_such_net_xyz", in_chans=1, image_size=SIZE)

@@ -1,0 +1,241 @@
+"""pneumoscan predict: rows, formats, folders, globs, bad files among good ones, DICOM, ensembles.
+
+The trained run is conftest's session fixture ``trained_run`` (seed_cnn, 32 px, synthetic data),
+trained once per test session.
+"""
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pneumoscan.cli import main
+from pneumoscan.data.decode import read_gray
+from pneumoscan.model_io import load_predictor, read_meta, save_meta
+from pneumoscan.predict import FIELDS, expand_paths, predict_files
+
+REAL_JPEG = (
+    Path(__file__).resolve().parents[2]
+    / "shared/data/chest_xray_224/train/NORMAL/IM-0115-0001.jpeg"
+)
+
+
+def _some_images(synthetic_data: Path, n: int) -> list[Path]:
+    files = sorted((synthetic_data / "test").rglob("*.png"))
+    assert len(files) >= n
+    return files[:n]
+
+
+@pytest.fixture
+def mixed_folder(tmp_path, synthetic_data) -> tuple[Path, list[Path], list[Path]]:
+    """Three good PNGs, a text file named .png, and a truncated PNG, in one folder."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = []
+    for i, src in enumerate(_some_images(synthetic_data, 3)):
+        good.append(Path(shutil.copy(src, folder / f"good{i}.png")))
+    bad_text = folder / "notes.png"
+    bad_text.write_text("this is not an image\n")
+    truncated = folder / "cut.png"
+    truncated.write_bytes(good[0].read_bytes()[:200])
+    return folder, good, [bad_text, truncated]
+
+
+def _expected(run: Path, paths: list[Path]) -> dict[str, float]:
+    predictor = load_predictor(run)
+    images = np.stack([read_gray(p, predictor.image_size) for p in paths])
+    return {str(p): float(v) for p, v in zip(paths, predictor.predict_proba(images), strict=True)}
+
+
+def test_csv_rows_and_exit_2_with_bad_files(trained_run, mixed_folder, tmp_path, capsys):
+    folder, good, bad = mixed_folder
+    out = tmp_path / "pred.csv"
+    status = main(["predict", str(trained_run), str(folder), "--output", str(out), "--quiet",
+                   "--batch-size", "2"])
+    assert status == 2
+    with open(out, newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == FIELDS
+        rows = {row["path"]: row for row in reader}
+    assert set(rows) == {str(p) for p in good + bad}
+    threshold = read_meta(trained_run)["threshold"]
+    expected = _expected(trained_run, good)
+    for path in good:
+        row = rows[str(path)]
+        assert row["error"] == ""
+        p = float(row["probability"])
+        assert p == pytest.approx(expected[str(path)], abs=1e-5)
+        assert row["label"] == ("PNEUMONIA" if p >= threshold else "NORMAL")
+        assert float(row["threshold"]) == pytest.approx(threshold)
+    for path in bad:
+        assert rows[str(path)]["probability"] == ""
+        assert rows[str(path)]["label"] == ""
+        assert rows[str(path)]["error"]
+    err_lines = [line for line in capsys.readouterr().err.splitlines() if "predict:" in line]
+    failed = [line for line in err_lines if any(str(p) in line for p in bad)]
+    assert len(failed) == 2, err_lines
+    assert any("not an image" in line for line in failed)
+    assert any("truncated" in line for line in failed)
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_json_output_matches_the_predictor(trained_run, synthetic_data, tmp_path):
+    files = _some_images(synthetic_data, 4)
+    out = tmp_path / "sub" / "pred.json"
+    status = main(["predict", str(trained_run), *map(str, files), "--output", str(out), "--quiet"])
+    assert status == 0
+    rows = json.loads(out.read_text())
+    assert [r["path"] for r in rows] == [str(p) for p in files]
+    expected = _expected(trained_run, files)
+    for row in rows:
+        assert set(row) == set(FIELDS)
+        assert 0.0 <= row["probability"] <= 1.0
+        assert row["probability"] == pytest.approx(expected[row["path"]], abs=1e-6)
+        assert row["error"] == ""
+    assert not list(out.parent.glob(".*.tmp"))  # written atomically: no temporary left
+
+
+def test_table_on_stdout_and_missing_paths(trained_run, synthetic_data, tmp_path, capsys):
+    files = _some_images(synthetic_data, 2)
+    missing = tmp_path / "nowhere.png"
+    status = main(["predict", str(trained_run), *map(str, files), str(missing), "--quiet"])
+    assert status == 2
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert lines[0].split() == ["probability", "label", "path"]
+    assert len(lines) == 3 and all(str(f) in captured.out for f in files)
+    assert f"{missing}: no such file or folder" in captured.err
+
+
+def test_bad_output_extension_is_one_line(trained_run, synthetic_data, tmp_path, capsys):
+    files = _some_images(synthetic_data, 1)
+    status = main(["predict", str(trained_run), str(files[0]), "--output", str(tmp_path / "x.txt")])
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ".csv or .json" in err[0]
+
+
+def test_folders_globs_hidden_and_symlink_loops(tmp_path, synthetic_data):
+    src = _some_images(synthetic_data, 3)
+    root = tmp_path / "tree"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / ".hidden_dir").mkdir()
+    deep = Path(shutil.copy(src[0], root / "a" / "b" / "deep.png"))
+    top = Path(shutil.copy(src[1], root / "top.png"))
+    shutil.copy(src[2], root / ".hidden.png")
+    shutil.copy(src[2], root / ".hidden_dir" / "inside.png")
+    no_suffix = root / "a" / "scan0001"  # an image without an extension, found by content
+    no_suffix.write_bytes(src[2].read_bytes())
+    (root / "a" / "README.txt").write_text("notes\n")
+    os.symlink(root, root / "a" / "loop")  # a cycle: must not be followed
+
+    inputs = expand_paths([root])
+    assert sorted(inputs.files) == sorted([deep, top, no_suffix])
+    assert inputs.skipped == 1 and not inputs.missing
+
+    inputs = expand_paths([str(root / "a" / "b" / "*.png"), top, str(root / "*.png")])
+    assert inputs.files == [deep, top]  # in the order given, duplicates removed
+    # A glob may pass through the link (as a shell's would), but each file gives one row.
+    inputs = expand_paths([top, str(root / "a" / "*" / "*.png")])
+    assert inputs.files == [top, deep]
+    inputs = expand_paths([str(root / "nothing*.png")])
+    assert inputs.files == [] and inputs.missing[0][1] == "no files match this pattern"
+
+
+def test_many_files_stream_in_batches(trained_run, synthetic_data):
+    files = sorted((synthetic_data / "train").rglob("*.png"))[:20]
+    rows = predict_files(load_predictor(trained_run), files, batch_size=6)
+    assert [r.path for r in rows] == [str(p) for p in files]
+    by_batch_of_one = predict_files(load_predictor(trained_run), files[:5], batch_size=1)
+    for a, b in zip(rows, by_batch_of_one, strict=False):
+        assert a.probability == pytest.approx(b.probability, abs=1e-6)
+
+
+def test_ensemble_run_predicts_the_mean(trained_run, synthetic_data, tmp_path, capsys):
+    ensemble = _ensemble_of(trained_run, tmp_path / "ens")
+    files = _some_images(synthetic_data, 3)
+    out = tmp_path / "ens.json"
+    assert main(["predict", str(ensemble), *map(str, files), "--output", str(out),
+                 "--quiet"]) == 0
+    rows = json.loads(out.read_text())
+    expected = _expected(trained_run, files)  # both members are the same model
+    for row in rows:
+        assert row["probability"] == pytest.approx(expected[row["path"]], abs=1e-6)
+
+
+def _ensemble_of(run: Path, out: Path) -> Path:
+    out.mkdir()
+    for name in ("m0", "m1"):
+        shutil.copytree(run, out / name)
+    meta = read_meta(run)
+    save_meta(out, {"kind": "ensemble", "members": ["m0", "m1"], "class_names": meta["class_names"],
+                    "image_size": meta["image_size"], "threshold": meta["threshold"],
+                    "temperature": 1.0})
+    return out
+
+
+def test_cam_overlays_for_predicted_files(trained_run, mixed_folder, tmp_path):
+    pytest.importorskip("pneumoscan.explain", reason="Grad-CAM module not available")
+    folder, good, _bad = mixed_folder
+    cams = tmp_path / "cams"
+    status = main(["predict", str(trained_run), str(folder), "--cam", str(cams), "--quiet",
+                   "--output", str(tmp_path / "p.csv")])
+    assert status == 2  # the bad files still fail
+    written = sorted(cams.rglob("*.png"))
+    assert len(written) == len(good)
+    for path in written:
+        assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def _dicom_from_jpeg(jpeg: Path, out: Path) -> Path:
+    """MONOCHROME1, 16 bits allocated, 12 stored: x12 = round(gray / 255 * 4095), inverted."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    gray = read_gray(jpeg).astype(np.float64)
+    x12 = np.rint(gray / 255.0 * 4095.0).astype(np.uint16)
+    stored = (4095 - x12).astype(np.uint16)  # MONOCHROME1: bright is low
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.preamble = b"\0" * 128
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = stored.tobytes()
+    pydicom.dcmwrite(out, ds, enforce_file_format=True)
+    return out
+
+
+def test_dicom_predicts_like_the_jpeg_it_came_from(trained_run, tmp_path):
+    if not REAL_JPEG.is_file():
+        pytest.skip(f"real X-ray not available at {REAL_JPEG}")
+    dicom = _dicom_from_jpeg(REAL_JPEG, tmp_path / "IM-0115-0001.dcm")
+    # The pixels agree (MONOCHROME1 inverted, 12 bits scaled back) before the model sees them,
+    # so the comparison below holds for any model, not only for a flat one.
+    full = read_gray(REAL_JPEG).astype(int) - read_gray(dicom).astype(int)
+    assert np.abs(full).max() <= 1
+    size = load_predictor(trained_run).image_size
+    small = read_gray(REAL_JPEG, size).astype(int) - read_gray(dicom, size).astype(int)
+    assert np.abs(small).mean() < 1.0
+    out = tmp_path / "both.json"
+    assert main(["predict", str(trained_run), str(REAL_JPEG), str(dicom), "--output", str(out),
+                 "--quiet"]) == 0
+    jpeg_row, dicom_row = json.loads(out.read_text())
+    assert dicom_row["error"] == "" and jpeg_row["error"] == ""
+    assert dicom_row["probability"] == pytest.approx(jpeg_row["probability"], abs=1e-3)
+    assert dicom_row["label"] == jpeg_row["label"]

@@ -1,0 +1,233 @@
+"""The web service through FastAPI's TestClient, and its page in headless Chromium.
+
+The trained run is conftest's session fixture ``trained_run`` (seed_cnn, 32 px, synthetic data).
+"""
+
+import base64
+import io
+import re
+import shutil
+import socket
+import struct
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("multipart")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pneumoscan.data.decode import read_gray  # noqa: E402
+from pneumoscan.model_io import load_predictor, read_meta, save_meta  # noqa: E402
+from pneumoscan.serve import app as app_module  # noqa: E402
+from pneumoscan.serve.app import create_app  # noqa: E402
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def client(trained_run):
+    with TestClient(create_app(trained_run)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def image_file(synthetic_data) -> Path:
+    return sorted((synthetic_data / "test" / "PNEUMONIA").glob("*.png"))[0]
+
+
+def _post(client, data: bytes, name: str = "x.png", field: str = "file", **kwargs):
+    return client.post("/api/predict", files={field: (name, data, "application/octet-stream")},
+                       **kwargs)
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A well-formed PNG header declaring a huge image, with almost no pixel data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(body, zlib.crc32(kind))
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_health_and_model(client, trained_run):
+    health = client.get("/api/health")
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "model": "seed_cnn"}
+    info = client.get("/api/model").json()
+    meta = read_meta(trained_run)
+    assert info["threshold"] == meta["threshold"] and info["image_size"] == 32
+    assert set(info["validation"]) >= {"sensitivity", "specificity", "roc_auc"}
+    assert "/" not in info.get("data_source", "")  # no server paths handed out
+
+
+def test_predict_a_png(client, trained_run, image_file):
+    response = _post(client, image_file.read_bytes(), name=image_file.name)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) >= {"probability", "label", "threshold", "model", "filename", "gradcam_png"}
+    assert 0.0 <= body["probability"] <= 1.0
+    predictor = load_predictor(trained_run)
+    expected = predictor.predict_proba(read_gray(image_file, predictor.image_size)[None])[0]
+    assert body["probability"] == pytest.approx(expected, abs=1e-6)  # the same as the CLI's
+    assert body["threshold"] == pytest.approx(predictor.threshold)
+    assert body["label"] == ("PNEUMONIA" if body["probability"] >= body["threshold"] else "NORMAL")
+    assert body["filename"] == image_file.name and body["model"] == "seed_cnn"
+    if body["gradcam_png"] is None:
+        pytest.importorskip("captum", reason="Grad-CAM needs captum")
+        pytest.fail("gradcam_png is null although captum is installed")
+    overlay = Image.open(io.BytesIO(base64.b64decode(body["gradcam_png"], validate=True)))
+    assert overlay.format == "PNG" and overlay.mode == "RGB"
+    shown = Image.open(io.BytesIO(base64.b64decode(body["image_png"], validate=True)))
+    assert shown.size == overlay.size
+
+
+def test_oversize_upload_413(client, image_file, monkeypatch):
+    data = image_file.read_bytes()
+    monkeypatch.setattr(app_module, "MAX_UPLOAD_BYTES", len(data) - 1)
+    response = _post(client, data)  # under the envelope allowance: refused after reading
+    assert response.status_code == 413 and "too large" in response.json()["error"]
+    big = b"\x89PNG" + bytes(app_module.ENVELOPE_BYTES + len(data))
+    response = _post(client, big)  # refused from Content-Length before the body is read
+    assert response.status_code == 413
+
+    def chunks():  # no Content-Length at all: refused while streaming
+        yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x\"\r\n\r\n"
+        for _ in range(20):
+            yield bytes(app_module.ENVELOPE_BYTES)
+
+    response = client.post("/api/predict", content=chunks(),
+                           headers={"content-type": "multipart/form-data; boundary=b"})
+    assert response.status_code == 413 and "error" in response.json()
+
+
+def test_pixel_bomb_refused_413(client):
+    response = _post(client, _png_declaring(20_000, 20_000))
+    assert response.status_code == 413
+    assert "image too large" in response.json()["error"]
+
+
+def test_text_file_415(client):
+    response = _post(client, b"name,value\nfoo,1\n", name="table.csv")
+    assert response.status_code == 415
+    assert response.json()["error"] == "table.csv: not an image or DICOM file"
+
+
+def test_truncated_image_422(client, image_file):
+    response = _post(client, image_file.read_bytes()[:150], name="cut.png")
+    assert response.status_code == 422
+    assert response.json()["error"] == "cut.png: truncated PNG"
+
+
+def test_missing_field_422(client, image_file):
+    response = _post(client, image_file.read_bytes(), field="image")
+    assert response.status_code == 422 and "'file'" in response.json()["error"]
+    response = client.post("/api/predict", json={"file": "/etc/passwd"})
+    assert response.status_code == 422 and "error" in response.json()
+    assert client.get("/api/nothing").json() == {"error": "Not Found"}
+
+
+def test_concurrent_requests_share_the_model(client, image_file):
+    data = image_file.read_bytes()
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda _: _post(client, data), range(12)))
+    assert all(r.status_code == 200 for r in responses)
+    assert len({r.json()["probability"] for r in responses}) == 1
+
+
+def test_ensemble_run(trained_run, tmp_path, image_file):
+    ensemble = tmp_path / "ens"
+    ensemble.mkdir()
+    for name in ("m0", "m1"):
+        shutil.copytree(trained_run, ensemble / name)
+    meta = read_meta(trained_run)
+    save_meta(ensemble, {"kind": "ensemble", "members": ["m0", "m1"],
+                         "class_names": meta["class_names"], "image_size": meta["image_size"],
+                         "threshold": meta["threshold"], "temperature": 1.0})
+    with TestClient(create_app(ensemble)) as c:
+        assert c.get("/api/health").json()["model"] == "ensemble of 2"
+        response = _post(c, image_file.read_bytes())
+    assert response.status_code == 200 and 0 <= response.json()["probability"] <= 1
+
+
+def test_page_is_self_contained(client):
+    response = client.get("/")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    html = response.text
+    assert 'id="file"' in html and 'id="toggle-heatmap"' in html
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)  # nothing external
+
+
+# --- the page in a real browser -------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def live_server(trained_run):
+    uvicorn = pytest.importorskip("uvicorn")
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(trained_run), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_page_in_chromium(live_server, image_file):
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    pytest.importorskip("captum", reason="the heat-map toggle needs Grad-CAM (captum)")
+    problems: list[str] = []
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.goto(live_server + "/")
+            page.wait_for_selector("#model-info dt")  # the model summary loaded
+            assert page.is_disabled("#toggle-heatmap")
+            page.set_input_files("#file", str(image_file))
+            page.wait_for_selector("body[data-state=done]", timeout=30_000)
+            text = page.inner_text("#probability")
+            assert re.fullmatch(r"\d{1,3}\.\d%", text), text
+            width = page.eval_on_selector("#bar-fill", "e => e.style.width")
+            assert float(width.rstrip("%")) == pytest.approx(float(text.rstrip("%")), abs=0.06)
+            assert page.inner_text("#label") in ("PNEUMONIA", "NORMAL")
+            assert page.is_visible("#image") and not page.is_visible("#overlay")
+            page.check("#toggle-heatmap")
+            page.wait_for_selector("#overlay", state="visible")
+            loaded = page.eval_on_selector("#overlay", "e => e.complete && e.naturalWidth > 0")
+            assert loaded
+            page.uncheck("#toggle-heatmap")
+            assert not page.is_visible("#overlay")
+        finally:
+            browser.close()
+    assert not problems, problems

@@ -1,0 +1,145 @@
+"""pneumoscan stack: nested-CV figures, refusals, and a self-contained stacked run directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from pneumoscan.cli import main
+from pneumoscan.cv import OOF_PREDICTIONS
+from pneumoscan.model_io import EnsemblePredictor, load_predictor, read_meta, stack_probabilities
+from pneumoscan.stack import fit_stack
+
+
+def _two_complementary_models(n: int = 400, seed: int = 0):
+    """OOF probabilities of two models that each know half of the cases and guess on the rest."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < 0.7).astype(np.int64)
+    sign = 2.0 * labels - 1
+    a_knows = rng.random(n) < 0.5
+    noise = rng.normal(0, 1.0, (n, 2))
+    z_a = np.where(a_knows, 3.0 * sign, 0.0) + noise[:, 0]
+    z_b = np.where(~a_knows, 3.0 * sign, 0.0) + noise[:, 1]
+    prob = 1 / (1 + np.exp(-np.stack([z_a, z_b], axis=1)))
+    patients = [f"person{i // 2}" for i in range(n)]  # two images a patient
+    return prob, labels, patients
+
+
+def test_stack_beats_the_better_single_model_on_nested_cv():
+    prob, labels, patients = _two_complementary_models()
+    best_single = max(roc_auc_score(labels, prob[:, j]) for j in range(2))
+    fitted = fit_stack(prob, labels, patients, n_folds=5, seed=0)
+    assert np.isfinite(fitted.nested_prob).all()
+    assert set(fitted.nested_fold.tolist()) == set(range(5))
+    assert fitted.metrics["roc_auc"] > best_single + 0.08
+    assert fitted.metrics["roc_auc"] == pytest.approx(roc_auc_score(labels, fitted.nested_prob))
+    best_accuracy = max(np.mean((prob[:, j] >= 0.5) == labels) for j in range(2))
+    assert fitted.metrics["accuracy"] > best_accuracy
+    assert all(c > 0 for c in fitted.stacker["coef"])  # both members carry signal
+
+
+def test_nested_figures_are_not_fitted_on_the_rows_they_score():
+    # Many members of pure noise: a combiner scored on its own training rows would look good.
+    rng = np.random.default_rng(1)
+    n, m = 200, 30
+    labels = (rng.random(n) < 0.5).astype(np.int64)
+    prob = rng.uniform(0.05, 0.95, (n, m))
+    patients = [f"p{i}" for i in range(n)]
+    in_sample = roc_auc_score(labels, stack_probabilities(prob, fit_stack(
+        prob, labels, patients, n_folds=5).stacker))
+    nested = fit_stack(prob, labels, patients, n_folds=5).metrics["roc_auc"]
+    assert in_sample > 0.7
+    assert nested < 0.62
+
+
+N_OOF = 60
+
+
+def _fake_cv_run(out: Path, prob: np.ndarray, labels, patients, seed: int) -> Path:
+    """What `pneumoscan cv` leaves, without the training: two untrained seed_cnn fold runs, an
+    ensemble model.json over them, and the given out-of-fold predictions (test_cv trains one)."""
+    import torch
+
+    from pneumoscan import CLASS_NAMES
+    from pneumoscan.cv import save_oof
+    from pneumoscan.model_io import save_meta, save_model
+    from pneumoscan.models import create_model
+
+    torch.manual_seed(seed)
+    for k in range(2):
+        model = create_model("seed_cnn", in_chans=1, image_size=32).eval()
+        save_model(out / f"fold-{k}", model, {
+            "architecture": "seed_cnn", "image_size": 32, "in_chans": 1,
+            "class_names": list(CLASS_NAMES), "intensity": {"scale": 1 / 255, "mean": 0.0,
+                                                            "std": 1.0},
+            "threshold": 0.5, "threshold_rule": "youden", "temperature": 1.0,
+        })
+    save_meta(out, {"kind": "ensemble", "members": ["fold-0", "fold-1"], "image_size": 32,
+                    "class_names": list(CLASS_NAMES), "threshold": 0.5,
+                    "threshold_rule": "youden", "temperature": 1.0})
+    folds = np.arange(len(labels)) % 2
+    paths = [f"/data/train/img{i}.png" for i in range(len(labels))]
+    save_oof(out / OOF_PREDICTIONS, labels, prob, folds, paths, patients)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cv_runs(tmp_path_factory) -> list[Path]:
+    """Two cross-validated runs over the same images, whose models err on different cases."""
+    base = tmp_path_factory.mktemp("stack")
+    prob, labels, patients = _two_complementary_models(N_OOF)
+    return [_fake_cv_run(base / f"cv-seed{j}", prob[:, j], labels, patients, seed=j)
+            for j in range(2)]
+
+
+def test_stack_refuses_a_run_that_is_not_a_cv_output(cv_runs, tmp_path, capsys):
+    single = cv_runs[0] / "fold-0"  # a complete single run, but not cross-validated
+    assert main(["stack", str(cv_runs[0]), str(single), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and OOF_PREDICTIONS in err and str(single) in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_stack_refuses_runs_over_different_images(cv_runs, tmp_path, capsys):
+    other = shutil.copytree(cv_runs[1], tmp_path / "other")
+    with np.load(other / OOF_PREDICTIONS) as z:
+        oof = {k: z[k] for k in z.files}
+    with open(other / OOF_PREDICTIONS, "wb") as f:
+        np.savez(f, **{k: v[1:] for k, v in oof.items()})  # one image fewer
+    assert main(["stack", str(cv_runs[0]), str(other), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "other images" in err
+
+
+def test_stacked_run_is_self_contained_loads_and_predicts(cv_runs, tmp_path, capsys):
+    copies = [shutil.copytree(r, tmp_path / "members" / r.name) for r in cv_runs]
+    out = tmp_path / "stacked"
+    assert main(["stack", *map(str, copies), "--out", str(out), "--folds", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "nested 3-fold" in printed
+    shutil.rmtree(tmp_path / "members")  # nothing in the stack may refer to its sources
+
+    meta = read_meta(out)
+    assert meta["kind"] == "stack" and meta["members"] == [r.name for r in cv_runs]
+    assert len(meta["stacker"]["coef"]) == 2
+    assert not [p for p in out.rglob("*") if p.is_symlink()]
+    assert not list(out.rglob("checkpoint.pt"))
+    predictor = load_predictor(out)
+    assert isinstance(predictor, EnsemblePredictor) and len(predictor.members) == 2
+    assert all(len(m.members) == 2 for m in predictor.members)  # each member: its 2 fold models
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32), dtype=np.uint8)
+    prob = predictor.predict_proba(images)
+    assert prob.shape == (5,) and ((prob >= 0) & (prob <= 1)).all()
+    expected = stack_probabilities(predictor.member_probabilities(images), meta["stacker"])
+    np.testing.assert_allclose(prob, expected)
+
+    metrics = json.loads((out / "stack_metrics.json").read_text())
+    assert metrics["stack"]["n"] == N_OOF and "ci95" in metrics["stack"]
+    assert set(metrics["members"]) == set(meta["members"])
+    assert all("ci95" in m["oof"] for m in metrics["members"].values())
+    assert meta["threshold"] == pytest.approx(metrics["threshold"])
