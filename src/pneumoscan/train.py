@@ -49,6 +49,8 @@ def balanced_class_weights(counts: np.ndarray) -> torch.Tensor:
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
+    if cfg.pretrained and cfg.model == "seed_cnn":
+        raise PneumoscanError("--pretrained applies to timm backbones; seed_cnn has no weights")
     kwargs = {"pretrained": cfg.pretrained} if cfg.pretrained else {}
     return create_model(cfg.model, in_chans=cfg.in_chans, image_size=cfg.image_size, **kwargs)
 

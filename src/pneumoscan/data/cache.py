@@ -32,11 +32,16 @@ class Decoded:
     fingerprint: str = ""
 
 
-def default_cache_dir() -> Path:
+def cache_root() -> Path:
+    """$PNEUMOSCAN_CACHE, else ~/.cache/pneumoscan (or under $XDG_CACHE_HOME)."""
     base = os.environ.get("PNEUMOSCAN_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pneumoscan"
     )
-    return Path(base) / "decoded"
+    return Path(base)
+
+
+def default_cache_dir() -> Path:
+    return cache_root() / "decoded"
 
 
 def fingerprint(paths: Sequence[Path], size: int) -> str:

@@ -7,12 +7,12 @@ dependencies are not needed. Files are cached; offline, a missing file fails at 
 from __future__ import annotations
 
 import hashlib
-import os
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 
+from pneumoscan.data.cache import cache_root
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.fileio import atomic_write
 
@@ -46,10 +46,7 @@ def pick_size(requested: int | None, image_size: int) -> int:
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("PNEUMOSCAN_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pneumoscan"
-    )
-    return Path(base) / "medmnist"
+    return cache_root() / "medmnist"
 
 
 def load_npz(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:

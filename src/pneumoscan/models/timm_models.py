@@ -57,8 +57,11 @@ def create_timm_model(
         model = _create_offline_aware(timm, arch, kwargs)
     except PneumoscanError:
         raise
-    except RuntimeError as e:
-        raise PneumoscanError(f"cannot build {arch!r} with pretrained weights: {e}") from e
+    except Exception as e:  # unreadable or mismatched weight files raise many types
+        if not kwargs.get("pretrained"):
+            raise
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PneumoscanError(f"cannot load pretrained weights for {arch!r}: {reason}") from None
     model.gradcam_layer = model.feature_info[-1]["module"]
     return model
 

@@ -1,0 +1,55 @@
+"""Starting a backbone from pretrained weights: a local file, or a clear refusal offline."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from pneumoscan.errors import PneumoscanError
+from pneumoscan.models import create_model
+
+timm = pytest.importorskip("timm")
+
+
+def test_local_weights_file_is_loaded_and_folded_to_one_channel(tmp_path):
+    from safetensors.torch import save_file
+
+    source = timm.create_model("resnet18", pretrained=False)  # ImageNet layout: 3 ch, 1000 classes
+    path = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    model = create_model("resnet18", in_chans=1, pretrained=str(path))
+    folded = source.conv1.weight.sum(dim=1, keepdim=True)  # timm's RGB -> gray folding
+    assert torch.allclose(model.conv1.weight, folded, atol=1e-6)
+    assert torch.equal(model.layer1[0].conv1.weight, source.layer1[0].conv1.weight)
+    assert model.fc.out_features == 2  # a fresh two-class head
+
+
+def test_unreadable_weights_file_is_one_line(tmp_path):
+    path = tmp_path / "junk.pth"
+    path.write_bytes(b"not weights at all")
+    with pytest.raises(PneumoscanError, match="cannot load pretrained weights") as e:
+        create_model("resnet18", in_chans=1, pretrained=str(path))
+    assert "\n" not in str(e.value)
+    with pytest.raises(PneumoscanError, match="not found"):
+        create_model("resnet18", in_chans=1, pretrained=str(tmp_path / "missing.pth"))
+
+
+def test_offline_download_fails_at_once(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    # The refusal comes from the reachability check, before any download could hang.
+    with pytest.raises(PneumoscanError, match="--pretrained PATH"):
+        create_model("resnet18", in_chans=1, pretrained="timm")
+
+
+def test_seed_cnn_refuses_pretrained(tmp_path, synthetic_data, capsys):
+    from pneumoscan.cli import main
+
+    status = main(["train", "--data", str(synthetic_data), "--out", str(tmp_path / "r"),
+                   "--model", "seed_cnn", "--pretrained", "x.pth", "--quiet"])
+    assert status == 2
+    assert "timm backbones" in capsys.readouterr().err
