@@ -3,6 +3,7 @@
 The trained run is conftest's session fixture ``trained_run`` (seed_cnn, 32 px, synthetic data).
 """
 
+import asyncio
 import base64
 import io
 import re
@@ -158,6 +159,147 @@ def test_ensemble_run(trained_run, tmp_path, image_file):
     with TestClient(create_app(ensemble)) as c:
         assert c.get("/api/health").json()["model"] == "ensemble of 2"
         response = _post(c, image_file.read_bytes())
+    assert response.status_code == 200 and 0 <= response.json()["probability"] <= 1
+
+
+# --- hostile requests ---------------------------------------------------------------------
+
+BOUNDARY = "pneumoscanboundary"
+MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def _part(data: bytes, *, field: str = "file", filename: str | None = "x.png",
+          close: bool = True) -> bytes:
+    """One multipart part by hand, so that it can be broken in ways httpx would not."""
+    disposition = f'form-data; name="{field}"'
+    if filename is not None:
+        disposition += f'; filename="{filename}"'
+    head = f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\n".encode()
+    return head + data + (f"\r\n--{BOUNDARY}--\r\n" if close else "\r\n").encode()
+
+
+def _post_raw(client, body, content_type: str = MULTIPART):
+    return client.post("/api/predict", content=body, headers={"content-type": content_type})
+
+
+def _malformed(image: bytes) -> dict[str, tuple[bytes, str]]:
+    whole = _part(image)
+    return {
+        "wrong boundary": (whole, "multipart/form-data; boundary=another"),
+        "no boundary": (whole, "multipart/form-data"),
+        "truncated body": (whole[:120], MULTIPART),
+        "truncated part headers": (whole[:30], MULTIPART),
+        "no closing boundary": (_part(image, close=False), MULTIPART),
+        "garbage part headers": (f"--{BOUNDARY}\r\n\x01 not a header\r\n\r\n".encode() + image
+                                 + f"\r\n--{BOUNDARY}--\r\n".encode(), MULTIPART),
+        "no content-disposition": (f"--{BOUNDARY}\r\nContent-Type: image/png\r\n\r\n".encode()
+                                   + image + f"\r\n--{BOUNDARY}--\r\n".encode(), MULTIPART),
+        "random bytes as multipart": (bytes(range(256)) * 8, MULTIPART),
+        "empty body": (b"", MULTIPART),
+        "two files": (_part(image, close=False) + _part(image, filename="y.png"), MULTIPART),
+    }
+
+
+MALFORMED = list(_malformed(b""))
+
+
+def _json_error(response) -> str:
+    assert response.headers["content-type"].startswith("application/json"), response.text
+    error = response.json()["error"]
+    assert isinstance(error, str) and error
+    return error
+
+
+def test_hand_made_multipart_is_accepted(client, image_file):
+    # The control for the cases below: the same hand-built body, unbroken, is a valid upload.
+    response = _post_raw(client, _part(image_file.read_bytes()))
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_multipart_422(client, image_file, case):
+    body, content_type = _malformed(image_file.read_bytes())[case]
+    response = _post_raw(client, body, content_type)
+    assert response.status_code == 422, response.text
+    _json_error(response)
+
+
+def test_wrong_field_and_plain_field_422(client, image_file):
+    data = image_file.read_bytes()
+    response = _post_raw(client, _part(data, field="upload"))
+    assert response.status_code == 422 and "'file'" in _json_error(response)
+    # A field named "file" that is a plain form value, not a file: still no upload.
+    response = _post_raw(client, _part(data, filename=None))
+    assert response.status_code == 422 and "'file'" in _json_error(response)
+
+
+def test_empty_upload_422(client):
+    response = _post(client, b"", name="empty.png")
+    assert response.status_code == 422
+    assert _json_error(response) == "empty.png: empty file"
+
+
+@pytest.mark.parametrize("data", [b"<!doctype html><html><body>hi</body></html>",
+                                  b"\0" + bytes(range(255)) * 16], ids=["html", "random"])
+def test_non_images_415(client, data):
+    response = _post(client, data, name="thing.bin")
+    assert response.status_code == 415
+    assert _json_error(response) == "thing.bin: not an image or DICOM file"
+
+
+def test_chunked_uploads_without_content_length(client, image_file, monkeypatch):
+    body = _part(image_file.read_bytes())
+
+    def pieces(data: bytes, size: int = 1000):
+        yield from (data[i:i + size] for i in range(0, len(data), size))
+
+    response = _post_raw(client, pieces(body))
+    assert "content-length" not in response.request.headers  # it really went chunked
+    assert response.status_code == 200, response.text
+
+    monkeypatch.setattr(app_module, "MAX_UPLOAD_BYTES", 4096)
+    oversize = _part(bytes(4096 + app_module.ENVELOPE_BYTES + 1))  # no length to refuse from
+    response = _post_raw(client, pieces(oversize, 8192))
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413 and "too large" in _json_error(response)
+
+
+def test_client_hanging_up_mid_body(trained_run, image_file):
+    # TestClient cannot drop a connection, so the ASGI app is driven directly: half the body,
+    # then the disconnect message a server sends when the client goes away.
+    app = create_app(trained_run)
+    body = _part(image_file.read_bytes())
+    incoming = [{"type": "http.request", "body": body[: len(body) // 2], "more_body": True},
+                {"type": "http.disconnect"}]
+    sent: list[dict] = []
+
+    async def receive():
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/api/predict", "raw_path": b"",
+             "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 80),
+             "headers": [(b"content-type", MULTIPART.encode()),
+                         (b"content-length", str(len(body)).encode())]}
+    asyncio.run(app(scope, receive, send))  # before the fix: a 500 and ClientDisconnect raised
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 422
+
+
+def test_still_serving_after_abuse(client, image_file):
+    data = image_file.read_bytes()
+    for body, content_type in _malformed(data).values():
+        assert _post_raw(client, body, content_type).status_code == 422
+    assert _post(client, b"").status_code == 422
+    assert _post(client, _png_declaring(30_000, 30_000)).status_code == 413
+    assert _post(client, data[: len(data) // 3]).status_code == 422
+    assert _post(client, b"plain text").status_code == 415
+    assert client.get("/api/health").status_code == 200
+    response = _post(client, data)
     assert response.status_code == 200 and 0 <= response.json()["probability"] <= 1
 
 

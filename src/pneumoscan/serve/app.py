@@ -10,8 +10,8 @@ Every error is JSON ``{"error": "..."}``:
     413  the upload exceeds MAX_UPLOAD_BYTES, or the image's header declares more than
          MAX_PIXELS pixels (refused before any pixel is decoded; both are "too large")
     415  the bytes are neither an image format the decoder knows nor DICOM
-    422  no ``file`` field, a malformed body, or an image that cannot be decoded (truncated,
-         corrupt, unsupported DICOM)
+    422  no ``file`` field, a malformed or incomplete body, an empty file, or an image that
+         cannot be decoded (truncated, corrupt, unsupported DICOM)
 
 The server reads only the uploaded bytes, never a file a client names. Inference runs in
 FastAPI's thread pool under one lock: the model is shared, and Grad-CAM hooks it while it runs.
@@ -37,6 +37,7 @@ MAX_PIXELS = decode.MAX_PIXELS  # the decoder enforces it from the header
 ENVELOPE_BYTES = 64 * 1024  # multipart boundaries and part headers around the file itself
 DISPLAY_SIZE = 320  # side of the gray image and overlay the page shows
 MAX_FILENAME = 255
+DECODE_SLOTS = 4  # images decoded at once: bounds memory when many large uploads arrive together
 
 
 class ApiError(Exception):
@@ -154,6 +155,7 @@ def public_meta(meta: dict) -> dict:
 async def _read_upload(request) -> tuple[bytes, str]:
     from starlette.datastructures import UploadFile
     from starlette.formparsers import MultiPartException, MultiPartParser
+    from starlette.requests import ClientDisconnect
 
     limit = MAX_UPLOAD_BYTES + ENVELOPE_BYTES
     declared = request.headers.get("content-length", "")
@@ -168,6 +170,10 @@ async def _read_upload(request) -> tuple[bytes, str]:
         form = await parser.parse()
     except MultiPartException as e:
         raise ApiError(422, f"malformed multipart body ({e.message})") from None
+    except ClientDisconnect:
+        # Nobody reads this answer; handling it here keeps a dropped upload out of the
+        # catch-all 500 handler, which logs a full traceback for every such client.
+        raise ApiError(422, "incomplete body: the client disconnected") from None
     try:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
@@ -204,6 +210,7 @@ class _Service:
     def __init__(self, predictor):
         self.predictor = predictor
         self.lock = threading.Lock()
+        self.decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
         # Grad-CAM needs captum, an optional dependency: without it predictions still work,
         # and answers carry "gradcam_png": null.
         self.explain = None
@@ -218,15 +225,20 @@ class _Service:
         return self.explain.gradcam(self.predictor, image[None])[0]
 
     def predict(self, data: bytes, filename: str) -> dict[str, Any]:
+        if not data:  # nothing was uploaded: not a file of the wrong type (415)
+            raise ApiError(422, f"{filename}: empty file")
         if decode.sniff_kind(data[: decode.SNIFF_BYTES]) is None:
             raise ApiError(415, f"{filename}: not an image or DICOM file")
         size = self.predictor.image_size
-        image = _decode(data, size, filename)
+        with self.decode_slots:
+            # The model's input comes from the same decode as `predict` and training use; the
+            # larger copy is only what the page shows.
+            image = _decode(data, size, filename)
+            display = _decode(data, max(size, DISPLAY_SIZE), filename)
         with self.lock:
             probability = float(self.predictor.predict_proba(image[None])[0])
             cam = self._gradcam(image)
         threshold = float(self.predictor.threshold)
-        display = _decode(data, max(size, DISPLAY_SIZE), filename)
         return {
             "probability": probability,
             "label": CLASS_NAMES[1] if probability >= threshold else CLASS_NAMES[0],
