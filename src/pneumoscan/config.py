@@ -50,7 +50,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     compile: bool | None = None  # None: on for CUDA when the run is long enough to pay for it
     threshold_rule: str = "youden"  # youden | sensitivity:X | fixed:X, chosen on validation data
-    eval_batch_size: int = 256
+    eval_batch_size: int = 0  # 0: as many images as fit a fixed pixel budget (preprocess.py)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -19,7 +19,7 @@ from pneumoscan import CLASS_NAMES
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.fileio import atomic_write, atomic_write_json, read_json
 from pneumoscan.models import create_model
-from pneumoscan.preprocess import to_model_input
+from pneumoscan.preprocess import eval_batch_size, to_model_input
 
 FORMAT = "pneumoscan-model"
 FORMAT_VERSION = 1
@@ -157,9 +157,10 @@ class Predictor:
         )
 
     @torch.no_grad()
-    def logits(self, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    def logits(self, images: np.ndarray | torch.Tensor, batch_size: int = 0) -> np.ndarray:
         """(N, 2) float32 logits for (N, H, W) uint8 images."""
         images = torch.as_tensor(np.asarray(images)) if isinstance(images, np.ndarray) else images
+        batch_size = batch_size or eval_batch_size(self.image_size)
         out = []
         for start in range(0, len(images), batch_size):
             x = self.model_input(images[start : start + batch_size])

@@ -26,7 +26,7 @@ from pneumoscan.distributed import DistInfo, all_reduce_sum, broadcast_object
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.fileio import atomic_write, atomic_write_text
 from pneumoscan.models import create_model
-from pneumoscan.preprocess import to_model_input
+from pneumoscan.preprocess import eval_batch_size, to_model_input
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -83,8 +83,9 @@ def predict_logits(
     was_training = model.training
     model.eval()
     out = []
-    for start in range(0, len(images), cfg.eval_batch_size):
-        x = model_input(images[start : start + cfg.eval_batch_size].to(device), cfg)
+    batch = cfg.eval_batch_size or eval_batch_size(cfg.image_size)
+    for start in range(0, len(images), batch):
+        x = model_input(images[start : start + batch].to(device), cfg)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device):
