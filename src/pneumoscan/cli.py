@@ -64,9 +64,6 @@ def _command_module(verb: str):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pneumoscan.memory import limit_heap_fragmentation
-
-    limit_heap_fragmentation()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
