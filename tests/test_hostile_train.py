@@ -3,7 +3,7 @@ are one line and exit 2, and nothing ever prints a traceback.
 
 One data folder holds good synthetic images plus one file of each hostile kind; `train` runs on it
 once (in-process), and each row of the table is then checked against what it printed and what it
-trained on. docs/hostile-input.md is the same table in prose.
+trained on. The README's "Hostile and broken input" section is the same table in prose.
 """
 
 from __future__ import annotations
