@@ -3,7 +3,6 @@ test figures and plots. ``train`` and ``cv`` are built from these pieces."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -135,7 +134,3 @@ def write_run_plots(run_dir: Path, history: list[dict]) -> None:
         write_evaluation_plots(run_dir)  # reads metrics.jsonl, which holds ``history``
     except Exception as e:  # a plot must never cost the trained model
         print(f"warning: run plots failed: {e}", file=sys.stderr)
-
-
-def summary_json(summary: dict) -> str:
-    return json.dumps(summary, indent=2)
