@@ -7,6 +7,7 @@ with every run as ``config.json``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from pneumoscan.errors import PneumoscanError
@@ -33,12 +34,13 @@ class TrainConfig:
     std: float = 1.0
     epochs: int = 50
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 1e-3  # at batch_size (already scaled when the batch was changed)
     optimizer: str = "adam"  # adam | adamw
     adam_eps: float = 1e-7  # Keras' Adam epsilon, kept for the report's recipe
     weight_decay: float = 0.0
     schedule: str = "constant"  # constant | onecycle
     warmup_fraction: float = 0.3  # one-cycle: share of steps spent warming up
+    warmup_epochs: float = 0.0  # constant schedule: linear warm-up over this many epochs
     label_smoothing: float = 0.0
     class_weights: bool = True  # 'balanced' weights, n / (2 * n_class), from the full train split
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -49,6 +51,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     compile: bool | None = None  # None: on for CUDA when the run is long enough to pay for it
+    cuda_graphs: bool | None = None  # None: on for uncompiled single-GPU CUDA runs
     threshold_rule: str = "youden"  # youden | sensitivity:X | fixed:X, chosen on validation data
     eval_batch_size: int = 0  # 0: as many images as fit a fixed pixel budget (preprocess.py)
 
@@ -124,9 +127,49 @@ def resolve_recipe(name: str, device_type: str) -> str:
 
 
 def build_config(recipe: str, device_type: str, overrides: dict) -> TrainConfig:
-    """The recipe's fields, then every override the user gave (None means 'not given')."""
+    """The recipe's fields, then every override the user gave (None means 'not given').
+
+    A batch other than the recipe's, with no ``lr`` given, scales the recipe's learning rate
+    (see ``scaled_lr``); an ``lr`` given is used as it is.
+    """
     name = resolve_recipe(recipe, device_type)
     values = dict(RECIPES[name])
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values.update(given)
+    recipe_batch = RECIPES[name]["batch_size"]
+    if "lr" not in given and values["batch_size"] != recipe_batch:
+        values["lr"] = scaled_lr(RECIPES[name]["lr"], recipe_batch, values["batch_size"])
+        larger = values["batch_size"] > recipe_batch
+        if larger and values.get("schedule", "constant") == "constant":
+            # One-cycle recipes warm up already; a constant rate raised for a larger batch
+            # gets a short linear warm-up so the first steps do not throw the weights off.
+            values["warmup_epochs"] = LARGE_BATCH_WARMUP_EPOCHS
     values["recipe"] = name
     return TrainConfig.from_dict(values)
+
+
+LARGE_BATCH_WARMUP_EPOCHS = 2.0
+
+
+def scaled_lr(lr: float, recipe_batch: int, batch: int) -> float:
+    """The recipe's learning rate carried to another batch size by the square-root rule.
+
+    Adam-family optimizers (every recipe here) keep the same training dynamics when the rate
+    grows with the square root of the batch (Malladi et al., 2022, "On the SDEs and Scaling
+    Rules for Adaptive Gradient Algorithms"); the linear rule is SGD's.
+    """
+    return lr * math.sqrt(batch / recipe_batch)
+
+
+def describe_lr(cfg: TrainConfig) -> str:
+    """One line stating the batch and learning rate a run uses, and where the rate came from."""
+    recipe = RECIPES.get(cfg.recipe, {})
+    base_batch, base_lr = recipe.get("batch_size"), recipe.get("lr")
+    line = f"batch {cfg.batch_size}, lr {cfg.lr:.3g}"
+    if base_batch and cfg.batch_size != base_batch and math.isclose(
+        cfg.lr, scaled_lr(base_lr, base_batch, cfg.batch_size), rel_tol=1e-9
+    ):
+        line += (f" (the {cfg.recipe} recipe's {base_lr:g} at batch {base_batch}, "
+                 "scaled by the square root of the batch ratio")
+        line += f", {cfg.warmup_epochs:g} warm-up epochs)" if cfg.warmup_epochs else ")"
+    return line

@@ -160,7 +160,7 @@ class Predictor:
     def logits(self, images: np.ndarray | torch.Tensor, batch_size: int = 0) -> np.ndarray:
         """(N, 2) float32 logits for (N, H, W) uint8 images."""
         images = torch.as_tensor(np.asarray(images)) if isinstance(images, np.ndarray) else images
-        batch_size = batch_size or eval_batch_size(self.image_size)
+        batch_size = batch_size or eval_batch_size(self.image_size, device_type=self.device.type)
         out = []
         for start in range(0, len(images), batch_size):
             x = self.model_input(images[start : start + batch_size])

@@ -4,6 +4,7 @@ test figures and plots. ``train`` and ``cv`` are built from these pieces."""
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ def train_run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) 
 
 def _train_run(cfg: TrainConfig, dist_info: DistInfo, *, resume: bool, progress: bool) -> dict:
     run_dir = Path(cfg.out)
+    t_start = time.perf_counter()
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "config.json", {"pneumoscan": __version__, **cfg.to_dict()})
@@ -49,15 +51,21 @@ def _train_run(cfg: TrainConfig, dist_info: DistInfo, *, resume: bool, progress:
     )
     if dist_info.is_main:
         describe_data(data)
+    t_data = time.perf_counter()
     result = fit(
         cfg, data.train, data.val, run_dir, class_counts=data.train_counts,
         dist_info=dist_info, resume=resume, progress=progress,
     )
+    t_fit = time.perf_counter()
     summary: dict = {}
     if dist_info.is_main:
         summary = finish_run(cfg, data, result.model, run_dir, result.history)
         summary["best_epoch"] = result.best_epoch
         summary["stopped_early"] = result.stopped_early
+        t_end = time.perf_counter()
+        print(f"done in {t_end - t_start:.1f} s: data {t_data - t_start:.1f} s, training "
+              f"{t_fit - t_data:.1f} s, calibration, saving, test figures and plots "
+              f"{t_end - t_fit:.1f} s")
     barrier(dist_info)
     return summary
 

@@ -8,10 +8,13 @@ import torch.nn.functional as F
 # Images per evaluation batch are bounded by pixels, not by count: a 16-channel float activation
 # of 64 images at 224 px is about 200 MB, and a batch of 256 at that size would need gigabytes.
 EVAL_PIXELS_PER_BATCH = 64 * 224 * 224
+# A GPU has the memory for batches this many times larger, and needs them to be kept busy.
+GPU_EVAL_FACTOR = 8
 
 
-def eval_batch_size(image_size: int, cap: int = 256) -> int:
-    return max(1, min(cap, EVAL_PIXELS_PER_BATCH // (image_size * image_size)))
+def eval_batch_size(image_size: int, cap: int = 256, device_type: str = "cpu") -> int:
+    factor = GPU_EVAL_FACTOR if device_type == "cuda" else 1
+    return max(1, min(cap * factor, factor * EVAL_PIXELS_PER_BATCH // (image_size * image_size)))
 
 
 def to_model_input(

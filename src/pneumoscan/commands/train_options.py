@@ -55,6 +55,13 @@ def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> N
         default=None,
         help="torch.compile the model (default: on for long CUDA runs)",
     )
+    p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="replay the model's training step as CUDA graphs (default: on for uncompiled "
+        "single-GPU runs)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
@@ -73,6 +80,7 @@ def config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
         "val_fraction": args.val_fraction,
         "threshold_rule": args.threshold_rule,
         "compile": args.compile,
+        "cuda_graphs": args.cuda_graphs,
         **extra,
     }
     return build_config(args.recipe, device_type, overrides)
