@@ -2,7 +2,7 @@
 
 project: ``pneumoscan.train.TrainStep`` as ``fit`` drives it. The data set is one uint8 tensor on
     the device, batches are gathered by index and augmented there (random affine per image), the
-    recipe's optimizer and schedule; on CUDA also bf16 autocast, channels_last, the fused
+    recipe's optimizer and schedule, channels_last; on CUDA also bf16 autocast, the fused
     optimizer and (by default) torch.compile. No host sync inside the timed steps.
 plain: what a typical PyTorch script does. A DataLoader over uint8 images on the host, with
     torchvision's RandomAffine(30, translate=(0.1, 0.1), scale=(0.8, 1.2)) per image, float32,
@@ -113,9 +113,7 @@ def time_project(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, devic
     torch.manual_seed(cfg.seed)
     train_images = torch.from_numpy(images).to(device)
     train_labels = torch.from_numpy(labels).to(device)
-    model = build_model(cfg).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(cfg).to(device).to(memory_format=torch.channels_last)  # as fit() does
     optimizer = make_optimizer(model, cfg, device)
     total = warmup + steps
     scheduler = make_scheduler(optimizer, dataclasses.replace(cfg, epochs=1), total)
@@ -127,7 +125,7 @@ def time_project(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, devic
         sample = model_input(train_images[: cfg.batch_size], cfg)
         capture_cuda_graphs(model, sample.contiguous(memory_format=torch.channels_last))
     step = TrainStep(train_model, optimizer, scheduler, cfg, weights, device,
-                     torch.Generator(device=device).manual_seed(cfg.seed))
+                     torch.Generator(device=device).manual_seed(cfg.seed), channels_last=True)
     model.train()
 
     batches = _index_batches(len(images), cfg.batch_size, total, device)

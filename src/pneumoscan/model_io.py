@@ -164,6 +164,7 @@ class Predictor:
         out = []
         for start in range(0, len(images), batch_size):
             x = self.model_input(images[start : start + batch_size])
+            x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(self.device):
                 out.append(self.model(x).float().cpu())
         if not out:
@@ -240,7 +241,7 @@ def load_predictor(run_dir: str | Path, device: str | torch.device = "cpu"):
         raise PneumoscanError(
             f"{weights}: weights do not fit {meta['architecture']!r} ({reason})"
         ) from None
-    model.to(device).eval()
+    model.to(device, memory_format=torch.channels_last).eval()  # as trained: faster on both
     return Predictor(run_dir, meta, model, device)
 
 
