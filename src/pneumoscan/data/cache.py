@@ -7,6 +7,7 @@ cache is rebuilt rather than trusted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Sequence
@@ -109,41 +110,39 @@ def _decode_all(paths: list[Path], size: int, workers: int | None, progress: boo
     images = np.zeros((len(paths), size, size), dtype=np.uint8)
     ok = np.zeros(len(paths), dtype=bool)
     errors: list[tuple[str, str]] = []
-    chunks = [range(i, min(i + _CHUNK, len(paths))) for i in range(0, len(paths), _CHUNK)]
+    starts = range(0, len(paths), _CHUNK)
+    chunks = [[paths[i] for i in range(s, min(s + _CHUNK, len(paths)))] for s in starts]
     workers = workers or os.cpu_count() or 1
     bar = _progress_bar(len(paths), progress)
-
-    def collect(chunk: range, results: list) -> None:
-        for i, (image, error) in zip(chunk, results, strict=True):
-            if error is None:
-                images[i], ok[i] = image, True
-            else:
-                errors.append((str(paths[i]), error))
-        bar.update(len(chunk))
-
-    if workers == 1 or len(chunks) <= 1:
-        for chunk in chunks:
-            collect(chunk, _decode_chunk([paths[i] for i in chunk], size))
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [
-                (chunk, pool.submit(_decode_chunk, [paths[i] for i in chunk], size))
-                for chunk in chunks
-            ]
-            for chunk, future in futures:
-                collect(chunk, future.result())
+    with contextlib.ExitStack() as stack:
+        results = map(_decode_chunk, chunks, [size] * len(chunks))
+        if workers > 1 and len(chunks) > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers))
+            # map() hands each chunk's result over once and forgets it: the results are not
+            # all held at once beside the output array, which would double the memory.
+            results = pool.map(_decode_chunk, chunks, [size] * len(chunks))
+        for start, (chunk_images, chunk_errors) in zip(starts, results, strict=True):
+            end = start + len(chunk_images)
+            images[start:end] = chunk_images
+            ok[start:end] = True
+            for offset, reason in chunk_errors:
+                ok[start + offset] = False
+                errors.append((str(paths[start + offset]), reason))
+            bar.update(len(chunk_images))
     bar.close()
     return Decoded(images=images, ok=ok, errors=errors)
 
 
-def _decode_chunk(paths: list[Path], size: int) -> list[tuple[np.ndarray | None, str | None]]:
-    out = []
-    for path in paths:
+def _decode_chunk(paths: list[Path], size: int) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """One array for the chunk (zeros where unreadable) and the (offset, reason) of failures."""
+    out = np.zeros((len(paths), size, size), dtype=np.uint8)
+    errors = []
+    for offset, path in enumerate(paths):
         try:
-            out.append((read_gray(path, size), None))
+            out[offset] = read_gray(path, size)
         except UnreadableImage as e:
-            out.append((None, e.reason))
-    return out
+            errors.append((offset, e.reason))
+    return out, errors
 
 
 def _progress_bar(total: int, enabled: bool):
