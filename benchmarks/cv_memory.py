@@ -10,6 +10,7 @@ and the command.
     PYTHONPATH=src python benchmarks/cv_memory.py                      # 5 folds, 224 px, 1 epoch
     PYTHONPATH=src python benchmarks/cv_memory.py --image-size 64 --folds 5 --epochs 1
     PYTHONPATH=src python benchmarks/cv_memory.py --image-size 224 --subset 1000
+    PYTHONPATH=src python benchmarks/cv_memory.py --low-memory          # as cv --low-memory
 
 ``--subset N`` cross-validates N images drawn at random
 (the folds still group them by patient) through a folder of symbolic links, so the
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subset", type=int, help="cross-validate this many images only")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--low-memory", action="store_true", help="as cv --low-memory")
     args = p.parse_args(argv)
     if not Path(args.data).is_dir():
         print(f"{args.data}: no such folder (pass --data)", file=sys.stderr)
@@ -103,12 +105,15 @@ def main(argv: list[str] | None = None) -> int:
             "data": str(data), "out": str(Path(tmp) / "cv"), "model": args.model,
             "image_size": args.image_size, "epochs": args.epochs,
             "batch_size": args.batch_size, "device": args.device, "seed": args.seed,
+            "low_memory": args.low_memory or None,
         })
         record("start")
         # The first fold callback comes after the decode and the first fold; the decode alone is
         # measured by loading the data once beforehand (the same cache serves cross_validate).
+        from pneumoscan.allocator import low_memory_mode
         from pneumoscan.data.dataset import load_data
 
+        low_memory_mode(cfg.low_memory)  # as cross_validate does, before the first large buffer
         decoded = load_data(cfg.data, cfg.image_size, carve_val=False, progress=False)
         n_images = len(decoded.train)
         del decoded

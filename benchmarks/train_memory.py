@@ -1,7 +1,7 @@
 """Peak memory and wall time of a whole `pneumoscan train` run, decoding included.
 
     python benchmarks/train_memory.py --data ../shared/data/chest_xray_224 --image-size 224 \
-        --recipe seed --epochs 1
+        --recipe seed --epochs 1 [--low-memory]
 
 Runs the command in a child process with a fresh decode cache (so decoding is measured too) and
 prints the child's peak resident memory (ru_maxrss: the largest of the training process and its
@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--keep-cache", action="store_true", help="reuse the user's decode cache")
+    p.add_argument("--low-memory", action="store_true", help="pass --low-memory to train")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ)
@@ -39,6 +40,8 @@ def main() -> None:
                "--device", "cpu"]
         if args.model:
             cmd += ["--model", args.model]
+        if args.low_memory:
+            cmd.append("--low-memory")
         start = time.perf_counter()
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - start

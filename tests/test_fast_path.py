@@ -194,3 +194,26 @@ def test_resume_accepts_a_checkpoint_from_before_newer_settings(tmp_path, monkey
     with pytest.raises(PneumoscanError, match="warmup_epochs"):
         train_module.load_checkpoint(tmp_path / CHECKPOINT,
                                      dataclasses.replace(cfg, warmup_epochs=1.0))
+
+
+# ---- low-memory mode
+
+
+def test_low_memory_mode_switches_glibc_allocator():
+    import platform
+
+    from pneumoscan.allocator import return_large_buffers
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert return_large_buffers() is True
+
+
+def test_low_memory_flag_reaches_the_run_and_does_not_block_resume(synthetic_data, tmp_path):
+    run = tmp_path / "run"
+    common = ["train", "--data", str(synthetic_data), "--out", str(run), "--device", "cpu",
+              "--image-size", "32", "--epochs", "2", "--quiet"]
+    assert main([*common, "--low-memory"]) == 0
+    assert json.loads((run / "config.json").read_text())["low_memory"] is True
+    # The allocator does not change results: resuming without the flag is the same run.
+    assert main([*common, "--resume"]) == 0

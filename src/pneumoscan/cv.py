@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from pneumoscan import CLASS_NAMES, __version__
+from pneumoscan.allocator import low_memory_mode
 from pneumoscan.config import TrainConfig
 from pneumoscan.data.dataset import DataBundle, Split, load_data
 from pneumoscan.data.split import patient_folds, patient_split
@@ -121,6 +122,7 @@ def cross_validate(
     out = Path(cfg.out)
     if n_folds < 2:  # before decoding anything
         raise PneumoscanError(f"--folds {n_folds}: cross-validation needs at least 2 folds")
+    low_memory_mode(cfg.low_memory)
     data = load_data(cfg.data, cfg.image_size, seed=cfg.seed, progress=progress, carve_val=False)
     pool = data.train  # train and any val/, un-carved; the test split is never touched here
     folds = make_folds(pool, n_folds, cfg.seed)

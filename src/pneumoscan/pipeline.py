@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from pneumoscan import CLASS_NAMES, __version__
+from pneumoscan.allocator import low_memory_mode
 from pneumoscan.config import TrainConfig
 from pneumoscan.data.dataset import DataBundle, Split, load_data
 from pneumoscan.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
@@ -32,6 +33,7 @@ TEST_PREDICTIONS = "test_predictions.npz"
 def train_run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
     """Train one model as ``cfg`` says and leave a complete run directory in ``cfg.out``."""
     device = resolve_device(cfg.device)
+    low_memory_mode(cfg.low_memory)  # before anything large is allocated
     dist_info = init_distributed(device.type)
     try:
         return _train_run(cfg, dist_info, resume=resume, progress=progress)

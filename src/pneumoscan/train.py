@@ -496,7 +496,7 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
         )
     current = cfg.to_dict()
     defaults = TrainConfig().to_dict()  # a field newer than the checkpoint had its default
-    changed = [k for k in current if k not in ("device", "compile", "cuda_graphs")
+    changed = [k for k in current if k not in ("device", "compile", "cuda_graphs", "low_memory")
                and saved.get(k, defaults[k]) != current[k]]
     if changed:
         raise PneumoscanError(

@@ -56,6 +56,13 @@ def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> N
         help="torch.compile the model (default: on for long CUDA runs)",
     )
     p.add_argument(
+        "--low-memory",
+        action="store_true",
+        default=None,
+        help="hold less memory at the cost of speed: large freed buffers go back to the system "
+        "at once (the seed recipe at 224 px: 1.9 GB instead of 2.3 GB, 1.75 times as long)",
+    )
+    p.add_argument(
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -81,6 +88,7 @@ def config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
         "threshold_rule": args.threshold_rule,
         "compile": args.compile,
         "cuda_graphs": args.cuda_graphs,
+        "low_memory": args.low_memory,
         **extra,
     }
     return build_config(args.recipe, device_type, overrides)
