@@ -217,3 +217,35 @@ def test_low_memory_flag_reaches_the_run_and_does_not_block_resume(synthetic_dat
     assert json.loads((run / "config.json").read_text())["low_memory"] is True
     # The allocator does not change results: resuming without the flag is the same run.
     assert main([*common, "--resume"]) == 0
+
+
+def test_schedule_is_laid_out_over_the_steps_fit_takes():
+    from pneumoscan.train import steps_in_epoch
+
+    assert steps_in_epoch(4694, 64, False) == 74  # 73 full batches and one of 22
+    assert steps_in_epoch(4694, 64, True) == 73  # compiled or graphed: full batches only
+    assert steps_in_epoch(129, 64, False) == 2  # a last batch of one image is left out
+    assert steps_in_epoch(128, 64, False) == steps_in_epoch(128, 64, True) == 2
+
+
+def test_one_cycle_ends_annealed_when_partial_batches_are_left_out(tmp_path, monkeypatch):
+    # As on a GPU with CUDA graphs: fit() leaves the partial batch out, and the one-cycle
+    # schedule must still reach its end (else the last epochs train at a higher rate).
+    monkeypatch.setattr(train_module, "_should_compile", lambda *a: True)
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)  # the decision, not inductor
+    cfg = TrainConfig(model="seed_cnn", image_size=32, epochs=2, batch_size=8, device="cpu",
+                      augment=AugmentConfig(0, 0, 0), schedule="onecycle", optimizer="adamw",
+                      early_stop_patience=0, restore_best=False)
+    lrs = []
+    real_make = train_module.make_scheduler
+
+    def recording(optimizer, cfg, steps_per_epoch):
+        scheduler = real_make(optimizer, cfg, steps_per_epoch)
+        lrs.append(scheduler)
+        return scheduler
+
+    monkeypatch.setattr(train_module, "make_scheduler", recording)
+    fit(cfg, _split(27, 1), _split(8, 2), tmp_path, class_counts=np.array([9, 18]),
+        progress=False)  # 27 images: 3 full batches of 8 and a partial one of 3, left out
+    scheduler = lrs[0]
+    assert scheduler.last_epoch == scheduler.total_steps == 6

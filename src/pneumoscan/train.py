@@ -210,6 +210,16 @@ def epoch_shard(perm: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return perm[rank * shard : (rank + 1) * shard]
 
 
+def steps_in_epoch(shard: int, batch: int, full_batches_only: bool) -> int:
+    """Steps fit() takes an epoch: a last, partial batch counts unless it is left out.
+
+    Left out: a single image (BatchNorm cannot train on one), or any partial batch when the
+    model takes full batches only. The learning-rate schedule is laid out over exactly these.
+    """
+    rest = shard % batch
+    return shard // batch + (0 if full_batches_only or rest < 2 else 1)
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
     fused = {"fused": True} if device.type == "cuda" else {}
     if cfg.optimizer == "adam":
@@ -273,7 +283,11 @@ def fit(
     # ---- learning rate and optimizer; the global batch is split across ranks
     per_rank_batch = max(1, cfg.batch_size // dist_info.world_size)
     shard = len(train) // dist_info.world_size
-    steps_per_epoch = math.ceil(shard / per_rank_batch)
+    compiled = _should_compile(cfg, device, len(train))
+    graphed = _should_graph(cfg, device, dist_info, compiled, per_rank_batch, shard)
+    # Compiled and graphed models take full batches only (one shape): the last one is left out.
+    full_batches_only = compiled or graphed
+    steps_per_epoch = steps_in_epoch(shard, per_rank_batch, full_batches_only)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     stopper = EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta)
@@ -315,10 +329,8 @@ def fit(
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    compiled = _should_compile(cfg, device, len(train))
     if compiled:
         train_model = torch.compile(train_model)
-    graphed = _should_graph(cfg, device, dist_info, compiled, per_rank_batch, shard)
     if graphed:
         model.train()
         sample = model_input(train_images[:per_rank_batch], cfg)
@@ -353,7 +365,7 @@ def fit(
             idx = perm[start : start + per_rank_batch]
             if len(idx) < 2:  # BatchNorm cannot train on a single image
                 continue
-            if (compiled or graphed) and len(idx) < per_rank_batch:
+            if full_batches_only and len(idx) < per_rank_batch:
                 # A new shape would compile or capture the model again; the next epoch's fresh
                 # permutation brings these images back.
                 continue
