@@ -35,7 +35,12 @@ from pneumoscan.config import TrainConfig
 from pneumoscan.data.dataset import DataBundle, Split, load_data
 from pneumoscan.data.split import patient_folds, patient_split
 from pneumoscan.errors import PneumoscanError
-from pneumoscan.evaluate import choose_threshold, evaluate_predictions, format_table
+from pneumoscan.evaluate import (
+    choose_threshold,
+    evaluate_predictions,
+    format_figure,
+    format_table,
+)
 from pneumoscan.fileio import atomic_write, atomic_write_json
 from pneumoscan.model_io import load_predictor, probabilities, read_meta, save_meta
 
@@ -308,14 +313,10 @@ def format_fold_table(folds: list[dict]) -> str:
         m = f["metrics"]
         ci = (m.get("ci95") or {}).get("roc_auc")
         ci_text = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "n/a"
-        lines.append(f"{f['fold']:<6}{f['n']:>6}  {_num(m['roc_auc']):>7}  {ci_text:<15}"
-                     f"{_num(m['sensitivity']):>7}{_num(m['specificity']):>7}"
+        lines.append(f"{f['fold']:<6}{f['n']:>6}  {format_figure(m['roc_auc']):>7}  {ci_text:<15}"
+                     f"{format_figure(m['sensitivity']):>7}{format_figure(m['specificity']):>7}"
                      f"{f['threshold']:>7.3f}")
     return "\n".join(lines)
-
-
-def _num(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
 
 
 def _describe(data: DataBundle, n_folds: int) -> None:

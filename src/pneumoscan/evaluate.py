@@ -438,7 +438,8 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
 # --------------------------------------------------------------------------- reporting
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def format_figure(value: Any, digits: int = 3) -> str:
+    """A figure as the tables print it: 3 decimals, integers as they are, None as n/a."""
     if value is None:
         return "n/a"
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
@@ -467,15 +468,15 @@ def format_table(metrics: dict) -> str:
     for key in names:
         if key not in metrics:
             continue
-        row = f"{key:<{width}}{_fmt(metrics[key]):>8}"
+        row = f"{key:<{width}}{format_figure(metrics[key]):>8}"
         interval = ci.get(key)
         if interval is not None:
-            row += f"  [{_fmt(interval[0])}, {_fmt(interval[1])}]"
+            row += f"  [{format_figure(interval[0])}, {format_figure(interval[1])}]"
         lines.append(row)
     if "confusion" in metrics:
         lines += _confusion_lines(metrics["confusion"])
     if "threshold" in metrics:
-        lines += ["", f"{'threshold':<{width}}{_fmt(metrics['threshold']):>8}"]
+        lines += ["", f"{'threshold':<{width}}{format_figure(metrics['threshold']):>8}"]
     return "\n".join(lines)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pneumoscan import CLASS_NAMES, __version__
-from pneumoscan.evaluate import RATE_KEYS
+from pneumoscan.evaluate import RATE_KEYS, format_figure
 from pneumoscan.fileio import atomic_write_text, read_json
 from pneumoscan.model_io import read_meta
 from pneumoscan.run_plots import (
@@ -258,20 +258,12 @@ def learning_section(run_dir: Path, meta: dict) -> Section:
     return section
 
 
-def _fmt(x: Any) -> str:
-    if x is None:
-        return "n/a"
-    if isinstance(x, float):
-        return f"{x:.3f}"
-    return str(x)
-
-
 def _with_ci(metrics: dict | None, key: str) -> tuple[str, str]:
     if not metrics:
         return "", ""
     ci = (metrics.get("ci95") or {}).get(key)
     ci_text = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else ""
-    return _fmt(metrics.get(key)), ci_text
+    return format_figure(metrics.get(key)), ci_text
 
 
 def figures_section(run_dir: Path, meta: dict) -> Section:
@@ -291,11 +283,10 @@ def figures_section(run_dir: Path, meta: dict) -> Section:
             row += _with_ci(metrics, key)
         rows.append(row)
     for key in ("loss", "brier", "ece", "threshold", "n"):
-        rows.append([key, *(x for m in columns.values() for x in (_fmt(m.get(key)), ""))])
+        rows.append([key, *(x for m in columns.values() for x in (format_figure(m.get(key)), ""))])
     for cell in ("tp", "fp", "tn", "fn"):
-        rows.append([f"confusion {cell}", *(x for m in columns.values()
-                                            for x in (_fmt((m.get("confusion") or {}).get(cell)),
-                                                      ""))])
+        counts = [format_figure((m.get("confusion") or {}).get(cell)) for m in columns.values()]
+        rows.append([f"confusion {cell}", *(x for count in counts for x in (count, ""))])
     section.add(table(header, rows, "numbers"))
     rule = meta.get("threshold_rule", "")
     section.note(

@@ -27,7 +27,12 @@ from pneumoscan import CLASS_NAMES, __version__
 from pneumoscan.cv import CV_METRICS, OOF_PREDICTIONS, load_oof, log_odds
 from pneumoscan.data.split import patient_folds
 from pneumoscan.errors import PneumoscanError
-from pneumoscan.evaluate import choose_threshold, evaluate_predictions, format_table
+from pneumoscan.evaluate import (
+    choose_threshold,
+    evaluate_predictions,
+    format_figure,
+    format_table,
+)
 from pneumoscan.fileio import atomic_write, atomic_write_json
 from pneumoscan.model_io import read_meta, save_meta, stack_probabilities
 
@@ -222,23 +227,21 @@ def format_comparison(summary: dict) -> str:
              f"{summary['threshold']:.3f} by {summary['threshold_rule']}):",
              format_table(summary["stack"]), "", "members (pooled out-of-fold, own thresholds):"]
     for name, member in summary["members"].items():
-        m = member["oof"]
-        ci = (m.get("ci95") or {}).get("roc_auc")
-        ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
-        lines.append(f"  {name}: roc_auc {_num(m['roc_auc'])}{ci_text}  "
-                     f"sensitivity {_num(m['sensitivity'])}  specificity "
-                     f"{_num(m['specificity'])}  accuracy {_num(m['accuracy'])}")
-    s = summary["stack"]
-    lines.append(f"  stack: roc_auc {_num(s['roc_auc'])}  sensitivity {_num(s['sensitivity'])}  "
-                 f"specificity {_num(s['specificity'])}  accuracy {_num(s['accuracy'])}")
+        lines.append(_comparison_line(name, member["oof"], with_ci=True))
+    lines.append(_comparison_line("stack", summary["stack"], with_ci=False))
     lines.append("stacker coefficients (per member log-odds): "
                  + ", ".join(f"{c:.3f}" for c in summary["stacker"]["coef"])
                  + f"; intercept {summary['stacker']['intercept']:.3f}")
     return "\n".join(lines)
 
 
-def _num(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
+def _comparison_line(name: str, m: dict, *, with_ci: bool) -> str:
+    ci = (m.get("ci95") or {}).get("roc_auc") if with_ci else None
+    ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+    return (f"  {name}: roc_auc {format_figure(m['roc_auc'])}{ci_text}  "
+            f"sensitivity {format_figure(m['sensitivity'])}  "
+            f"specificity {format_figure(m['specificity'])}  "
+            f"accuracy {format_figure(m['accuracy'])}")
 
 
 def _save_nested(

@@ -214,8 +214,11 @@ def steps_in_epoch(shard: int, batch: int, full_batches_only: bool) -> int:
     """Steps fit() takes an epoch: a last, partial batch counts unless it is left out.
 
     Left out: a single image (BatchNorm cannot train on one), or any partial batch when the
-    model takes full batches only. The learning-rate schedule is laid out over exactly these.
+    model takes full batches only (the next epoch's fresh permutation brings those images
+    back). The epoch's loop and its learning-rate schedule both take their length from here.
     """
+    if batch < 2:
+        return 0
     rest = shard % batch
     return shard // batch + (0 if full_batches_only or rest < 2 else 1)
 
@@ -359,16 +362,11 @@ def fit(
         epoch_lr = optimizer.param_groups[0]["lr"]  # as the epoch starts (one-cycle moves it)
         _sync(device)
         t0 = time.perf_counter()
-        batches = range(0, shard, per_rank_batch)
+        # The first steps_per_epoch batches: a left-out batch is only ever the last one.
+        batches = range(0, steps_per_epoch * per_rank_batch, per_rank_batch)
         bar = _bar(len(batches), f"epoch {epoch}/{cfg.epochs}", progress and dist_info.is_main)
         for start in batches:
             idx = perm[start : start + per_rank_batch]
-            if len(idx) < 2:  # BatchNorm cannot train on a single image
-                continue
-            if full_batches_only and len(idx) < per_rank_batch:
-                # A new shape would compile or capture the model again; the next epoch's fresh
-                # permutation brings these images back.
-                continue
             loss, n_correct = step(train_images[idx], train_labels[idx])
             loss_sum += loss * len(idx)
             correct += n_correct
