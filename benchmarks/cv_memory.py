@@ -5,7 +5,9 @@ its copies, so the resident memory should stay flat from fold to fold instead of
 training set a fold. This runs ``pneumoscan.cv.cross_validate`` in this process and prints, after
 the decode and after each fold, the current RSS and the peak RSS so far
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``), as a table, then one JSON line with the figures
-and the command.
+and the command. On Linux the peak is started afresh at each stage (writing 5 to
+``/proc/self/clear_refs`` resets it), so each fold's row shows that fold's own peak; elsewhere
+it is the peak since the process started.
 
     PYTHONPATH=src python benchmarks/cv_memory.py                      # 5 folds, 224 px, 1 epoch
     PYTHONPATH=src python benchmarks/cv_memory.py --image-size 64 --folds 5 --epochs 1
@@ -33,16 +35,25 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "chest_xray_224"
 
 
-def current_rss_mb() -> float:
+def current_rss_mib() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
 
 
-def peak_rss_mb() -> float:
+def peak_rss_mib() -> float:
     # Linux reports ru_maxrss in KiB (macOS in bytes).
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def restart_peak() -> bool:
+    """Start measuring the peak afresh (Linux only); False where the peak cannot be reset."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def subset_folder(data: Path, n: int, seed: int, into: Path) -> Path:
@@ -86,14 +97,17 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict] = []
     start = time.perf_counter()
+    per_stage = restart_peak()
 
     def record(stage: str) -> None:
-        rows.append({"stage": stage, "rss_mb": round(current_rss_mb(), 1),
-                     "peak_rss_mb": round(peak_rss_mb(), 1),
+        rows.append({"stage": stage, "rss_mib": round(current_rss_mib(), 1),
+                     "peak_rss_mib": round(peak_rss_mib(), 1),
                      "seconds": round(time.perf_counter() - start, 1)})
         r = rows[-1]
-        print(f"[memory] {r['stage']:<8} rss {r['rss_mb']:8.1f} MB  peak {r['peak_rss_mb']:8.1f} MB"
+        print(f"[memory] {r['stage']:<8} rss {r['rss_mib']:8.1f} MiB  "
+              f"peak {r['peak_rss_mib']:8.1f} MiB"
               f"  {r['seconds']:7.1f} s", flush=True)
+        restart_peak()  # the next row's peak is that stage's own
 
     with tempfile.TemporaryDirectory(prefix="cv-memory-") as tmp:
         data = Path(args.data)
@@ -123,18 +137,20 @@ def main(argv: list[str] | None = None) -> int:
         record("end")
 
     print()
-    print(f"{'stage':<10}{'rss MB':>10}{'peak MB':>10}{'s':>8}")
+    print(f"{'stage':<10}{'rss MiB':>10}{'peak MiB':>10}{'s':>8}   "
+          f"(peak: {'of the stage alone' if per_stage else 'since the start'})")
     for r in rows:
-        print(f"{r['stage']:<10}{r['rss_mb']:>10.1f}{r['peak_rss_mb']:>10.1f}{r['seconds']:>8.1f}")
+        print(f"{r['stage']:<10}{r['rss_mib']:>10.1f}{r['peak_rss_mib']:>10.1f}{r['seconds']:>8.1f}")
     folds = [r for r in rows if r["stage"].startswith("fold")]
-    growth = folds[-1]["rss_mb"] - folds[0]["rss_mb"] if folds else 0.0
+    growth = folds[-1]["rss_mib"] - folds[0]["rss_mib"] if folds else 0.0
     print(json.dumps({
         "benchmark": "cv_memory",
         "command": "python benchmarks/cv_memory.py " + shlex.join(argv or sys.argv[1:]),
         "images": n_images, "folds": args.folds, "image_size": args.image_size,
         "epochs": args.epochs, "model": args.model, "recipe": cfg.recipe,
-        "rss_growth_first_to_last_fold_mb": round(growth, 1),
-        "peak_rss_mb": rows[-1]["peak_rss_mb"], "rows": rows,
+        "rss_growth_first_to_last_fold_mib": round(growth, 1),
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in rows), "peak_per_stage": per_stage,
+        "rows": rows,
     }))
     return 0
 

@@ -39,8 +39,8 @@ SEEDS="0 1 2"
 # name: extra train options. The hold-out variants; strong is the recipe as it stands.
 VARIANTS=(
     "strong:"
-    "strong_b256:--batch-size 256"
-    "strong_b256_60ep:--batch-size 256 --epochs 60"
+    "strong_light:--augment light"
+    "strong_light_15ep:--augment light --epochs 15"
 )
 DEVICE=cuda TRAIN_SMALL=() SPEED_SMALL=() MODES=eager,graphs,compile,cudagraphs SMALL_MODES=eager,graphs
 if [ "${SMOKE:-0}" = 1 ]; then

@@ -112,6 +112,40 @@ def test_fold_models_never_select_on_their_held_out_images(cv_run):
         assert val_paths and not val_paths & held
 
 
+def test_folds_train_on_rows_of_one_shared_pool_never_on_their_held_out_images(
+    cv_data, tmp_path, monkeypatch
+):
+    # Memory stays flat because no fold copies its training images out of the pool; and the
+    # rows a fold trains on are neither its held-out images nor its own validation images.
+    import pneumoscan.train
+    from pneumoscan.config import build_config
+    from pneumoscan.cv import cross_validate
+
+    calls = []
+    real_fit = pneumoscan.train.fit
+
+    def recording_fit(cfg, train, val, run_dir, **kw):
+        calls.append((train.images, kw["train_rows"].copy(), set(val.paths)))
+        return real_fit(cfg, train, val, run_dir, **kw)
+
+    monkeypatch.setattr(pneumoscan.train, "fit", recording_fit)
+    cfg = build_config("cpu", "cpu", {
+        "data": str(cv_data), "out": str(tmp_path / "cv"), "model": "seed_cnn",
+        "image_size": 32, "epochs": 1, "val_fraction": 0.2, "device": "cpu",
+    })
+    cross_validate(cfg, FOLDS, progress=False)
+    oof = load_oof(tmp_path / "cv")
+    assert len(calls) == FOLDS
+    pool_images = calls[0][0]
+    for k, (images, rows, val_paths) in enumerate(calls):
+        assert images is pool_images and len(images) == len(oof["labels"])
+        held = np.flatnonzero(oof["fold"] == k)
+        assert len(rows) and not set(rows.tolist()) & set(held.tolist())
+        trained = {os.path.abspath(str(oof["paths"][i])) for i in rows}
+        assert not trained & {os.path.abspath(p) for p in val_paths}
+        assert len(rows) + len(val_paths) + len(held) == len(images)
+
+
 def test_cv_metrics_has_each_fold_and_the_pooled_figures(cv_run):
     metrics = json.loads((cv_run / "cv_metrics.json").read_text())
     assert [f["fold"] for f in metrics["folds"]] == list(range(FOLDS))

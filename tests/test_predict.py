@@ -238,4 +238,7 @@ def test_dicom_predicts_like_the_jpeg_it_came_from(trained_run, tmp_path):
     jpeg_row, dicom_row = json.loads(out.read_text())
     assert dicom_row["error"] == "" and jpeg_row["error"] == ""
     assert dicom_row["probability"] == pytest.approx(jpeg_row["probability"], abs=1e-3)
-    assert dicom_row["label"] == jpeg_row["label"]
+    # A tiny model can put this image right at its threshold, where float noise alone picks the
+    # side; the labels must agree whenever the probability is clear of the threshold.
+    if abs(jpeg_row["probability"] - jpeg_row["threshold"]) > 1e-3:
+        assert dicom_row["label"] == jpeg_row["label"]

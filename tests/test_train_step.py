@@ -199,6 +199,26 @@ def test_fit_early_stops_and_restores_best_weights(tmp_path):
     assert not all(torch.equal(state["model"][k], v) for k, v in state["best_model"].items())
 
 
+def test_fit_on_rows_of_a_pool_equals_fit_on_their_copy(tmp_path):
+    # Cross-validation folds train on rows of one shared pool; that must be the very same
+    # training as on a copy of those rows (same batches, same augmentation, same weights).
+    cfg = _config(epochs=2, batch_size=8, augment=AugmentConfig())
+    pool, val = _random_split(40, 32, seed=3), _random_split(12, 32, seed=4)
+    rows = np.random.default_rng(5).permutation(40)[:27]  # a partial last batch too
+    counts = np.array([9, 18])
+    on_rows = fit(cfg, pool, val, tmp_path / "rows", train_rows=rows, class_counts=counts,
+                  progress=False)
+    on_copy = fit(cfg, pool.subset(rows), val, tmp_path / "copy", class_counts=counts,
+                  progress=False)
+    assert [r["train_loss"] for r in on_rows.history] == [r["train_loss"] for r in on_copy.history]
+    for (name, a), b in zip(on_rows.model.state_dict().items(),
+                            on_copy.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    # ... and differs from training on all of the pool, so the rows were really used.
+    on_pool = fit(cfg, pool, val, tmp_path / "pool", class_counts=counts, progress=False)
+    assert on_pool.history[0]["train_loss"] != on_rows.history[0]["train_loss"]
+
+
 # ---- augmentation
 
 

@@ -1,7 +1,8 @@
 """Patient-grouped K-fold cross-validation whose folds are saved as one ensemble run.
 
-The data set is decoded once; each fold takes index slices of it and frees them when done, so
-memory stays flat from fold to fold. For fold k the held-out fold is predicted untouched: the fold
+The data set is decoded once; each fold trains on its rows of it through an index array (no
+copy) and frees its small validation and held-out copies when done, so memory stays flat from
+fold to fold. For fold k the held-out fold is predicted untouched: the fold
 model's validation split (early stopping, temperature, threshold) is carved by patient from its own
 training folds, so every out-of-fold (OOF) probability comes from a model that selected nothing on
 that image.
@@ -175,8 +176,10 @@ def run_fold(
         "pneumoscan": __version__, "cv": {"fold": k}, **fold_cfg.to_dict(),
     })
     fit_idx, val_idx = inner_split(pool, train_idx, cfg.val_fraction, fold_cfg.seed)
+    # The fold trains on its rows of the pool (fit_idx), not on a copy of them: with the
+    # pool itself that would be two training sets in memory. finish_run() reads val and test only.
     bundle = DataBundle(
-        train=pool.subset(fit_idx),
+        train=pool,
         val=pool.subset(val_idx),
         test=None,  # the ensemble, not each fold, is evaluated on test
         source=data.source,
@@ -184,7 +187,7 @@ def run_fold(
         fingerprint=data.fingerprint,
         train_counts=np.bincount(pool.labels[train_idx], minlength=len(CLASS_NAMES)),
     )
-    result = fit(fold_cfg, bundle.train, bundle.val, fold_dir,
+    result = fit(fold_cfg, pool, bundle.val, fold_dir, train_rows=fit_idx,
                  class_counts=bundle.train_counts, progress=progress)
     finish_run(fold_cfg, bundle, result.model, fold_dir, result.history)
     meta = read_meta(fold_dir)

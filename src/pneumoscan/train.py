@@ -259,10 +259,16 @@ def fit(
     run_dir: Path,
     *,
     class_counts: np.ndarray,
+    train_rows: np.ndarray | None = None,
     dist_info: DistInfo = DistInfo(),
     resume: bool = False,
     progress: bool = True,
 ) -> FitResult:
+    """Train as ``cfg`` says on ``train`` (or on its ``train_rows`` only), selecting on ``val``.
+
+    ``train_rows`` lets cross-validation folds train on their rows of one shared decoded pool
+    without copying those images out of it.
+    """
     # ---- set-up: seeds, device, data resident on the device as uint8
     device = resolve_device(cfg.device)
     if dist_info.enabled and device.type == "cuda":
@@ -273,6 +279,9 @@ def fit(
     augment_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + dist_info.rank)
     train_images = torch.from_numpy(np.ascontiguousarray(train.images)).to(device)
     train_labels = torch.from_numpy(train.labels).to(device)
+    rows = np.arange(len(train)) if train_rows is None else np.asarray(train_rows, dtype=np.int64)
+    n_train = len(rows)
+    rows_on_device = torch.from_numpy(rows).to(device)
     val_images = torch.from_numpy(np.ascontiguousarray(val.images))
     val_labels = torch.from_numpy(val.labels)
 
@@ -285,8 +294,8 @@ def fit(
 
     # ---- learning rate and optimizer; the global batch is split across ranks
     per_rank_batch = max(1, cfg.batch_size // dist_info.world_size)
-    shard = len(train) // dist_info.world_size
-    compiled = _should_compile(cfg, device, len(train))
+    shard = n_train // dist_info.world_size
+    compiled = _should_compile(cfg, device, n_train)
     graphed = _should_graph(cfg, device, dist_info, compiled, per_rank_batch, shard)
     # Compiled and graphed models take full batches only (one shape): the last one is left out.
     full_batches_only = compiled or graphed
@@ -336,7 +345,7 @@ def fit(
         train_model = torch.compile(train_model)
     if graphed:
         model.train()
-        sample = model_input(train_images[:per_rank_batch], cfg)
+        sample = model_input(train_images[rows_on_device[:per_rank_batch]], cfg)
         capture_cuda_graphs(model, sample.contiguous(memory_format=torch.channels_last))
     step = TrainStep(
         train_model, optimizer, scheduler, cfg, class_weights, device, augment_gen,
@@ -354,8 +363,8 @@ def fit(
     for epoch in range(start_epoch, cfg.epochs + 1):
         # ---- the epoch: shuffle, take this rank's shard, step through it
         model.train()
-        perm = torch.randperm(len(train), generator=shuffle_gen)
-        perm = epoch_shard(perm, dist_info.rank, dist_info.world_size).to(device)
+        perm = torch.randperm(n_train, generator=shuffle_gen)
+        perm = rows_on_device[epoch_shard(perm, dist_info.rank, dist_info.world_size).to(device)]
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0

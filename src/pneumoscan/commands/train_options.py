@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pneumoscan.config import RECIPES, TrainConfig, build_config
+from pneumoscan.config import AUGMENTATIONS, RECIPES, TrainConfig, build_config
 from pneumoscan.evaluate import parse_threshold_rule
 from pneumoscan.train import resolve_device
 
@@ -22,7 +22,8 @@ def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> N
         "--recipe",
         default="auto",
         choices=["auto", *RECIPES],
-        help="auto: strong on a GPU, cpu otherwise; seed: the report's recipe",
+        help="auto: strong on a GPU, cpu otherwise; quick: a first model in minutes on a CPU; "
+        "seed: the report's recipe",
     )
     p.add_argument("--model", help="registry name or any timm model (see `pneumoscan models`)")
     p.add_argument(
@@ -37,6 +38,12 @@ def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> N
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="(peak) learning rate")
+    p.add_argument(
+        "--augment",
+        choices=list(AUGMENTATIONS),
+        help="training augmentation: report (rotation 30 deg, zoom 0.2, shift 0.1), light "
+        "(10 deg, 0.1, 0.05) or none; default: the recipe's",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
@@ -82,6 +89,7 @@ def config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,
+        "augment": args.augment,
         "seed": args.seed,
         "device": args.device,
         "val_fraction": args.val_fraction,

@@ -1,0 +1,55 @@
+"""Named recipes and augmentations: what each name resolves to, and the flags that override them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pneumoscan.cli import build_parser
+from pneumoscan.commands.train_options import config_from_args
+from pneumoscan.config import AUGMENTATIONS, RECIPES, AugmentConfig, build_config
+from pneumoscan.errors import PneumoscanError
+
+
+def _train_config(*flags: str):
+    args = build_parser().parse_args(["train", "--data", "somewhere", "--device", "cpu", *flags])
+    return config_from_args(args)
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_every_recipe_names_a_known_augmentation(recipe):
+    name = RECIPES[recipe].get("augment", "report")
+    cfg = build_config(recipe, "cpu", {})
+    assert cfg.augment == AUGMENTATIONS[name]
+    assert cfg.recipe == recipe
+
+
+def test_the_report_augmentation_is_the_reports_and_the_default():
+    assert AUGMENTATIONS["report"] == AugmentConfig(rotation_deg=30.0, zoom=0.2, shift=0.1)
+    assert build_config("seed", "cpu", {}).augment == AUGMENTATIONS["report"]
+    none = AUGMENTATIONS["none"]
+    assert none.rotation_deg == none.zoom == none.shift == 0 and not none.hflip
+
+
+@pytest.mark.parametrize("name", list(AUGMENTATIONS))
+def test_augment_flag_overrides_the_recipe(name):
+    cfg = _train_config("--recipe", "seed", "--augment", name)
+    assert cfg.augment == AUGMENTATIONS[name]
+    # The resolved numbers, not the name, are what config.json keeps.
+    assert cfg.to_dict()["augment"] == dataclasses.asdict(AUGMENTATIONS[name])
+
+
+def test_unknown_augmentation_is_refused():
+    with pytest.raises(PneumoscanError, match="unknown augmentation 'heavy'"):
+        build_config("cpu", "cpu", {"augment": "heavy"})
+    with pytest.raises(SystemExit) as exit_info:
+        _train_config("--augment", "heavy")
+    assert exit_info.value.code == 2
+
+
+def test_quick_recipe_is_the_cpu_recipe_smaller_and_shorter():
+    quick, cpu = build_config("quick", "cpu", {}), build_config("cpu", "cpu", {})
+    assert quick.model == cpu.model and quick.schedule == cpu.schedule
+    assert quick.image_size < cpu.image_size and quick.epochs < cpu.epochs
+    assert quick.augment == AUGMENTATIONS["light"]
