@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout
 
-from pneumoscan.config import TrainConfig, build_config  # noqa: E402
+from pneumoscan.config import RECIPES, TrainConfig, build_config  # noqa: E402
 from pneumoscan.train import (  # noqa: E402
     TrainStep,
     balanced_class_weights,
@@ -54,9 +54,9 @@ from pneumoscan.train import (  # noqa: E402
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="registry or timm name (default: the recipe's)")
-    p.add_argument("--recipe", choices=["seed", "strong", "cpu"],
+    p.add_argument("--recipe", choices=list(RECIPES),
                    help="settings to use (default: seed for seed_cnn or --data, else strong)")
-    p.add_argument("--image-size", type=int, help="default: the recipe's (224; cpu: 64)")
+    p.add_argument("--image-size", type=int, help="default: the recipe's (224; cpu, quick: 64)")
     p.add_argument("--batch-size", type=int, help="the project's batch (default: the recipe's)")
     p.add_argument("--plain-batch-size", type=int, help="plain loop batch (default: the same)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

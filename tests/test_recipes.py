@@ -48,8 +48,15 @@ def test_unknown_augmentation_is_refused():
     assert exit_info.value.code == 2
 
 
-def test_quick_recipe_is_the_cpu_recipe_smaller_and_shorter():
+def test_quick_recipe_is_the_cpu_recipe_on_a_smaller_network_for_fewer_epochs():
     quick, cpu = build_config("quick", "cpu", {}), build_config("cpu", "cpu", {})
-    assert quick.model == cpu.model and quick.schedule == cpu.schedule
-    assert quick.image_size < cpu.image_size and quick.epochs < cpu.epochs
-    assert quick.augment == AUGMENTATIONS["light"]
+    assert (quick.model, cpu.model) == ("resnet10t", "resnet18")
+    assert quick.epochs < cpu.epochs
+    assert quick.image_size == cpu.image_size and quick.schedule == cpu.schedule
+    assert quick.augment == cpu.augment == AUGMENTATIONS["light"]
+
+
+def test_quick_recipes_network_is_registered():
+    from pneumoscan.models import list_models
+
+    assert "resnet10t" in list_models()

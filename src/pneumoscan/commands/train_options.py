@@ -22,8 +22,8 @@ def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> N
         "--recipe",
         default="auto",
         choices=["auto", *RECIPES],
-        help="auto: strong on a GPU, cpu otherwise; quick: a first model in minutes on a CPU; "
-        "seed: the report's recipe",
+        help="auto: strong on a GPU, cpu otherwise; quick: a first model in under 3 minutes "
+        "on a CPU; seed: the report's recipe",
     )
     p.add_argument("--model", help="registry name or any timm model (see `pneumoscan models`)")
     p.add_argument(

@@ -13,8 +13,16 @@ from torch import nn
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.models.registry import register_model
 
-# The backbones users of this field ask for first; any other timm name works too.
-STANDARD_BACKBONES = ("resnet18", "resnet50", "densenet121", "efficientnet_b0", "convnext_nano")
+# The backbones users of this field ask for first, and the quick recipe's small ResNet-10-T; any
+# other timm name works too.
+STANDARD_BACKBONES = (
+    "resnet18",
+    "resnet50",
+    "densenet121",
+    "efficientnet_b0",
+    "convnext_nano",
+    "resnet10t",
+)
 
 
 def is_timm_model(name: str) -> bool:
