@@ -155,7 +155,7 @@ def build_config(recipe: str, device_type: str, overrides: dict) -> TrainConfig:
     values = dict(RECIPES[name])
     given = {k: v for k, v in overrides.items() if v is not None}
     values.update(given)
-    augment = values.get("augment", "report")
+    augment = values.get("augment")
     if isinstance(augment, str):  # a name, from a recipe or --augment
         if augment not in AUGMENTATIONS:
             raise PneumoscanError(

@@ -41,8 +41,10 @@ def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> N
     p.add_argument(
         "--augment",
         choices=list(AUGMENTATIONS),
-        help="training augmentation: report (rotation 30 deg, zoom 0.2, shift 0.1), light "
-        "(10 deg, 0.1, 0.05) or none; default: the recipe's",
+        help="training augmentation (rotation in degrees / zoom / shift): "
+        + ", ".join(f"{name} {a.rotation_deg:g}/{a.zoom:g}/{a.shift:g}"
+                    for name, a in AUGMENTATIONS.items())
+        + "; default: the recipe's",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

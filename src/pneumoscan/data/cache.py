@@ -115,12 +115,12 @@ def _decode_all(paths: list[Path], size: int, workers: int | None, progress: boo
     workers = workers or os.cpu_count() or 1
     bar = _progress_bar(len(paths), progress)
     with contextlib.ExitStack() as stack:
-        results = map(_decode_chunk, chunks, [size] * len(chunks))
+        mapper = map
         if workers > 1 and len(chunks) > 1:
-            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers))
-            # map() hands each chunk's result over once and forgets it: the results are not
-            # all held at once beside the output array, which would double the memory.
-            results = pool.map(_decode_chunk, chunks, [size] * len(chunks))
+            # The pool's map() hands each chunk's result over once and forgets it: the results
+            # are not all held at once beside the output array, which would double the memory.
+            mapper = stack.enter_context(ProcessPoolExecutor(max_workers=workers)).map
+        results = mapper(_decode_chunk, chunks, [size] * len(chunks))
         for start, (chunk_images, chunk_errors) in zip(starts, results, strict=True):
             end = start + len(chunk_images)
             images[start:end] = chunk_images
