@@ -304,3 +304,34 @@ def test_summarize_runs():
     assert not any(key.startswith("ci95") for key in s)
     with pytest.raises(ValueError, match="got 0"):
         summarize_runs([])
+
+
+def test_threshold_rules_benchmark_scores_rules_chosen_on_validation(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "threshold_rules.py"
+    spec = importlib.util.spec_from_file_location("threshold_rules", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(0)
+    runs = []
+    for k in range(2):  # two runs: noisy scores, the positives shifted up
+        run = tmp_path / f"run{k}"
+        run.mkdir()
+        for name in ("val_predictions.npz", "test_predictions.npz"):
+            y = (rng.random(300) < 0.7).astype(np.int64)
+            prob = 1 / (1 + np.exp(-(2.5 * y - 1.0 + rng.normal(0, 1, 300))))
+            np.savez(run / name, labels=y, prob=prob)
+        runs.append(run)
+    assert bench.main([str(r) for r in runs] + [str(tmp_path / "missing")]) == 0
+    out = capsys.readouterr()
+    assert "missing: skipped" in out.err
+    result = json.loads(out.out.strip().splitlines()[-1])
+    assert result["runs"] == 2
+    # fixed:0.5 is scored by hand on the hold-outs
+    expected = np.mean([((np.load(r / "test_predictions.npz")["prob"] >= 0.5)
+                         == np.load(r / "test_predictions.npz")["labels"]).mean() for r in runs])
+    assert result["rules"]["fixed:0.5"]["accuracy"] == pytest.approx(expected, abs=1e-4)
+    for figures in result["rules"].values():
+        assert 0.5 < figures["accuracy"] <= 1 and 0.5 < figures["balanced_accuracy"] <= 1
