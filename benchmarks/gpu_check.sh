@@ -25,7 +25,7 @@
 # OUT_DIR (default $OUT, else /tmp/gpu_check) receives gpu_check.log (everything printed),
 # speed.jsonl (each benchmark's JSON line) and runs.tgz (the runs' small files, no weights).
 # SMOKE=1 runs every part on the CPU at 32 px for one epoch and a few steps: a check of the
-# script itself, in a minute or two, before spending GPU time.
+# script itself, in about 5 minutes on a 2-core CPU, before spending GPU time.
 
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +47,9 @@ if [ "${SMOKE:-0}" = 1 ]; then
     DEVICE=cpu TRAIN_SMALL=(--image-size 32 --epochs 1) MODES=eager SMALL_MODES=eager
     SPEED_SMALL=(--image-size 32 --batch-size 16 --plain-batch-size 16 --steps 2 --warmup 1)
     VARIANTS=("${VARIANTS[@]:0:2}") SEEDS="0 1"
+    # Part 2 runs its trainings side by side: on a small CPU, threads of four processes
+    # competing for two cores spin far more than they compute.
+    export OMP_NUM_THREADS=1
 fi
 mkdir -p "$OUT_DIR" "$WORK"
 exec > >(tee -a "$OUT_DIR/gpu_check.log") 2>&1
