@@ -219,6 +219,27 @@ def test_low_memory_flag_reaches_the_run_and_does_not_block_resume(synthetic_dat
     assert main([*common, "--resume"]) == 0
 
 
+def test_low_memory_run_trains_the_same_weights(synthetic_data, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from pneumoscan.models.seed_cnn import SeedCNN
+
+    stem_runs = []
+    real_stem = SeedCNN._stem
+    monkeypatch.setattr(SeedCNN, "_stem", lambda self, x: stem_runs.append(1) or real_stem(self, x))
+    common = ["train", "--data", str(synthetic_data), "--device", "cpu", "--recipe", "seed",
+              "--image-size", "32", "--epochs", "1", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert not stem_runs
+    assert main([*common, "--out", str(tmp_path / "low"), "--low-memory"]) == 0
+    assert stem_runs  # the stem was checkpointed (run again in each backward)
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    low = load_file(tmp_path / "low" / "model.safetensors")
+    assert plain.keys() == low.keys()
+    for name, tensor in plain.items():  # stem recomputed in backward: the same numbers
+        assert torch.equal(tensor, low[name]), name
+
+
 def test_schedule_is_laid_out_over_the_steps_fit_takes():
     from pneumoscan.train import steps_in_epoch
 

@@ -96,3 +96,34 @@ def test_seed_cnn_has_the_report_parameter_counts_at_3x224():
 def test_unknown_model_name_is_a_user_error():
     with pytest.raises(PneumoscanError, match="no_such_net_xyz"):
         create_model("no_such_net_xyz", in_chans=1, image_size=SIZE)
+
+
+def _saved_bytes_and_grads(model: nn.Module, x: torch.Tensor) -> tuple[int, dict]:
+    """Bytes autograd keeps for backward in one training step, and the gradients it yields."""
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x).logsumexp(1).sum()
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return sum(saved), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_seed_cnn_stem_checkpointing_keeps_less_and_changes_nothing():
+    torch.manual_seed(0)
+    model = create_model("seed_cnn", in_chans=3, image_size=64).train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0  # the same masks both times
+    x = torch.rand(4, 3, 64, 64)
+    plain_bytes, plain_grads = _saved_bytes_and_grads(model, x)
+    model.checkpoint_stem()
+    kept_bytes, kept_grads = _saved_bytes_and_grads(model, x)
+    # The stem's two 16-channel full-resolution maps (float32) are no longer kept.
+    assert plain_bytes - kept_bytes >= 2 * 4 * 16 * 64 * 64 * 4
+    for name, grad in plain_grads.items():
+        assert torch.equal(grad, kept_grads[name]), name

@@ -290,6 +290,8 @@ def fit(
     # channels_last is the layout of GPU tensor cores and of oneDNN's CPU kernels: 1.1 to 1.9
     # times faster on a CPU than the default layout for these models (the larger the image).
     model = model.to(memory_format=torch.channels_last)
+    if cfg.low_memory and device.type == "cpu" and hasattr(model, "checkpoint_stem"):
+        model.checkpoint_stem()  # --low-memory trades time for memory here too (seed_cnn.py)
     class_weights = balanced_class_weights(class_counts).to(device) if cfg.class_weights else None
 
     # ---- learning rate and optimizer; the global batch is split across ranks
