@@ -150,6 +150,35 @@ class _nullcontext:
         return False
 
 
+def test_help_does_not_wait_for_torch_or_scikit_learn():
+    # Building the parser (``pneumoscan --help``, any usage error) imports the command modules;
+    # the heavy libraries load only when a command runs.
+    import subprocess
+    import sys
+
+    code = ("import sys; from pneumoscan.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'sklearn', 'scipy', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_cli_startup_benchmark_times_each_command(trained_run, synthetic_data, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cli_startup.py"
+    spec = importlib.util.spec_from_file_location("cli_startup", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    image = next((synthetic_data / "test").rglob("*.png"))
+    assert bench.main(["--run", str(trained_run), "--image", str(image), "--repeat", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["wall_s"]) == {"python", "import torch", "import torch, timm",
+                                     "pneumoscan --help", "pneumoscan predict (one image)"}
+    assert all(seconds > 0 for seconds in result["wall_s"].values())
+    assert result["command"].startswith("python benchmarks/cli_startup.py --run ")
+
+
 def test_seeds_write_a_summary(synthetic_data, tmp_path):
     out = tmp_path / "seeds"
     assert (

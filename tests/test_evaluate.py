@@ -20,9 +20,9 @@ from pneumoscan.evaluate import (
     expected_calibration_error,
     fit_temperature,
     format_table,
-    parse_threshold_rule,
     summarize_runs,
 )
+from pneumoscan.threshold_rules import parse_threshold_rule
 
 # 10 predictions, threshold 0.5:
 #   positives 0.9 0.8 0.7 0.4 0.3 -> tp=3 fn=2

@@ -7,7 +7,6 @@ written as JSON as-is; ``None`` marks a figure that is undefined on the given da
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -29,6 +28,7 @@ from sklearn.metrics import (
 )
 
 from pneumoscan import CLASS_NAMES
+from pneumoscan.threshold_rules import split_threshold_rule
 
 RATE_KEYS = (
     "accuracy",
@@ -43,7 +43,6 @@ RATE_KEYS = (
 
 ECE_BINS = 15
 PROB_EPS = 1e-15  # keeps log loss finite for a confidently wrong probability of exactly 0 or 1
-THRESHOLD_RULE_FORMS = "youden, sensitivity:X (0 < X <= 1), fixed:X (0 <= X <= 1)"
 
 _BOOTSTRAP_CHUNK = 128  # resamples per vectorised batch: bounds memory at ~chunk * n floats
 _LOG_T_BOUNDS = (math.log(1e-2), math.log(1e2))
@@ -337,35 +336,6 @@ def evaluate_predictions(
 # --------------------------------------------------------------------------- thresholds
 
 
-class ThresholdRuleError(ValueError, argparse.ArgumentTypeError):
-    """A bad threshold rule; also an ArgumentTypeError so argparse prints its message."""
-
-
-def _parse_rule(text: str) -> tuple[str, float | None]:
-    raw = str(text).strip().lower()
-    name, sep, value = raw.partition(":")
-    if raw == "youden":
-        return "youden", None
-    if sep and name in ("sensitivity", "fixed"):
-        try:
-            x = float(value)
-        except ValueError:
-            x = math.nan
-        low_ok = x > 0.0 if name == "sensitivity" else x >= 0.0
-        if low_ok and x <= 1.0:
-            return name, x
-    raise ThresholdRuleError(f"bad threshold rule {text!r}: use one of {THRESHOLD_RULE_FORMS}")
-
-
-def parse_threshold_rule(text: str) -> str:
-    """Validate a rule string and return it in canonical form, e.g. ``"sensitivity:0.95"``.
-
-    Suitable as an argparse ``type=``: a bad rule is reported with the valid forms.
-    """
-    name, value = _parse_rule(text)
-    return name if value is None else f"{name}:{value!r}"
-
-
 def choose_threshold(y_true: np.ndarray, prob: np.ndarray, rule: str = "youden") -> float:
     """Operating threshold (predict positive iff ``prob >= threshold``) chosen by ``rule``.
 
@@ -374,7 +344,7 @@ def choose_threshold(y_true: np.ndarray, prob: np.ndarray, rule: str = "youden")
     - ``sensitivity:X``: the highest ROC threshold whose sensitivity is at least X;
     - ``fixed:X``: X itself.
     """
-    name, value = _parse_rule(rule)
+    name, value = split_threshold_rule(rule)
     if name == "fixed":
         assert value is not None
         return float(value)

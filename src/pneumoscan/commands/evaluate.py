@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pneumoscan.evaluate import parse_threshold_rule
+from pneumoscan.threshold_rules import parse_threshold_rule
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pneumoscan.config import AUGMENTATIONS, RECIPES, TrainConfig, build_config
-from pneumoscan.evaluate import parse_threshold_rule
-from pneumoscan.train import resolve_device
+from pneumoscan.threshold_rules import parse_threshold_rule
 
 
 def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> None:
@@ -82,6 +81,9 @@ def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> N
 
 
 def config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
+    # Imported here, not at the top: building the parser (and --help) must not wait for torch.
+    from pneumoscan.train import resolve_device
+
     device_type = resolve_device(args.device).type
     overrides = {
         "data": args.data,
