@@ -150,6 +150,18 @@ class _nullcontext:
         return False
 
 
+def test_every_command_help_prints_its_description_as_written(capsys):
+    from pneumoscan.cli import COMMANDS
+
+    helps = {}
+    for verb in COMMANDS:
+        with pytest.raises(SystemExit):
+            main([verb, "--help"])
+        helps[verb] = capsys.readouterr().out
+        assert "%%" not in helps[verb], verb
+    assert "with 95% intervals" in helps["evaluate"]
+
+
 def test_help_does_not_wait_for_torch_or_scikit_learn():
     # Building the parser (``pneumoscan --help``, any usage error) imports the command modules;
     # the heavy libraries load only when a command runs.

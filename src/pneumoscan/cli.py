@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         module = _command_module(verb)
         if module is None:
             continue
-        p = sub.add_parser(verb, help=help_text, description=help_text)
+        # argparse %-formats help strings but prints descriptions as they are.
+        p = sub.add_parser(verb, help=help_text, description=help_text.replace("%%", "%"))
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
