@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pneumoscan.augment import augment_batch
+from pneumoscan.batchnorm import settle_batchnorm
 from pneumoscan.config import TrainConfig, describe_lr
 from pneumoscan.data.dataset import Split
 from pneumoscan.distributed import DistInfo, all_reduce_sum, broadcast_object
@@ -440,6 +441,17 @@ def fit(
         release_cuda_graphs(model)
     if cfg.restore_best and best_state is not None:
         model.load_state_dict(best_state)
+    # Every rank measures the same batches in the same order, so the replicas stay identical.
+    settle = (
+        model_input(train_images[rows_on_device[i : i + per_rank_batch]], cfg).contiguous(
+            memory_format=torch.channels_last)
+        for i in range(0, n_train - per_rank_batch + 1, per_rank_batch)
+    )
+    with autocast(device):
+        settled = settle_batchnorm(model, settle)
+    if settled and progress and dist_info.is_main:
+        print(f"BatchNorm statistics measured again on {settled} training images: their running "
+              "averages had not settled (batchnorm.py)")
     best_epoch = stopper.best_epoch if cfg.restore_best else len(history)
     return FitResult(model, history, best_epoch, stopped_early)
 

@@ -1,0 +1,65 @@
+"""Running statistics that have not settled are measured again at the end of training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pneumoscan.batchnorm import MAX_BATCHES, settle_batchnorm, unsettled_share
+from pneumoscan.cli import main
+
+
+def _batches(n: int, mean: float, std: float, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [mean + std * torch.randn(16, 3, generator=g) for _ in range(n)]
+
+
+def _trained_bn(momentum: float, steps: int) -> nn.BatchNorm1d:
+    bn = nn.BatchNorm1d(3, momentum=momentum).train()
+    for x in _batches(steps, mean=5.0, std=0.01):
+        bn(x)
+    return bn
+
+
+def test_keras_momentum_after_few_steps_is_measured_again():
+    bn = _trained_bn(momentum=0.01, steps=20)
+    assert unsettled_share(bn) == pytest.approx(0.99**20)
+    assert bn.running_mean.mean() < 1.0  # still far from the data's mean of 5
+    used = settle_batchnorm(bn, iter(_batches(MAX_BATCHES + 5, mean=5.0, std=0.01, seed=1)))
+    assert used == MAX_BATCHES * 16  # at most MAX_BATCHES batches are read
+    assert torch.allclose(bn.running_mean, torch.full((3,), 5.0), atol=2e-3)
+    assert torch.allclose(bn.running_var, torch.full((3,), 1e-4), rtol=0.1)
+    assert bn.momentum == 0.01 and bn.training  # left as it was
+
+
+def test_settled_statistics_and_empty_input_are_left_alone():
+    bn = _trained_bn(momentum=0.1, steps=200)
+    before = bn.running_var.clone()
+    assert settle_batchnorm(bn, iter(_batches(3, mean=0.0, std=1.0))) == 0
+    assert torch.equal(bn.running_var, before)
+    young = _trained_bn(momentum=0.01, steps=5)
+    before = young.running_mean.clone()
+    assert settle_batchnorm(young, iter([])) == 0  # nothing to measure: no reset either
+    assert torch.equal(young.running_mean, before)
+
+
+def test_short_run_of_the_report_cnn_gives_spread_out_probabilities(synthetic_data, tmp_path,
+                                                                    capsys, monkeypatch):
+    # The report's CNN keeps Keras' BatchNorm momentum: after a two-epoch run its statistics
+    # still hold much of their start, and evaluating with them gave every image about the same
+    # probability. Measured again, the run ranks validation images as training taught it.
+    common = ["train", "--data", str(synthetic_data), "--device", "cpu", "--recipe", "cpu",
+              "--model", "seed_cnn", "--image-size", "32", "--epochs", "2"]
+    assert main([*common, "--out", str(tmp_path / "run")]) == 0
+    assert "BatchNorm statistics measured again" in capsys.readouterr().out
+    spread = np.load(tmp_path / "run" / "val_predictions.npz")["prob"].std()
+    monkeypatch.setattr("pneumoscan.batchnorm.UNSETTLED_SHARE", 1.0)  # as before: never
+    assert main([*common, "--out", str(tmp_path / "unsettled"), "--quiet"]) == 0
+    unsettled = np.load(tmp_path / "unsettled" / "val_predictions.npz")["prob"].std()
+    assert spread > 10 * unsettled
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["validation"]["roc_auc"] is not None
