@@ -63,3 +63,26 @@ def test_short_run_of_the_report_cnn_gives_spread_out_probabilities(synthetic_da
     assert spread > 10 * unsettled
     meta = json.loads((tmp_path / "run" / "model.json").read_text())
     assert meta["validation"]["roc_auc"] is not None
+
+
+def test_batches_are_read_one_at_a_time():
+    # At 224 px a hundred float batches of 32 take about 2 GB: they must not be held together.
+    import weakref
+
+    bn = _trained_bn(momentum=0.01, steps=5)
+    alive, most_alive = [0], [0]
+
+    def released():
+        alive[0] -= 1
+
+    def batches():
+        for seed in range(30):
+            x = _batches(1, mean=5.0, std=0.01, seed=seed)[0]
+            alive[0] += 1
+            most_alive[0] = max(most_alive[0], alive[0])
+            weakref.finalize(x, released)
+            yield x
+            del x
+
+    assert settle_batchnorm(bn, batches()) == 30 * 16
+    assert most_alive[0] <= 3

@@ -44,8 +44,16 @@ def settle_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     """
     if unsettled_share(model) <= UNSETTLED_SHARE:
         return 0
-    used = list(itertools.islice(batches, MAX_BATCHES))
-    if not used:  # update_bn would reset the statistics and measure nothing
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:  # update_bn would reset the statistics and measure nothing
         return 0
-    update_bn(used, model)
-    return sum(len(x) for x in used)
+    seen = [0]
+
+    def counted():  # one batch at a time: a list of them at 224 px would take gigabytes
+        for x in itertools.chain([first], itertools.islice(batches, MAX_BATCHES - 1)):
+            seen[0] += len(x)
+            yield x
+
+    update_bn(counted(), model)
+    return seen[0]
