@@ -441,9 +441,12 @@ def fit(
         release_cuda_graphs(model)
     if cfg.restore_best and best_state is not None:
         model.load_state_dict(best_state)
-    # Every rank measures the same batches in the same order, so the replicas stay identical.
+    # Batches drawn across the training rows (which often come sorted by class), the same ones
+    # in the same order on every rank, so the replicas stay identical.
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))
+    settle_rows = rows_on_device[order.to(device)]
     settle = (
-        model_input(train_images[rows_on_device[i : i + per_rank_batch]], cfg).contiguous(
+        model_input(train_images[settle_rows[i : i + per_rank_batch]], cfg).contiguous(
             memory_format=torch.channels_last)
         for i in range(0, n_train - per_rank_batch + 1, per_rank_batch)
     )
