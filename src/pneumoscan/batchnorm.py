@@ -49,12 +49,13 @@ def settle_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     first = next(batches, None)
     if first is None:  # update_bn would reset the statistics and measure nothing
         return 0
-    seen = [0]
+    seen = 0
 
     def counted():  # one batch at a time: a list of them at 224 px would take gigabytes
+        nonlocal seen
         for x in itertools.chain([first], itertools.islice(batches, MAX_BATCHES - 1)):
-            seen[0] += len(x)
+            seen += len(x)
             yield x
 
     update_bn(counted(), model)
-    return seen[0]
+    return seen

@@ -69,7 +69,7 @@ def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> N
         default=None,
         help="hold less memory at the cost of speed: large freed buffers go back to the system "
         "at once, and seed_cnn recomputes its full-resolution layers in backward (the seed "
-        "recipe at 224 px on a CPU: 1.7 GiB instead of 2.3 GiB, 1.8 times as long)",
+        "recipe at 224 px on a CPU: 1.6 GiB instead of 2.3 GiB, 1.8 times as long)",
     )
     p.add_argument(
         "--cuda-graphs",
