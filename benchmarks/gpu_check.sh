@@ -13,7 +13,8 @@
 #    CUDA graphs, against a plain eager loop at batch 32 (the report's batch); and ResNet-18 at
 #    the strong recipe's batch 64, eager against CUDA graphs.
 # 4. The seed recipe's epoch on DATA_DIR's train split: the project's step against the plain loop,
-#    both at the report's batch 32 (the report: 55 s an epoch).
+#    both at the report's batch 32 (the report: 55 s an epoch); then a profile of part 3's eager
+#    step for each model: the kernels that take its time.
 #
 # DATA_DIR is a Kermany-style folder (train/NORMAL, train/PNEUMONIA). On a machine that receives
 # only the repository tree, copy the data into a git-ignored folder of the tree and send it along
@@ -158,7 +159,7 @@ speed() {  # name, time limit in s, train_speed arguments...
     if time timeout "$limit" "$PYTHON" benchmarks/train_speed.py --device "$DEVICE" "$@" \
             "${SPEED_SMALL[@]}" \
             > "$WORK/speed_$name.log" 2>&1; then
-        grep -v '^{' "$WORK/speed_$name.log" | grep -v -i warn | tail -n 6
+        grep -v '^{' "$WORK/speed_$name.log" | grep -v -i -E "warn|USDT" | tail -n 24
         grep '^{' "$WORK/speed_$name.log" | tail -n 1 | tee -a "$OUT_DIR/speed.jsonl"
     else
         tail -n 20 "$WORK/speed_$name.log"
@@ -174,8 +175,11 @@ speed resnet18_b64 60 --model resnet18 --image-size 224 --batch-size 64 --modes 
 
 # ---- 4. the report's recipe: one epoch of its train split, project against plain, batch 32
 speed seed_epoch 60 --data "$DATA" --recipe seed --modes "$SMALL_MODES"
-speed resnet18_b1024 60 --model resnet18 --image-size 224 --batch-size 1024 --modes eager \
-    --steps 30 --skip-plain
+# Where the eager step's time goes, kernel by kernel, for the two models of part 3.
+speed profile_seed_cnn 60 --model seed_cnn --image-size 224 --batch-size 512 --modes eager \
+    --steps 10 --skip-plain --profile 5
+speed profile_resnet18 60 --model resnet18 --image-size 224 --batch-size 512 --modes eager \
+    --steps 10 --skip-plain --profile 5
 
 # ---- 5. the distributed path with NCCL: torchrun, one process on the one GPU, two epochs
 echo "== 5. torchrun --nproc_per_node=1 -m pneumoscan train (NCCL)"

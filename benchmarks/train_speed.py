@@ -14,6 +14,7 @@ synchronize. The last line printed is one JSON object with the figures and the c
 
     python benchmarks/train_speed.py --model seed_cnn --image-size 64 --batch-size 32 --device cpu
     python benchmarks/train_speed.py --data ../shared/data/chest_xray_224 --device cuda
+    python benchmarks/train_speed.py --model resnet18 --device cuda --modes graphs --profile 10
 
 ``--data DIR`` times whole epochs of the recipe (``seed`` unless told) on DIR's train split
 instead of random images.
@@ -71,6 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--data", help="time epochs on this folder's train split, not random images")
     p.add_argument("--skip-plain", action="store_true", help="time the project's step only")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also profile this many eager steps and print the operators (on CUDA, "
+                   "the kernels) that take the time")
     return p.parse_args(argv)
 
 
@@ -106,17 +110,16 @@ COMPILE_MODES = {"eager": None, "graphs": None, "compile": "default",
                  "cudagraphs": "reduce-overhead"}
 
 
-def time_project(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, device: torch.device,
-                 *, steps: int, warmup: int, mode: str) -> float:
-    """Images per second of fit()'s inner loop, timed over ``steps`` after ``warmup``."""
+def make_project_step(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray,
+                      device: torch.device, *, mode: str, total_steps: int):
+    """fit()'s step as fit() builds it, and the data on the device: (step, images, labels)."""
     configure_device(device)
     torch.manual_seed(cfg.seed)
     train_images = torch.from_numpy(images).to(device)
     train_labels = torch.from_numpy(labels).to(device)
     model = build_model(cfg).to(device).to(memory_format=torch.channels_last)  # as fit() does
     optimizer = make_optimizer(model, cfg, device)
-    total = warmup + steps
-    scheduler = make_scheduler(optimizer, dataclasses.replace(cfg, epochs=1), total)
+    scheduler = make_scheduler(optimizer, dataclasses.replace(cfg, epochs=1), total_steps)
     weights = balanced_class_weights(np.bincount(labels, minlength=2)).to(device)
     compile_mode = COMPILE_MODES[mode]
     train_model = torch.compile(model, mode=compile_mode) if compile_mode else model
@@ -127,7 +130,15 @@ def time_project(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, devic
     step = TrainStep(train_model, optimizer, scheduler, cfg, weights, device,
                      torch.Generator(device=device).manual_seed(cfg.seed), channels_last=True)
     model.train()
+    return step, train_images, train_labels
 
+
+def time_project(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, device: torch.device,
+                 *, steps: int, warmup: int, mode: str) -> float:
+    """Images per second of fit()'s inner loop, timed over ``steps`` after ``warmup``."""
+    total = warmup + steps
+    step, train_images, train_labels = make_project_step(
+        cfg, images, labels, device, mode=mode, total_steps=total)
     batches = _index_batches(len(images), cfg.batch_size, total, device)
     loss_sum = torch.zeros((), device=device)
     for i, idx in enumerate(batches):
@@ -141,6 +152,44 @@ def time_project(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, devic
     if not math.isfinite(float(loss_sum)):
         raise RuntimeError("project loop: loss is not finite")
     return steps * cfg.batch_size / seconds
+
+
+def profile_project(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray,
+                    device: torch.device, *, steps: int, warmup: int, rows: int = 15) -> list[dict]:
+    """The operators (on CUDA: the kernels) that take the eager step's time, largest first.
+
+    Eager, so that every kernel is seen by name (inside CUDA graphs and compiled code they are
+    the same work, fused or launched together). Times are each operator's own, per step.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    total = warmup + steps
+    step, train_images, train_labels = make_project_step(
+        cfg, images, labels, device, mode="eager", total_steps=total)
+    batches = list(_index_batches(len(images), cfg.batch_size, total, device))
+    for idx in batches[:warmup]:
+        step(train_images[idx], train_labels[idx])
+    sync(device)
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        for idx in batches[warmup:]:
+            step(train_images[idx], train_labels[idx])
+        sync(device)
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    whole = sum(getattr(e, key) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    table = [{"op": e.key[:90], "calls_per_step": round(e.count / steps, 1),
+              "ms_per_step": round(getattr(e, key) / steps / 1000, 3),
+              "share": round(getattr(e, key) / whole, 4)} for e in events[:rows]]
+    where = "GPU kernel" if on_gpu else "CPU operator"
+    print(f"profile: eager step, batch {cfg.batch_size}, {steps} steps, {whole / steps / 1000:.1f} "
+          f"ms of {where} time a step; the largest, each its own time:")
+    for row in table:
+        print(f"  {row['share']:6.1%} {row['ms_per_step']:9.3f} ms {row['calls_per_step']:6.1f}x  "
+              f"{row['op']}")
+    return table
 
 
 def _index_batches(n: int, batch: int, count: int, device: torch.device):
@@ -247,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plain:   batch {plain_batch}, {plain_steps} steps: {plain:,.1f} images/s")
         print(f"ratio:   {project / plain:.2f}x ({best_mode})")
 
+    profile = None
+    if args.profile:
+        profile = profile_project(cfg, images, labels, device, steps=args.profile,
+                                  warmup=args.warmup)
+
     result = {
         "model": cfg.model,
         "image_size": cfg.image_size,
@@ -264,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps": project_steps,
         "threads": torch.get_num_threads(),
     }
+    if profile is not None:
+        result["profile"] = profile
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(device)
     if args.data:  # whole epochs of the train split, as a run would see them

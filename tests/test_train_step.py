@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -17,14 +18,17 @@ import torch
 import torch.nn.functional as F
 
 from pneumoscan.augment import augment_batch
+from pneumoscan.commands.train import process_age_s
 from pneumoscan.config import AugmentConfig, TrainConfig
 from pneumoscan.data.dataset import Split
+from pneumoscan.pipeline import describe_run_time
 from pneumoscan.train import (
     METRICS,
     EarlyStopping,
     TrainStep,
     balanced_class_weights,
     build_model,
+    describe_fit_timings,
     fit,
     make_optimizer,
     predict_logits,
@@ -221,6 +225,48 @@ def test_fit_on_rows_of_a_pool_equals_fit_on_their_copy(tmp_path):
     assert on_pool.history[0]["train_loss"] != on_rows.history[0]["train_loss"]
 
 
+def test_fit_accounts_for_its_time(tmp_path):
+    # The closing line of `train` says where a run's time went: the epochs' share must be the
+    # epochs' own seconds from the log, and the parts cannot add up to more than fit took.
+    cfg = _config(epochs=2, batch_size=8, augment=AugmentConfig())
+    train, val = _random_split(24, 32, seed=6), _random_split(8, 32, seed=7)
+    t0 = time.perf_counter()
+    result = fit(cfg, train, val, tmp_path, class_counts=np.array([8, 16]), progress=False)
+    elapsed = time.perf_counter() - t0
+    t = result.timings
+    assert list(t)[:4] == ["set-up", "epochs", "validation", "checkpoints"]
+    assert t["epochs"] == pytest.approx(sum(r["seconds"] for r in result.history), abs=0.01)
+    assert t["first epoch"] == pytest.approx(result.history[0]["seconds"], abs=0.001)
+    assert all(v > 0 for v in t.values())
+    assert sum(v for k, v in t.items() if k != "first epoch") <= elapsed
+    line = describe_fit_timings(t)
+    assert line.startswith(f"set-up {t['set-up']:.1f} s, epochs {t['epochs']:.1f} s (the first ")
+
+
+def test_run_time_line_adds_start_up_when_known():
+    timings = {"set-up": 1.0, "epochs": 10.0, "validation": 0.5, "checkpoints": 0.25,
+               "first epoch": 6.0}
+    line = describe_run_time(20.0, 2.0, 12.0, timings, 6.0, startup=9.0)
+    assert line.startswith("done in 29.0 s: start-up 9.0 s (Python and imports), data 2.0 s, "
+                           "training 12.0 s (set-up 1.0 s, epochs 10.0 s (the first 6.0 s), ")
+    assert line.endswith("plots 6.0 s")
+    assert describe_run_time(20.0, 2.0, 12.0, {}, 6.0).startswith("done in 20.0 s: data 2.0 s, "
+                                                                  "training 12.0 s, calibration")
+    # One epoch: it is the first, so that is not said twice.
+    assert describe_fit_timings({"set-up": 1.0, "epochs": 5.0, "first epoch": 5.0}) == (
+        "set-up 1.0 s, epochs 5.0 s")
+
+
+def test_process_age_is_this_process_age():
+    age = process_age_s()
+    if age is None:
+        pytest.skip("no /proc here")
+    # This test process has run pytest's collection at least: more than nothing, under a day.
+    assert 0.0 < age < 86_400
+    time.sleep(0.05)
+    assert process_age_s() >= age
+
+
 # ---- augmentation
 
 
@@ -303,3 +349,25 @@ def test_train_speed_benchmark_runs_on_cpu(capsys):
     assert result["ratio"] == pytest.approx(
         result["project_images_per_s"] / result["plain_images_per_s"], rel=0.02)
     assert result["command"].startswith("python benchmarks/train_speed.py --model seed_cnn")
+
+
+def test_train_speed_profile_names_the_convolutions(capsys):
+    # The profile is there to say where a step's time goes: for a CNN, into its convolutions.
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_speed.py"
+    spec = importlib.util.spec_from_file_location("train_speed", path)
+    train_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_speed)
+    argv = ["--model", "seed_cnn", "--image-size", "32", "--batch-size", "8", "--device", "cpu",
+            "--steps", "1", "--warmup", "1", "--threads", "1", "--skip-plain", "--profile", "2"]
+    assert train_speed.main(argv) == 0
+    out = capsys.readouterr().out
+    profile = json.loads(out.strip().splitlines()[-1])["profile"]
+    assert 0 < len(profile) <= 15
+    shares = [row["share"] for row in profile]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.0001
+    assert any("convolution" in row["op"] for row in profile[:3])
+    assert all(row["ms_per_step"] > 0 and row["calls_per_step"] > 0 for row in profile)
+    assert "ms of CPU operator time a step" in out

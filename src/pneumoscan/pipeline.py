@@ -23,25 +23,35 @@ from pneumoscan.evaluate import (
 )
 from pneumoscan.fileio import atomic_write_json
 from pneumoscan.model_io import probabilities, save_model
-from pneumoscan.train import fit, predict_logits, resolve_device
+from pneumoscan.train import describe_fit_timings, fit, predict_logits, resolve_device
 
 TEST_METRICS = "test_metrics.json"
 VAL_PREDICTIONS = "val_predictions.npz"
 TEST_PREDICTIONS = "test_predictions.npz"
 
 
-def train_run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
-    """Train one model as ``cfg`` says and leave a complete run directory in ``cfg.out``."""
+def train_run(
+    cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
+    startup_s: float | None = None,
+) -> dict:
+    """Train one model as ``cfg`` says and leave a complete run directory in ``cfg.out``.
+
+    ``startup_s``: seconds the process took to get here (Python and its imports), for the
+    closing time line.
+    """
     device = resolve_device(cfg.device)
     low_memory_mode(cfg.low_memory)  # before anything large is allocated
     dist_info = init_distributed(device.type)
     try:
-        return _train_run(cfg, dist_info, resume=resume, progress=progress)
+        return _train_run(cfg, dist_info, resume=resume, progress=progress, startup_s=startup_s)
     finally:
         cleanup_distributed()
 
 
-def _train_run(cfg: TrainConfig, dist_info: DistInfo, *, resume: bool, progress: bool) -> dict:
+def _train_run(
+    cfg: TrainConfig, dist_info: DistInfo, *, resume: bool, progress: bool,
+    startup_s: float | None,
+) -> dict:
     run_dir = Path(cfg.out)
     t_start = time.perf_counter()
     if dist_info.is_main:
@@ -65,11 +75,27 @@ def _train_run(cfg: TrainConfig, dist_info: DistInfo, *, resume: bool, progress:
         summary["best_epoch"] = result.best_epoch
         summary["stopped_early"] = result.stopped_early
         t_end = time.perf_counter()
-        print(f"done in {t_end - t_start:.1f} s: data {t_data - t_start:.1f} s, training "
-              f"{t_fit - t_data:.1f} s, calibration, saving, test figures and plots "
-              f"{t_end - t_fit:.1f} s")
+        summary["seconds"] = round(t_end - t_start, 1)
+        print(describe_run_time(t_end - t_start, t_data - t_start, t_fit - t_data,
+                                result.timings, t_end - t_fit, startup_s))
     barrier(dist_info)
     return summary
+
+
+def describe_run_time(
+    total: float, data: float, training: float, fit_timings: dict[str, float],
+    finishing: float, startup: float | None = None,
+) -> str:
+    """The closing line: where a run's time went, start-up included when it is known."""
+    head = f"done in {total:.1f} s"
+    if startup is not None:
+        head = f"done in {total + startup:.1f} s: start-up {startup:.1f} s (Python and imports),"
+    else:
+        head += ":"
+    inside = describe_fit_timings(fit_timings)
+    return (f"{head} data {data:.1f} s, training {training:.1f} s"
+            f"{f' ({inside})' if inside else ''}, calibration, saving, test figures and plots "
+            f"{finishing:.1f} s")
 
 
 def describe_data(data: DataBundle) -> None:

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     if not args.seeds:
-        train_run(cfg, resume=args.resume, progress=not args.quiet)
+        train_run(cfg, resume=args.resume, progress=not args.quiet, startup_s=process_age_s())
         return 0
     seeds = _parse_seeds(args.seeds)
     summaries = []
@@ -40,6 +40,27 @@ def run(args: argparse.Namespace) -> int:
 
     write_seed_summary(Path(cfg.out), seeds, summaries)
     return 0
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux's /proc); None where that cannot be read.
+
+    Importing torch and the model libraries can take seconds on a cold start, a share of a
+    short GPU run worth showing.
+    """
+    import os
+
+    try:
+        with open("/proc/self/stat") as f:
+            # Field 22 is the start time in clock ticks after boot; the command name (field 2,
+            # in parentheses) may hold spaces, so count from its closing parenthesis.
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        age = uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    return age if 0 <= age < 86_400 else None
 
 
 def _parse_seeds(text: str) -> list[int]:
