@@ -24,7 +24,9 @@
 # Needs only torch (with CUDA), torchvision, timm, numpy, Pillow, scikit-learn, scipy,
 # matplotlib, safetensors and tqdm; nothing is installed, the code runs from src/.
 # OUT_DIR (default $OUT, else /tmp/gpu_check) receives gpu_check.log (everything printed),
-# speed.jsonl (each benchmark's JSON line) and runs.tgz (the runs' small files, no weights).
+# speed.jsonl (each benchmark's JSON line) and runs.tgz (the runs' small files, no weights: the
+# validation and hold-out predictions come back, for comparing threshold rules offline with
+# benchmarks/threshold_rules.py).
 # SMOKE=1 runs every part on the CPU at 32 px for one epoch and a few steps: a check of the
 # script itself, in about 5 minutes on a 2-core CPU, before spending GPU time.
 
@@ -61,7 +63,8 @@ failed=()
 
 pack() {  # the runs' small files, refreshed after every part so a timeout keeps what was done
     (cd "$WORK" && find . -path ./cache -prune -o -type f \( -name '*.json' -o -name '*.jsonl' \
-        -o -name '*.png' \) -print | tar czf "$OUT_DIR/runs.tgz" -T -) 2>/dev/null || true
+        -o -name '*.png' -o -name '*_predictions.npz' \) -print |
+        tar czf "$OUT_DIR/runs.tgz" -T -) 2>/dev/null || true
 }
 
 if [ ! -d "$DATA" ]; then
