@@ -140,6 +140,63 @@ def test_bad_usage_exits_2_with_one_line(argv, message, capsys):
     assert len(err.splitlines()) <= 2  # argparse adds its usage line
 
 
+def _exit_status_and_err(argv, capsys):
+    try:
+        status = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        status = e.code
+    return status, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("command", ["train", "cv"])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--image-size", "0", "--image-size: expected a whole number of at least 8, got '0'"),
+        ("--image-size", "-5", "--image-size: expected a whole number of at least 8"),
+        ("--batch-size", "1", "--batch-size: expected a whole number of at least 2, got '1'"),
+        ("--epochs", "0", "--epochs: expected a whole number of at least 1, got '0'"),
+        ("--epochs", "two", "--epochs: expected a whole number of at least 1, got 'two'"),
+        ("--lr", "0", "--lr: expected a number above 0, got '0'"),
+        ("--lr", "nan", "--lr: expected a number above 0, got 'nan'"),
+        ("--val-fraction", "0.6", "expected a number above 0 and below 0.5, got '0.6'"),
+    ],
+)
+def test_out_of_range_training_options_exit_2_in_one_line(command, option, value, message,
+                                                          capsys, tmp_path):
+    # Before: a traceback from deep in the run (size must be positive; BatchNorm's "expected
+    # more than 1 value per channel"), or, for --epochs 0, an untrained model saved as a run.
+    argv = [command, "--data", "/nonexistent", "--out", str(tmp_path / "run"), option, value]
+    status, err = _exit_status_and_err(argv, capsys)
+    assert status == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "model, size, message",
+    [
+        ("seed_cnn", "33", "--model seed_cnn cannot take 33 x 33 px images (seed_cnn needs an "
+                           "image size divisible by 32, got 33)"),
+        ("densenet121", "16", "--model densenet121 cannot take 16 x 16 px images"),
+        ("resnet19", "64", "unknown model 'resnet19'"),
+    ],
+)
+def test_a_model_that_cannot_take_the_size_fails_before_any_decoding(model, size, message,
+                                                                    capsys, tmp_path):
+    # The data folder does not exist: the model's error comes first, so nothing was decoded.
+    argv = ["train", "--data", "/nonexistent", "--out", str(tmp_path / "run"), "--model", model,
+            "--image-size", size]
+    status, err = _exit_status_and_err(argv, capsys)
+    assert status == 2 and message in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+
+
+def test_cv_folds_below_two_is_a_usage_error(capsys, tmp_path):
+    status, err = _exit_status_and_err(
+        ["cv", "--data", "/nonexistent", "--out", str(tmp_path / "cv"), "--folds", "1"], capsys)
+    assert status == 2 and "--folds: expected a whole number of at least 2, got '1'" in err
+
+
 class _nullcontext:
     value = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -77,8 +78,20 @@ def test_folds_keep_each_patient_in_one_fold_and_are_stratified():
 def test_make_folds_refuses_bad_fold_counts():
     with pytest.raises(PneumoscanError, match="at least 2"):
         make_folds(_pool(), 1, seed=0)
-    with pytest.raises(PneumoscanError, match="only 6 patients"):
+    with pytest.raises(PneumoscanError, match="at least 10 patients; these images come from 6"):
         make_folds(_pool(n_patients=6), 10, seed=0)
+
+
+def test_cv_report_says_its_figures_and_threshold_are_out_of_fold(cv_run, tmp_path):
+    run = Path(shutil.copytree(cv_run, tmp_path / "cv"))
+    assert main(["report", str(run)]) == 0
+    html = (run / "report.html").read_text(encoding="utf-8")
+    figures = html[html.index('<section id="figures">'):html.index('<section id="plots">')]
+    assert "<th>out-of-fold</th>" in figures and "chosen on the out-of-fold predictions" in figures
+    data = html[html.index('<section id="data">'):html.index('<section id="config">')]
+    # All the training images, as cross-validation used them: no validation carved apart.
+    assert "Cross-validated: every training image was held out once" in data
+    assert "carved by patient" not in data
 
 
 def test_cv_saves_every_fold_as_a_full_run(cv_run):
@@ -86,6 +99,7 @@ def test_cv_saves_every_fold_as_a_full_run(cv_run):
         fold = cv_run / f"fold-{k}"
         assert (fold / "model.safetensors").is_file() and (fold / "config.json").is_file()
         assert read_meta(fold)["kind"] == "single"
+        assert not (fold / "checkpoint.pt").exists()  # resume state cv never uses: 134 MB each
 
 
 def test_oof_predictions_cover_every_training_image_exactly_once(cv_run, cv_data):
@@ -194,8 +208,10 @@ def test_predict_accepts_the_ensemble_run(cv_run, cv_data, tmp_path):
 
 def test_cv_refuses_one_fold_and_needs_out(cv_data, tmp_path, capsys):
     out = tmp_path / "never"
-    assert main(["cv", "--data", str(cv_data), "--folds", "1", "--out", str(out)]) == 2
-    assert "at least 2 folds" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # argparse refuses it, before anything is decoded
+        main(["cv", "--data", str(cv_data), "--folds", "1", "--out", str(out)])
+    assert exc.value.code == 2
+    assert "--folds: expected a whole number of at least 2" in capsys.readouterr().err
     assert not out.exists()
     with pytest.raises(SystemExit) as exc:
         main(["cv", "--data", str(cv_data)])

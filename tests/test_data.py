@@ -12,7 +12,7 @@ from conftest import REAL_DATA, write_image
 from pneumoscan.data.cache import decode_files
 from pneumoscan.data.dataset import load_data
 from pneumoscan.data.discover import discover, patient_id
-from pneumoscan.data.split import patient_folds, patient_split
+from pneumoscan.data.split import SplitError, patient_folds, patient_split
 from pneumoscan.errors import PneumoscanError
 
 
@@ -110,6 +110,31 @@ def test_patient_folds_cover_every_image_once():
     folds = patient_folds(labels, patients, 5, seed=1)
     held = np.concatenate([h for _, h in folds])
     assert sorted(held.tolist()) == list(range(100))
+
+
+def test_folds_a_class_cannot_fill_are_refused_in_words():
+    # 6 PNEUMONIA images cannot be spread over 7 stratified folds (scikit-learn would raise its
+    # own error, or only warn and make folds without them).
+    labels = np.array([0] * 8 + [1] * 6)
+    patients = [f"p{i}" for i in range(14)]
+    with pytest.raises(SplitError, match="at least 7 images of each class; there are 6 PNEUMONIA"):
+        patient_folds(labels, patients, 7, seed=0)
+    assert len(patient_folds(labels, patients, 6, seed=0)) == 6
+    with pytest.raises(SplitError, match="10% validation split is one of 10 such folds"):
+        patient_split(labels, patients, 0.1, seed=0)
+
+
+def test_too_small_a_class_to_carve_validation_is_one_line(tmp_path):
+    for i in range(8):
+        write_image(tmp_path / "NORMAL" / f"IM-{i:04d}-0001.png", _gray(10 * i))
+    for i in range(6):
+        write_image(tmp_path / "PNEUMONIA" / f"person{i}_bacteria_{i}.png", _gray(5 * i + 3))
+    with pytest.raises(PneumoscanError, match="cannot carve validation from train by patient") as e:
+        load_data(str(tmp_path), 16, progress=False)
+    assert "there are 6 PNEUMONIA" in str(e.value) and "--val-fraction" in str(e.value)
+    # A larger share of validation needs fewer images of each class: this one works.
+    data = load_data(str(tmp_path), 16, val_fraction=0.25, progress=False)
+    assert len(data.train) + len(data.val) == 14
 
 
 def test_decode_cache_is_reused_and_rebuilt_when_files_change(tmp_path):

@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from pneumoscan.errors import PneumoscanError
-from pneumoscan.models import create_model, gradcam_module, keras_parameter_counts, list_models
+from pneumoscan.models import (
+    check_input_size,
+    create_model,
+    gradcam_module,
+    keras_parameter_counts,
+    list_models,
+    registry,
+)
 
 SIZE = 64
 CASES = [(name, 1) for name in list_models()] + [("seed_cnn", 3)]
@@ -127,3 +134,36 @@ def test_seed_cnn_stem_checkpointing_keeps_less_and_changes_nothing():
     assert plain_bytes - kept_bytes >= 2 * 4 * 16 * 64 * 64 * 4
     for name, grad in plain_grads.items():
         assert torch.equal(grad, kept_grads[name]), name
+
+
+@pytest.mark.parametrize("name", ["seed_cnn", "resnet18", "densenet121", "convnext_nano"])
+def test_input_size_check_agrees_with_a_real_forward(name):
+    in_chans = 3 if name == "seed_cnn" else 1
+    for size in (16, 33, 64):
+        try:
+            model = create_model(name, in_chans=in_chans, image_size=size).eval()
+            with torch.no_grad():
+                model(torch.zeros(1, in_chans, size, size))
+            real_ok = True
+        except (ValueError, RuntimeError):
+            real_ok = False
+        if real_ok:
+            check_input_size(name, in_chans=in_chans, image_size=size)
+        else:
+            with pytest.raises(PneumoscanError, match=f"cannot take {size} x {size} px images"):
+                check_input_size(name, in_chans=in_chans, image_size=size)
+
+
+def test_input_size_check_builds_for_real_when_the_meta_device_fails(monkeypatch):
+    # A model whose constructor cannot run on the meta device is not refused for that.
+    real = registry.create_model
+
+    def no_meta(name, **kwargs):
+        if torch.empty(0).device.type == "meta":
+            raise NotImplementedError("no meta kernel for something")
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(registry, "create_model", no_meta)
+    check_input_size("resnet10t", in_chans=1, image_size=32)
+    with pytest.raises(PneumoscanError, match="seed_cnn needs an image size divisible by 32"):
+        check_input_size("seed_cnn", in_chans=3, image_size=48)

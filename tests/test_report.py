@@ -128,7 +128,7 @@ def test_report_of_an_ensemble_run(trained_run, tmp_path):
     assert main(["report", str(ensemble)]) == 0  # no config, metrics or figures of its own
     html = (ensemble / "report.html").read_text(encoding="utf-8")
     assert all(f'<section id="{s}">' in html for s in SECTION_IDS)
-    assert "ensemble run has no learning curves" in _section(html, "learning")
+    assert "An ensemble run has no learning curves" in _section(html, "learning")
     assert "no config.json" in _section(html, "config")
     assert _section(html, "gradcam").count("data:image/png") >= 2  # through the ensemble
     assert (ensemble / "plots" / "roc_test.png").is_file()

@@ -143,3 +143,25 @@ def test_stacked_run_is_self_contained_loads_and_predicts(cv_runs, tmp_path, cap
     assert set(metrics["members"]) == set(meta["members"])
     assert all("ci95" in m["oof"] for m in metrics["members"].values())
     assert meta["threshold"] == pytest.approx(metrics["threshold"])
+
+
+def test_stack_report_names_each_member_and_where_its_threshold_came_from(cv_runs, tmp_path):
+    copies = [shutil.copytree(r, tmp_path / r.name) for r in cv_runs]
+    for run, model in zip(copies, ("seed_cnn", "resnet10t"), strict=True):
+        (run / "config.json").write_text(json.dumps({
+            "data": str(tmp_path / "gone"), "model": model, "recipe": "cpu", "image_size": 32,
+            "epochs": 1, "seed": 0, "cv": {"folds": 2, "seed": 0}}))
+    out = tmp_path / "stacked"
+    assert main(["stack", *map(str, copies), "--out", str(out), "--folds", "3"]) == 0
+    assert main(["report", str(out)]) == 0
+    html = (out / "report.html").read_text(encoding="utf-8")
+    config = html[html.index('<section id="config">'):html.index('<section id="learning">')]
+    # Both model families, each under its own member's name (not the first member's alone).
+    for run, model in zip(copies, ("seed_cnn", "resnet10t"), strict=True):
+        assert f"member_settings.{run.name}.model" in config and model in config
+    assert f"member_settings.{copies[1].name}.folds" in config
+    figures = html[html.index('<section id="figures">'):html.index('<section id="plots">')]
+    assert "out-of-fold" in figures and "nested out-of-fold predictions" in figures
+    assert "chosen on validation data" not in figures
+    learning = html[html.index('<section id="learning">'):html.index('<section id="figures">')]
+    assert "A stack run has no learning curves" in learning

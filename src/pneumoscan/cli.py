@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         # argparse %-formats help strings but prints descriptions as they are.
         p = sub.add_parser(verb, help=help_text, description=help_text.replace("%%", "%"))
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _parser=p)
     return parser
 
 
@@ -66,7 +66,9 @@ def _command_module(verb: str):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # said by the command's own parser, so the line names the command
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extras)}")
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

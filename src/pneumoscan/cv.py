@@ -34,7 +34,7 @@ from pneumoscan import CLASS_NAMES, __version__
 from pneumoscan.allocator import low_memory_mode
 from pneumoscan.config import TrainConfig
 from pneumoscan.data.dataset import DataBundle, Split, load_data
-from pneumoscan.data.split import patient_folds, patient_split
+from pneumoscan.data.split import SplitError, patient_folds, patient_split
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.evaluate import (
     choose_threshold,
@@ -82,12 +82,11 @@ def make_folds(pool: Split, n_folds: int, seed: int) -> list[tuple[np.ndarray, n
     """(train_idx, held_out_idx) per fold: grouped by patient, stratified by class."""
     if n_folds < 2:
         raise PneumoscanError(f"--folds {n_folds}: cross-validation needs at least 2 folds")
-    n_patients = len(set(pool.patients))
-    if n_patients < n_folds:
-        raise PneumoscanError(
-            f"--folds {n_folds}: the data has only {n_patients} patients; use fewer folds"
-        )
-    return patient_folds(pool.labels, pool.patients, n_folds, seed)
+    try:
+        return patient_folds(pool.labels, pool.patients, n_folds, seed)
+    except SplitError as e:
+        advice = "use fewer folds or more data" if n_folds > 2 else "more data is needed"
+        raise PneumoscanError(f"--folds {n_folds}: {e}; {advice}") from None
 
 
 def inner_split(
@@ -98,10 +97,10 @@ def inner_split(
     patients = [pool.patients[i] for i in train_idx]
     try:
         fit_rel, val_rel = patient_split(labels, patients, val_fraction, seed)
-    except ValueError as e:
+    except SplitError as e:
         raise PneumoscanError(
-            f"cannot carve a validation split from {len(train_idx)} training images ({e}); "
-            "use fewer folds or more data"
+            f"cannot carve a validation split from a fold's {len(train_idx)} training images "
+            f"({e}); use a larger --val-fraction (up to 0.49), fewer folds or more data"
         ) from None
     if len(set(labels[val_rel].tolist())) < 2:  # temperature and threshold need both classes
         raise PneumoscanError(
@@ -140,7 +139,7 @@ def cross_validate(
 
     results: list[FoldResult] = []
     for k, (train_idx, held_idx) in enumerate(folds):
-        print(f"\n== fold {k + 1}/{n_folds}: train on {len(train_idx)} images, "
+        print(f"\n== {fold_name(k)} ({k + 1} of {n_folds}): train on {len(train_idx)} images, "
               f"predict {len(held_idx)} held out")
         result = run_fold(cfg, data, k, train_idx, held_idx, progress=progress)
         results.append(result)
@@ -166,7 +165,7 @@ def run_fold(
 ) -> FoldResult:
     """Train fold ``k`` into OUT/fold-k (a full run dir) and predict its held-out images."""
     from pneumoscan.pipeline import finish_run
-    from pneumoscan.train import fit, predict_logits
+    from pneumoscan.train import CHECKPOINT, fit, predict_logits
 
     pool = data.train
     fold_dir = Path(cfg.out) / fold_name(k)
@@ -190,6 +189,9 @@ def run_fold(
     result = fit(fold_cfg, pool, bundle.val, fold_dir, train_rows=fit_idx,
                  class_counts=bundle.train_counts, progress=progress)
     finish_run(fold_cfg, bundle, result.model, fold_dir, result.history)
+    # A fold's checkpoint (weights, optimizer state: 134 MB for ResNet-18) serves only to resume
+    # an interrupted fit, which cv does not do; the fold's model is in its model.safetensors.
+    (fold_dir / CHECKPOINT).unlink(missing_ok=True)
     meta = read_meta(fold_dir)
 
     held = pool.subset(held_idx)

@@ -109,14 +109,25 @@ def _warn(what: str, e: BaseException) -> str:
 # --------------------------------------------------------------------------- inputs
 
 
+# What the report shows of each member of a stack: enough to tell the model families apart.
+MEMBER_SETTINGS = ("model", "recipe", "image_size", "epochs", "batch_size", "seed")
+
+
 def read_config(run_dir: Path, meta: dict) -> dict | None:
-    """The run's resolved config.json; for a stack (which has none with a ``data`` field), the
-    first member's."""
+    """The run's resolved config.json. A stack's own has no ``data`` field: its members' data
+    (the same images for all, as ``stack`` checks) and each member's main settings are added."""
     config = _read_json_or_none(run_dir / "config.json")
     if config is not None and "data" not in config and meta.get("members"):
-        member = _read_json_or_none(run_dir / meta["members"][0] / "config.json")
-        if member is not None:
-            config = {**config, "data": member.get("data"), "member_config": member}
+        members = {name: _read_json_or_none(run_dir / name / "config.json")
+                   for name in meta["members"]}
+        readable = {name: m for name, m in members.items() if isinstance(m, dict)}
+        if readable:
+            first = next(iter(readable.values()))
+            config = {**config, "data": first.get("data"), "member_settings": {
+                name: {**{k: m.get(k) for k in MEMBER_SETTINGS},
+                       "folds": (m.get("cv") or {}).get("folds")}
+                for name, m in readable.items()
+            }}
     return config
 
 
@@ -196,7 +207,8 @@ def _data_from_source(section: Section, spec: str, meta: dict, config: dict) -> 
     image_size = int(config.get("image_size") or meta["image_size"])
     data = load_data(
         spec, image_size, val_fraction=float(config.get("val_fraction", 0.1)),
-        seed=int(config.get("seed", 0)), progress=False, carve_val="cv" not in config,
+        seed=int(config.get("seed", 0)), progress=False,
+        carve_val=meta.get("kind", "single") == "single",
     )
     section.add(f"<p>Source: <code>{esc(data.source)}</code></p>")
     if (Path(spec) / "SYNTHETIC.txt").is_file():
@@ -206,6 +218,9 @@ def _data_from_source(section: Section, spec: str, meta: dict, config: dict) -> 
     section.add(_counts_table(counts))
     for note in data.notes:
         section.note(note)
+    if meta.get("kind", "single") != "single":
+        section.note("Cross-validated: every training image was held out once, and the "
+                     "figures below come from the predictions made while it was held out.")
     if data.skipped:
         section.note(f"{len(data.skipped)} unreadable file(s) were skipped.")
     rng = np.random.default_rng(0)
@@ -239,7 +254,7 @@ def config_section(config: dict | None) -> Section:
     section = Section("config")
     if config is None:
         return section.note("This run has no config.json.")
-    rows = [(k, "" if v is None else v) for k, v in flatten(config) if k != "member_config"]
+    rows = [(k, "" if v is None else v) for k, v in flatten(config)]
     return section.add(table(["setting", "value"], rows, "config"))
 
 
@@ -251,7 +266,9 @@ def learning_section(run_dir: Path, meta: dict) -> Section:
         if "epochs_trained" in meta:
             section.note(f"{meta['epochs_trained']} epoch(s) trained.")
     elif meta.get("kind") != "single":
-        section.note(f"A {meta.get('kind')} run has no learning curves of its own; each member "
+        kind = str(meta.get("kind"))
+        article = "An" if kind[:1] in "aeiou" else "A"
+        section.note(f"{article} {kind} run has no learning curves of its own; each member "
                      "run has its own in its plots/ folder.")
     else:
         section.note("This run has no metrics.jsonl: no learning curves to show.")
@@ -266,9 +283,21 @@ def _with_ci(metrics: dict | None, key: str) -> tuple[str, str]:
     return format_figure(metrics.get(key)), ci_text
 
 
+THRESHOLD_CHOSEN_ON = {
+    "single": "validation data",
+    "ensemble": "the out-of-fold predictions (each image scored by the fold model that did not "
+                "train on it)",
+    "stack": "the stack's nested out-of-fold predictions (each image scored by a combiner fitted "
+             "without it)",
+}
+
+
 def figures_section(run_dir: Path, meta: dict) -> Section:
     section = Section("figures")
-    columns = {"validation": meta.get("validation"),
+    kind = meta.get("kind", "single")
+    # An ensemble's or a stack's "validation" figures are its out-of-fold ones.
+    selection = "validation" if kind == "single" else "out-of-fold"
+    columns = {selection: meta.get("validation"),
                "test": _read_json_or_none(run_dir / TEST_METRICS)}
     columns = {k: v for k, v in columns.items() if isinstance(v, dict)}
     if not columns:
@@ -292,7 +321,8 @@ def figures_section(run_dir: Path, meta: dict) -> Section:
     section.note(
         f"Positive class {CLASS_NAMES[1]}. Threshold {float(meta['threshold']):.3f}"
         + (f" ({rule})" if rule else "")
-        + ", chosen on validation data; the test split was never used to select anything. "
+        + f", chosen on {THRESHOLD_CHOSEN_ON.get(kind, 'validation data')}; the test split "
+        "was never used to select anything. "
         "Intervals: stratified bootstrap, 95%."
     )
     if "test" not in columns:

@@ -317,7 +317,13 @@ def fit(
     class_weights = balanced_class_weights(class_counts).to(device) if cfg.class_weights else None
 
     # ---- learning rate and optimizer; the global batch is split across ranks
-    per_rank_batch = max(1, cfg.batch_size // dist_info.world_size)
+    per_rank_batch = cfg.batch_size // dist_info.world_size
+    if per_rank_batch < 2:  # BatchNorm cannot train on one image
+        raise PneumoscanError(
+            f"--batch-size {cfg.batch_size} over {dist_info.world_size} processes leaves "
+            f"{per_rank_batch} image(s) a step to each; use --batch-size "
+            f"{2 * dist_info.world_size} or more"
+        )
     shard = n_train // dist_info.world_size
     compiled = _should_compile(cfg, device, n_train)
     graphed = _should_graph(cfg, device, dist_info, compiled, per_rank_batch, shard)

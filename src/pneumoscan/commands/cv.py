@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pneumoscan.commands.train_options import add_train_options, config_from_args
+from pneumoscan.commands.train_options import add_train_options, config_from_args, int_at_least
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -12,7 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True,
                    help="output folder: OUT/fold-K runs, out-of-fold predictions, cv_metrics.json; "
                    "OUT itself becomes an ensemble run of the fold models")
-    p.add_argument("--folds", type=int, default=5, help="number of folds K (default 5)")
+    p.add_argument("--folds", type=int_at_least(2), default=5,
+                   help="number of folds K (default 5)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
 
 

@@ -3,9 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from pneumoscan.config import AUGMENTATIONS, RECIPES, TrainConfig, build_config
 from pneumoscan.threshold_rules import parse_threshold_rule
+
+
+def int_at_least(low: int):
+    """An argparse type: a whole number of at least ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {low}, "
+                                             f"got {text!r}")
+        return value
+
+    return parse
+
+
+def float_between(low: float, high: float):
+    """An argparse type: a number strictly between ``low`` and ``high``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low < value < high:  # NaN fails too
+            wanted = (f"a number above {low:g}" if high == math.inf
+                      else f"a number above {low:g} and below {high:g}")
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    return parse
 
 
 def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> None:
@@ -33,10 +67,11 @@ def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> N
         metavar="PATH",
         help="start from timm's weights (needs the network) or a local weights file",
     )
-    p.add_argument("--image-size", type=int, help="square input size in pixels")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="(peak) learning rate")
+    p.add_argument("--image-size", type=int_at_least(8), help="square input size in pixels")
+    p.add_argument("--epochs", type=int_at_least(1))
+    # BatchNorm needs two images of a batch to train on.
+    p.add_argument("--batch-size", type=int_at_least(2))
+    p.add_argument("--lr", type=float_between(0.0, math.inf), help="(peak) learning rate")
     p.add_argument(
         "--augment",
         choices=list(AUGMENTATIONS),
@@ -49,7 +84,7 @@ def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> N
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
         "--val-fraction",
-        type=float,
+        type=float_between(0.0, 0.5),
         help="share of train carved by patient for validation (default 0.1)",
     )
     p.add_argument(
@@ -82,6 +117,7 @@ def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> N
 
 def config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
     # Imported here, not at the top: building the parser (and --help) must not wait for torch.
+    from pneumoscan.models import check_input_size
     from pneumoscan.train import resolve_device
 
     device_type = resolve_device(args.device).type
@@ -104,4 +140,7 @@ def config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
         "low_memory": args.low_memory,
         **extra,
     }
-    return build_config(args.recipe, device_type, overrides)
+    cfg = build_config(args.recipe, device_type, overrides)
+    # Before any image is decoded: an unknown model or a size it cannot take fails at once.
+    check_input_size(cfg.model, in_chans=cfg.in_chans, image_size=cfg.image_size)
+    return cfg

@@ -13,7 +13,7 @@ from pneumoscan import CLASS_NAMES
 from pneumoscan.data import medmnist
 from pneumoscan.data.cache import decode_files, describe_errors
 from pneumoscan.data.discover import Sample, discover
-from pneumoscan.data.split import patient_split
+from pneumoscan.data.split import SplitError, patient_split
 from pneumoscan.errors import PneumoscanError
 
 MIN_VAL_IMAGES = 200  # a val/ smaller than this is too noisy to select anything on
@@ -98,7 +98,13 @@ def load_data(
             )
         else:
             notes.append(f"validation: {val_fraction:.0%} of train, carved by patient, stratified")
-        train_idx, val_idx = patient_split(train.labels, train.patients, val_fraction, seed)
+        try:
+            train_idx, val_idx = patient_split(train.labels, train.patients, val_fraction, seed)
+        except SplitError as e:
+            raise PneumoscanError(
+                f"{source}: cannot carve validation from train by patient ({e}); add images, "
+                "give a larger --val-fraction (up to 0.49) or a val/ folder"
+            ) from None
         train, val = train.subset(train_idx), train.subset(val_idx)
     else:
         notes.append(f"validation: the given val/ split ({len(val)} images)")

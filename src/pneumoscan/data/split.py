@@ -6,6 +6,29 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pneumoscan import CLASS_NAMES
+
+
+class SplitError(ValueError):
+    """Folds that these images cannot make; the message says why, in a user's words."""
+
+
+def check_folds(labels: np.ndarray, patients: Sequence[str], n_folds: int) -> None:
+    """Raise SplitError unless ``n_folds`` stratified folds by patient can be made.
+
+    Every fold holds out at least one patient, and stratifying puts each class in every fold.
+    """
+    n_patients = len(set(patients))
+    if n_patients < n_folds:
+        raise SplitError(f"{n_folds} folds by patient need at least {n_folds} patients; "
+                         f"these images come from {n_patients}")
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(CLASS_NAMES))
+    present = [(int(n), name) for name, n in zip(CLASS_NAMES, counts, strict=False) if n > 0]
+    fewest, name = min(present, default=(n_folds, ""))
+    if fewest < n_folds:
+        raise SplitError(f"{n_folds} stratified folds need at least {n_folds} images of each "
+                         f"class; there are {fewest} {name}")
+
 
 def patient_folds(
     labels: np.ndarray, patients: Sequence[str], n_folds: int, seed: int
@@ -13,6 +36,7 @@ def patient_folds(
     """(train_idx, held_out_idx) per fold: stratified by class, grouped by patient."""
     from sklearn.model_selection import StratifiedGroupKFold
 
+    check_folds(labels, patients, n_folds)
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     dummy = np.zeros(len(labels))
     return [
@@ -24,8 +48,16 @@ def patient_folds(
 def patient_split(
     labels: np.ndarray, patients: Sequence[str], val_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(train_idx, val_idx) with about ``val_fraction`` of the images, by patient, stratified."""
+    """(train_idx, val_idx) with about ``val_fraction`` of the images, by patient, stratified.
+
+    The split is the first of round(1 / val_fraction) folds, so it needs that many images of
+    each class and that many patients (SplitError otherwise).
+    """
     if not 0 < val_fraction < 0.5:
         raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
     n_folds = max(2, round(1 / val_fraction))
-    return patient_folds(labels, patients, n_folds, seed)[0]
+    try:
+        return patient_folds(labels, patients, n_folds, seed)[0]
+    except SplitError as e:
+        raise SplitError(f"a {val_fraction:.0%} validation split is one of {n_folds} such folds: "
+                         f"{e}") from None

@@ -5,6 +5,7 @@ names the layer Grad-CAM should look at in its ``gradcam_layer`` attribute (a do
 """
 
 from pneumoscan.models.registry import (
+    check_input_size,
     create_model,
     gradcam_module,
     is_known_model,
@@ -14,6 +15,7 @@ from pneumoscan.models.registry import (
 )
 
 __all__ = [
+    "check_input_size",
     "create_model",
     "gradcam_module",
     "is_known_model",

@@ -54,6 +54,39 @@ def create_model(
     return model
 
 
+def check_input_size(name: str, *, in_chans: int, image_size: int) -> None:
+    """Raise PneumoscanError unless model ``name`` takes (in_chans, S, S) images.
+
+    Shapes only, on the meta device (no weights, no arithmetic): a run learns before decoding
+    anything that, say, seed_cnn needs sizes divisible by 32 or DenseNet-121 at least 32 px. A
+    model that cannot be built on the meta device is tried for real on the CPU instead.
+    """
+    import torch
+
+    def attempt(device: str) -> None:
+        with torch.device(device):
+            model = create_model(name, in_chans=in_chans, image_size=image_size)
+            model.eval()
+            with torch.no_grad():
+                model(torch.zeros(1, in_chans, image_size, image_size))
+
+    try:
+        try:
+            attempt("meta")
+        except PneumoscanError:
+            raise
+        except Exception:
+            attempt("cpu")
+    except PneumoscanError:
+        raise
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise PneumoscanError(
+            f"--model {name} cannot take {image_size} x {image_size} px images ({reason}); "
+            "choose another --image-size"
+        ) from None
+
+
 def gradcam_module(model: nn.Module) -> nn.Module:
     """The module a model names as its Grad-CAM target (unwrapping DDP and compile wrappers)."""
     model = getattr(model, "module", model)
