@@ -298,3 +298,26 @@ def test_learns_the_real_signal(tmp_path):
     validation = read_meta(out)["validation"]
     assert validation["roc_auc"] >= 0.90, validation
     assert np.isfinite(validation["loss"])
+
+
+def test_evaluate_warns_when_the_data_is_the_run_own_training_data(trained_run, synthetic_data,
+                                                                     tmp_path, capsys):
+    import shutil
+
+    from pneumoscan.data.dataset import load_eval_split
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    train_only = synthetic_data / "train"  # no test/ beside it: every image is evaluated
+    meta = json.loads((run / "model.json").read_text())
+    meta["data_fingerprint"] = load_eval_split(str(train_only), 32, progress=False).fingerprint
+    (run / "model.json").write_text(json.dumps(meta))
+    assert main(["evaluate", str(run), "--data", str(train_only), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "is the very data" in err and "optimistic" in err
+    # Other data, or a source whose test/ split is what gets evaluated: no warning.
+    meta["data_fingerprint"] = "something else"
+    (run / "model.json").write_text(json.dumps(meta))
+    assert main(["evaluate", str(run), "--data", str(train_only), "--quiet"]) == 0
+    assert "very data" not in capsys.readouterr().err
+    assert main(["evaluate", str(trained_run), "--data", str(synthetic_data), "--quiet"]) == 0
+    assert "very data" not in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from pneumoscan.threshold_rules import parse_threshold_rule
 
@@ -41,10 +42,14 @@ def run(args: argparse.Namespace) -> int:
                 "--threshold takes fixed:X here; other rules need validation data"
             )
         threshold = float(args.threshold.split(":", 1)[1])
-    split, description = load_eval_split(args.data, predictor.image_size, progress=not args.quiet)
-    prob = predictor.predict_proba(split.images)
-    metrics = evaluate_predictions(split.labels, prob, threshold)
-    print(f"{args.run} on {description}:")
+    data = load_eval_split(args.data, predictor.image_size, progress=not args.quiet)
+    if not data.held_out and data.fingerprint == predictor.meta.get("data_fingerprint"):
+        print(f"warning: {args.data} is the very data {args.run} was trained on and has no "
+              "test/ folder: these figures include its training and validation images and are "
+              "optimistic", file=sys.stderr)
+    prob = predictor.predict_proba(data.split.images)
+    metrics = evaluate_predictions(data.split.labels, prob, threshold)
+    print(f"{args.run} on {data.description}:")
     print(format_table(metrics))
     if args.json:
         atomic_write_json(args.json, metrics)

@@ -185,14 +185,23 @@ def _resize_all(images: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def load_eval_split(spec: str, image_size: int, *, progress: bool = True) -> tuple[Split, str]:
+@dataclass
+class EvalSplit:
+    split: Split
+    description: str  # where the images came from, and their counts
+    fingerprint: str  # of the whole source as decoded (a run stores its training data's)
+    held_out: bool  # a test split; False when every image of the source is evaluated
+
+
+def load_eval_split(spec: str, image_size: int, *, progress: bool = True) -> EvalSplit:
     """The images to evaluate on: a test split if the source has one, else all of it."""
     if spec.lower().startswith("pneumoniamnist"):
-        splits, source, _ = _load_medmnist(spec, image_size)
-        return splits["test"], f"{source}, test split"
+        splits, source, fp = _load_medmnist(spec, image_size)
+        return EvalSplit(splits["test"], f"{source}, test split", fp, held_out=True)
     root = Path(spec)
-    splits, _, _ = _load_folder(root, image_size, progress)
-    if "test" in splits:
+    splits, _, fp = _load_folder(root, image_size, progress)
+    held_out = "test" in splits
+    if held_out:
         split, description = splits["test"], f"{root / 'test'}"
     elif len(splits) == 1:
         split, description = next(iter(splits.values())), str(root)
@@ -205,4 +214,4 @@ def load_eval_split(spec: str, image_size: int, *, progress: bool = True) -> tup
     if len(split) == 0:
         raise PneumoscanError(f"{description}: no readable images to evaluate")
     counts = ", ".join(f"{k} {v}" for k, v in split.class_counts().items())
-    return split, f"{description} ({len(split)} images: {counts})"
+    return EvalSplit(split, f"{description} ({len(split)} images: {counts})", fp, held_out)
