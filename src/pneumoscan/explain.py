@@ -23,6 +23,10 @@ TARGET_CLASS = CLASS_NAMES.index("PNEUMONIA")
 BATCH_SIZE = 32  # images per backward pass: bounded memory on a CPU, still batched
 DEFAULT_ALPHA = 0.45
 COLORMAP = "jet"
+# Overlays written to files show the X-ray as it was given (its own aspect ratio), at most this
+# many pixels on its longest side: the model's input (often 64 px and square) is too small to
+# read, a 3,000 px original needlessly large.
+DISPLAY_MAX_SIDE = 1024
 
 
 def gradcam(predictor, images: np.ndarray) -> np.ndarray:
@@ -118,6 +122,21 @@ def overlay_png(image: np.ndarray, cam: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def display_image(path: str | Path) -> np.ndarray:
+    """The file's grey image in its own aspect ratio, longest side at most DISPLAY_MAX_SIDE."""
+    from PIL import Image
+
+    from pneumoscan.data.decode import read_gray
+
+    image = read_gray(path)
+    height, width = image.shape
+    scale = DISPLAY_MAX_SIDE / max(height, width)
+    if scale >= 1.0:
+        return image
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))  # PIL: (width, height)
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+
+
 def overlay_name(path: str | Path, taken: set[str]) -> str:
     """``<stem>_gradcam.png``, numbered when two inputs share a stem so none is overwritten."""
     stem = Path(path).stem or "image"
@@ -135,7 +154,9 @@ def write_overlays(
     """Write ``OUT/<stem>_gradcam.png`` for each readable file; (path, error or None) for each.
 
     Files are decoded with ``read_gray`` at the predictor's size and explained a batch at a time,
-    so memory stays bounded however many paths are given. An unreadable file costs only itself.
+    so memory stays bounded however many paths are given; each map is then drawn over the file
+    decoded again as it was given (``display_image``), stretched back from the model's square
+    input. An unreadable file costs only itself.
     """
     from pneumoscan.data.decode import read_gray
     from pneumoscan.errors import UnreadableImage
@@ -157,7 +178,12 @@ def write_overlays(
             continue
         images = np.stack(chunk_images)
         maps = gradcam(predictor, images)
-        for path, image, cam in zip(chunk_paths, images, maps, strict=True):
+        for path, cam in zip(chunk_paths, maps, strict=True):
+            try:
+                image = display_image(path)
+            except UnreadableImage as e:  # changed or removed since it was first read
+                results.append((path, e.reason))
+                continue
             atomic_write_bytes(out_dir / overlay_name(path, taken), overlay_png(image, cam))
             results.append((path, None))
     order = {p: i for i, p in enumerate(paths)}
