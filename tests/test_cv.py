@@ -216,3 +216,22 @@ def test_cv_refuses_one_fold_and_needs_out(cv_data, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["cv", "--data", str(cv_data)])
     assert exc.value.code == 2
+
+
+def test_a_fold_too_small_to_carve_validation_fails_before_anything_is_written(tmp_path, capsys):
+    from conftest import write_image
+
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        write_image(tmp_path / "data" / "NORMAL" / f"IM-{i:04d}-0001.png",
+                    rng.integers(0, 256, (40, 40), dtype=np.uint8))
+    for i in range(6):
+        write_image(tmp_path / "data" / "PNEUMONIA" / f"person{i}_virus_{i}.png",
+                    rng.integers(0, 256, (40, 40), dtype=np.uint8))
+    out = tmp_path / "cv"
+    status = main(["cv", "--data", str(tmp_path / "data"), "--folds", "2", "--out", str(out),
+                   "--image-size", "32", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "cannot carve a validation split from a fold's" in err and "--val-fraction" in err
+    assert not out.exists()  # not even a config.json: no fold had started

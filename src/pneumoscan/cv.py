@@ -131,6 +131,8 @@ def cross_validate(
     data = load_data(cfg.data, cfg.image_size, seed=cfg.seed, progress=progress, carve_val=False)
     pool = data.train  # train and any val/, un-carved; the test split is never touched here
     folds = make_folds(pool, n_folds, cfg.seed)
+    for k, (train_idx, _) in enumerate(folds):  # every fold's validation, before any training
+        inner_split(pool, train_idx, cfg.val_fraction, cfg.seed + k)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", {
         "pneumoscan": __version__, "cv": {"folds": n_folds, "seed": cfg.seed}, **cfg.to_dict(),
