@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,11 @@ def cross_validate(
     for k, (train_idx, _) in enumerate(folds):  # every fold's validation, before any training
         inner_split(pool, train_idx, cfg.val_fraction, cfg.seed + k)
     out.mkdir(parents=True, exist_ok=True)
+    ours = {fold_name(k) for k in range(n_folds)}
+    stale = sorted(p.name for p in out.glob("fold-*") if p.is_dir() and p.name not in ours)
+    if stale:  # left by an earlier run with more folds; the user's to keep or delete
+        print(f"note: {out} also holds {', '.join(stale)} from an earlier run: not part of this "
+              "ensemble", file=sys.stderr)
     atomic_write_json(out / "config.json", {
         "pneumoscan": __version__, "cv": {"folds": n_folds, "seed": cfg.seed}, **cfg.to_dict(),
     })
