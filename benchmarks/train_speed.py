@@ -166,6 +166,7 @@ def profile_project(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray,
     Eager, so that every kernel is seen by name (inside CUDA graphs and compiled code they are
     the same work, fused or launched together). Times are each operator's own, per step.
     """
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     total = warmup + steps
@@ -182,7 +183,13 @@ def profile_project(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray,
             step(train_images[idx], train_labels[idx])
         sync(device)
     key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    events = prof.key_averages()
+    if on_gpu:
+        # The kernels themselves: an operator's own device time repeats its kernels' (so does
+        # torch's own table, which sums device time over device events alone).
+        events = [e for e in events if e.device_type == DeviceType.CUDA
+                  and not getattr(e, "is_user_annotation", False)]
+    events = [e for e in events if getattr(e, key, 0) > 0]
     whole = sum(getattr(e, key) for e in events) or 1.0
     events.sort(key=lambda e: getattr(e, key), reverse=True)
     table = [{"op": e.key[:90], "calls_per_step": round(e.count / steps, 1),

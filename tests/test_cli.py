@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,6 +123,13 @@ def test_models_lists_names_and_keras_counts(capsys):
     assert "resnet18" in out
 
 
+def test_models_at_a_size_some_cannot_take_says_so_in_their_row(capsys):
+    assert main(["models", "--image-size", "48"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:-1]}
+    assert "image size divisible by 32, got 48" in rows["seed_cnn"]
+    assert "11,180,866" in rows["resnet18"]  # the others are counted as usual
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -179,6 +187,7 @@ def test_out_of_range_training_options_exit_2_in_one_line(command, option, value
                            "image size divisible by 32, got 33)"),
         ("densenet121", "16", "--model densenet121 cannot take 16 x 16 px images"),
         ("resnet19", "64", "unknown model 'resnet19'"),
+        ("resnet1*", "64", "unknown model 'resnet1*'"),  # a pattern is not a model name
     ],
 )
 def test_a_model_that_cannot_take_the_size_fails_before_any_decoding(model, size, message,
@@ -189,6 +198,23 @@ def test_a_model_that_cannot_take_the_size_fails_before_any_decoding(model, size
     status, err = _exit_status_and_err(argv, capsys)
     assert status == 2 and message in err and "Traceback" not in err
     assert len(err.splitlines()) == 1
+
+
+def test_what_cannot_train_is_refused_before_decoding(capsys, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    status, err = _exit_status_and_err(["train", "--data", "/nonexistent", "--out", str(out),
+                                        "--model", "seed_cnn", "--pretrained"], capsys)
+    assert status == 2 and "--pretrained applies to timm backbones" in err
+    monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun --nproc_per_node=4 sets it
+    status, err = _exit_status_and_err(["train", "--data", "/nonexistent", "--out", str(out),
+                                        "--batch-size", "6"], capsys)
+    assert status == 2 and "--batch-size 6 over 4 processes leaves 1 image(s)" in err
+    assert not out.exists()
+
+
+def test_an_unknown_option_is_named_with_its_command(capsys):
+    status, err = _exit_status_and_err(["cv", "--data", "x", "--out", "y", "--resume"], capsys)
+    assert status == 2 and err == "pneumoscan cv: error: unrecognized arguments: --resume"
 
 
 def test_cv_folds_below_two_is_a_usage_error(capsys, tmp_path):
@@ -300,24 +326,23 @@ def test_learns_the_real_signal(tmp_path):
     assert np.isfinite(validation["loss"])
 
 
-def test_evaluate_warns_when_the_data_is_the_run_own_training_data(trained_run, synthetic_data,
-                                                                     tmp_path, capsys):
+def test_evaluate_warns_when_the_data_is_the_run_own_training_data(synthetic_data, tmp_path,
+                                                                     capsys, monkeypatch):
     import shutil
 
-    from pneumoscan.data.dataset import load_eval_split
-
-    run = shutil.copytree(trained_run, tmp_path / "run")
-    train_only = synthetic_data / "train"  # no test/ beside it: every image is evaluated
-    meta = json.loads((run / "model.json").read_text())
-    meta["data_fingerprint"] = load_eval_split(str(train_only), 32, progress=False).fingerprint
-    (run / "model.json").write_text(json.dumps(meta))
-    assert main(["evaluate", str(run), "--data", str(train_only), "--quiet"]) == 0
+    data = Path(shutil.copytree(synthetic_data / "train", tmp_path / "xrays"))  # no test/
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--model", "seed_cnn",
+                 "--image-size", "32", "--epochs", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    # Named another way (relative, from elsewhere): still the same folder.
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", str(run), "--data", "xrays", "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "is the very data" in err and "optimistic" in err
     # Other data, or a source whose test/ split is what gets evaluated: no warning.
-    meta["data_fingerprint"] = "something else"
-    (run / "model.json").write_text(json.dumps(meta))
-    assert main(["evaluate", str(run), "--data", str(train_only), "--quiet"]) == 0
+    other = shutil.copytree(data, tmp_path / "other")
+    assert main(["evaluate", str(run), "--data", str(other), "--quiet"]) == 0
     assert "very data" not in capsys.readouterr().err
-    assert main(["evaluate", str(trained_run), "--data", str(synthetic_data), "--quiet"]) == 0
+    assert main(["evaluate", str(run), "--data", str(synthetic_data), "--quiet"]) == 0
     assert "very data" not in capsys.readouterr().err

@@ -113,13 +113,20 @@ def test_patient_folds_cover_every_image_once():
 
 
 def test_folds_a_class_cannot_fill_are_refused_in_words():
-    # 6 PNEUMONIA images cannot be spread over 7 stratified folds (scikit-learn would raise its
+    # 6 PNEUMONIA patients cannot be spread over 7 stratified folds (scikit-learn would raise its
     # own error, or only warn and make folds without them).
     labels = np.array([0] * 8 + [1] * 6)
     patients = [f"p{i}" for i in range(14)]
-    with pytest.raises(SplitError, match="at least 7 images of each class; there are 6 PNEUMONIA"):
+    with pytest.raises(SplitError, match="at least 7 patients of each class; PNEUMONIA images "
+                                         "come from 6"):
         patient_folds(labels, patients, 7, seed=0)
     assert len(patient_folds(labels, patients, 6, seed=0)) == 6
+    # Patients, not images, count: 6 PNEUMONIA images of 2 patients fill only 2 folds.
+    grouped = [f"p{i}" for i in range(8)] + ["q0"] * 3 + ["q1"] * 3
+    with pytest.raises(SplitError, match="PNEUMONIA images come from 2"):
+        patient_folds(labels, grouped, 3, seed=0)
+    folds = patient_folds(labels, grouped, 2, seed=0)
+    assert all(set(labels[held].tolist()) == {0, 1} for _, held in folds)
     with pytest.raises(SplitError, match="10% validation split is one of 10 such folds"):
         patient_split(labels, patients, 0.1, seed=0)
 
@@ -131,8 +138,8 @@ def test_too_small_a_class_to_carve_validation_is_one_line(tmp_path):
         write_image(tmp_path / "PNEUMONIA" / f"person{i}_bacteria_{i}.png", _gray(5 * i + 3))
     with pytest.raises(PneumoscanError, match="cannot carve validation from train by patient") as e:
         load_data(str(tmp_path), 16, progress=False)
-    assert "there are 6 PNEUMONIA" in str(e.value) and "--val-fraction" in str(e.value)
-    # A larger share of validation needs fewer images of each class: this one works.
+    assert "PNEUMONIA images come from 6" in str(e.value) and "--val-fraction" in str(e.value)
+    # A larger share of validation needs fewer patients of each class: this one works.
     data = load_data(str(tmp_path), 16, val_fraction=0.25, progress=False)
     assert len(data.train) + len(data.val) == 14
 

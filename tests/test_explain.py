@@ -20,6 +20,7 @@ pytest.importorskip("captum")
 from pneumoscan.cli import main  # noqa: E402
 from pneumoscan.explain import (  # noqa: E402
     DISPLAY_MAX_SIDE,
+    DISPLAY_MIN_SIDE,
     gradcam,
     overlay,
     overlay_png,
@@ -204,25 +205,29 @@ def test_write_overlays_reports_each_file(blob_predictor, tmp_path):
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written == ["a-2_gradcam.png", "a_gradcam.png"]  # same stem: neither overwritten
     with Image.open(tmp_path / "out" / "a_gradcam.png") as im:
-        assert im.size == (SIZE, SIZE) and im.mode == "RGB"
+        assert im.size == (DISPLAY_MIN_SIDE, DISPLAY_MIN_SIDE) and im.mode == "RGB"  # from SIZE
 
 
 def test_overlays_keep_the_file_shape_up_to_a_readable_size(blob_predictor, tmp_path):
     # The map is made at the model's square input size but drawn over the X-ray as it was given:
-    # a wide image stays wide; a very large one is brought down to DISPLAY_MAX_SIDE.
+    # a wide image stays wide; a very large one is brought down to DISPLAY_MAX_SIDE, a tiny one
+    # up to DISPLAY_MIN_SIDE.
     images, _, _ = blob_images(1, seed=7)
-    wide = np.asarray(Image.fromarray(images[0]).resize((200, 120)))
+    wide = np.asarray(Image.fromarray(images[0]).resize((400, 240)))
     big = np.asarray(Image.fromarray(images[1]).resize((1500, 2000)))
-    paths = [_write_png(tmp_path / "in" / "wide.png", wide),
-             _write_png(tmp_path / "in" / "big.png", big)]
+    tiny = np.asarray(Image.fromarray(images[1]).resize((20, 10)))
+    paths = [_write_png(tmp_path / "in" / f"{name}.png", image)
+             for name, image in (("wide", wide), ("big", big), ("tiny", tiny))]
     results = write_overlays(blob_predictor, paths, tmp_path / "out")
-    assert [error for _, error in results] == [None, None]
+    assert [error for _, error in results] == [None, None, None]
     with Image.open(tmp_path / "out" / "wide_gradcam.png") as im:
-        assert im.size == (200, 120)
+        assert im.size == (400, 240)
         pixels = np.asarray(im)
     assert pixels.std(axis=(0, 1)).min() > 1  # a picture, not a flat fill
     with Image.open(tmp_path / "out" / "big_gradcam.png") as im:
         assert im.size == (round(1500 * DISPLAY_MAX_SIDE / 2000), DISPLAY_MAX_SIDE)
+    with Image.open(tmp_path / "out" / "tiny_gradcam.png") as im:
+        assert im.size == (DISPLAY_MIN_SIDE, DISPLAY_MIN_SIDE // 2)
 
 
 def test_explain_cli_writes_overlays_and_names_bad_files(blob_run, tmp_path, capsys):

@@ -139,7 +139,7 @@ def test_seed_cnn_stem_checkpointing_keeps_less_and_changes_nothing():
 @pytest.mark.parametrize("name", ["seed_cnn", "resnet18", "densenet121", "convnext_nano"])
 def test_input_size_check_agrees_with_a_real_forward(name):
     in_chans = 3 if name == "seed_cnn" else 1
-    for size in (16, 33, 64):
+    for size in (16, 28, 29, 31, 32, 33, 64):
         try:
             model = create_model(name, in_chans=in_chans, image_size=size).eval()
             with torch.no_grad():

@@ -165,3 +165,21 @@ def test_stack_report_names_each_member_and_where_its_threshold_came_from(cv_run
     assert "chosen on validation data" not in figures
     learning = html[html.index('<section id="learning">'):html.index('<section id="figures">')]
     assert "A stack run has no learning curves" in learning
+
+
+def test_nested_folds_a_class_cannot_fill_are_a_user_error():
+    # 11 rows, 3 of them PNEUMONIA: 5 nested folds cannot each hold a PNEUMONIA patient.
+    from pneumoscan.errors import PneumoscanError
+
+    labels = np.array([0] * 8 + [1] * 3)
+    prob = np.random.default_rng(0).random((11, 2))
+    patients = [f"p{i}" for i in range(11)]
+    with pytest.raises(PneumoscanError, match="--folds 5: .*PNEUMONIA images come from 3"):
+        fit_stack(prob, labels, patients, n_folds=5)
+
+
+def test_stack_folds_below_two_is_a_usage_error(cv_runs, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["stack", *map(str, cv_runs), "--out", str(tmp_path / "s"), "--folds", "1"])
+    assert exc.value.code == 2
+    assert "--folds: expected a whole number of at least 2" in capsys.readouterr().err

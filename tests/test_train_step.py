@@ -247,7 +247,7 @@ def test_run_time_line_adds_start_up_when_known():
     timings = {"set-up": 1.0, "epochs": 10.0, "validation": 0.5, "checkpoints": 0.25,
                "first epoch": 6.0}
     line = describe_run_time(20.0, 2.0, 12.0, timings, 6.0, startup=9.0)
-    assert line.startswith("done in 29.0 s: start-up 9.0 s (Python and imports), data 2.0 s, "
+    assert line.startswith("done in 29.0 s: start-up 9.0 s, data 2.0 s, "
                            "training 12.0 s (set-up 1.0 s, epochs 10.0 s (the first 6.0 s), ")
     assert line.endswith("plots 6.0 s")
     assert describe_run_time(20.0, 2.0, 12.0, {}, 6.0).startswith("done in 20.0 s: data 2.0 s, "

@@ -177,6 +177,22 @@ def build_config(recipe: str, device_type: str, overrides: dict) -> TrainConfig:
 LARGE_BATCH_WARMUP_EPOCHS = 2.0
 
 
+def check_pretrained(model: str, pretrained: str) -> None:
+    if pretrained and model == "seed_cnn":
+        raise PneumoscanError("--pretrained applies to timm backbones; seed_cnn has no weights")
+
+
+def check_batch_per_process(batch_size: int, world_size: int) -> int:
+    """The batch each process trains on; BatchNorm needs at least two images in it."""
+    per_process = batch_size // world_size
+    if per_process < 2:
+        raise PneumoscanError(
+            f"--batch-size {batch_size} over {world_size} processes leaves {per_process} "
+            f"image(s) a step to each; use --batch-size {2 * world_size} or more"
+        )
+    return per_process
+
+
 def scaled_lr(lr: float, recipe_batch: int, batch: int) -> float:
     """The recipe's learning rate carried to another batch size by the square-root rule.
 

@@ -132,8 +132,10 @@ def cross_validate(
     data = load_data(cfg.data, cfg.image_size, seed=cfg.seed, progress=progress, carve_val=False)
     pool = data.train  # train and any val/, un-carved; the test split is never touched here
     folds = make_folds(pool, n_folds, cfg.seed)
-    for k, (train_idx, _) in enumerate(folds):  # every fold's validation, before any training
-        inner_split(pool, train_idx, cfg.val_fraction, cfg.seed + k)
+    # Every fold's own validation split, carved before any fold trains (one that cannot be
+    # carved then fails the run at once, with nothing written).
+    inner = [inner_split(pool, train_idx, cfg.val_fraction, cfg.seed + k)
+             for k, (train_idx, _) in enumerate(folds)]
     out.mkdir(parents=True, exist_ok=True)
     ours = {fold_name(k) for k in range(n_folds)}
     stale = sorted(p.name for p in out.glob("fold-*") if p.is_dir() and p.name not in ours)
@@ -149,7 +151,7 @@ def cross_validate(
     for k, (train_idx, held_idx) in enumerate(folds):
         print(f"\n== {fold_name(k)} ({k + 1} of {n_folds}): train on {len(train_idx)} images, "
               f"predict {len(held_idx)} held out")
-        result = run_fold(cfg, data, k, train_idx, held_idx, progress=progress)
+        result = run_fold(cfg, data, k, inner[k], held_idx, progress=progress)
         results.append(result)
         if after_fold is not None:
             after_fold(result)
@@ -166,12 +168,15 @@ def run_fold(
     cfg: TrainConfig,
     data: DataBundle,
     k: int,
-    train_idx: np.ndarray,
+    inner: tuple[np.ndarray, np.ndarray],
     held_idx: np.ndarray,
     *,
     progress: bool = True,
 ) -> FoldResult:
-    """Train fold ``k`` into OUT/fold-k (a full run dir) and predict its held-out images."""
+    """Train fold ``k`` into OUT/fold-k (a full run dir) and predict its held-out images.
+
+    ``inner`` is the fold's (fit_idx, val_idx): its training folds split by ``inner_split``.
+    """
     from pneumoscan.pipeline import finish_run
     from pneumoscan.train import CHECKPOINT, fit, predict_logits
 
@@ -182,7 +187,7 @@ def run_fold(
     atomic_write_json(fold_dir / "config.json", {
         "pneumoscan": __version__, "cv": {"fold": k}, **fold_cfg.to_dict(),
     })
-    fit_idx, val_idx = inner_split(pool, train_idx, cfg.val_fraction, fold_cfg.seed)
+    fit_idx, val_idx = inner
     # The fold trains on its rows of the pool (fit_idx), not on a copy of them: with the
     # pool itself that would be two training sets in memory. finish_run() reads val and test only.
     bundle = DataBundle(
@@ -192,7 +197,8 @@ def run_fold(
         source=data.source,
         notes=[f"cross-validation fold {k}: validation carved by patient from its training folds"],
         fingerprint=data.fingerprint,
-        train_counts=np.bincount(pool.labels[train_idx], minlength=len(CLASS_NAMES)),
+        # As train does: class weights from the training folds before validation was carved.
+        train_counts=np.bincount(pool.labels[np.concatenate(inner)], minlength=len(CLASS_NAMES)),
     )
     result = fit(fold_cfg, pool, bundle.val, fold_dir, train_rows=fit_idx,
                  class_counts=bundle.train_counts, progress=progress)

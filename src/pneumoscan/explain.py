@@ -23,10 +23,10 @@ TARGET_CLASS = CLASS_NAMES.index("PNEUMONIA")
 BATCH_SIZE = 32  # images per backward pass: bounded memory on a CPU, still batched
 DEFAULT_ALPHA = 0.45
 COLORMAP = "jet"
-# Overlays written to files show the X-ray as it was given (its own aspect ratio), at most this
-# many pixels on its longest side: the model's input (often 64 px and square) is too small to
+# Overlays written to files show the X-ray as it was given (its own aspect ratio), its longest
+# side brought within these bounds: the model's input (often 64 px and square) is too small to
 # read, a 3,000 px original needlessly large.
-DISPLAY_MAX_SIDE = 1024
+DISPLAY_MIN_SIDE, DISPLAY_MAX_SIDE = 256, 1024
 
 
 def gradcam(predictor, images: np.ndarray) -> np.ndarray:
@@ -123,15 +123,17 @@ def overlay_png(image: np.ndarray, cam: np.ndarray) -> bytes:
 
 
 def display_image(path: str | Path) -> np.ndarray:
-    """The file's grey image in its own aspect ratio, longest side at most DISPLAY_MAX_SIDE."""
+    """The file's grey image in its own aspect ratio, its longest side scaled into
+    [DISPLAY_MIN_SIDE, DISPLAY_MAX_SIDE] when it lies outside."""
     from PIL import Image
 
     from pneumoscan.data.decode import read_gray
 
     image = read_gray(path)
     height, width = image.shape
-    scale = DISPLAY_MAX_SIDE / max(height, width)
-    if scale >= 1.0:
+    longest = max(height, width)
+    scale = min(max(longest, DISPLAY_MIN_SIDE), DISPLAY_MAX_SIDE) / longest
+    if scale == 1.0:
         return image
     size = (max(1, round(width * scale)), max(1, round(height * scale)))  # PIL: (width, height)
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))

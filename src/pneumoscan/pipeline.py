@@ -32,28 +32,30 @@ TEST_PREDICTIONS = "test_predictions.npz"
 
 def train_run(
     cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
-    startup_s: float | None = None,
+    process_started: float | None = None,
 ) -> dict:
     """Train one model as ``cfg`` says and leave a complete run directory in ``cfg.out``.
 
-    ``startup_s``: seconds the process took to get here (Python and its imports), for the
-    closing time line.
+    ``process_started``: ``time.perf_counter()``'s reading when the process started, for the
+    start-up (Python, imports, joining a process group) in the closing time line.
     """
     device = resolve_device(cfg.device)
     low_memory_mode(cfg.low_memory)  # before anything large is allocated
     dist_info = init_distributed(device.type)
     try:
-        return _train_run(cfg, dist_info, resume=resume, progress=progress, startup_s=startup_s)
+        return _train_run(cfg, dist_info, resume=resume, progress=progress,
+                          process_started=process_started)
     finally:
         cleanup_distributed()
 
 
 def _train_run(
     cfg: TrainConfig, dist_info: DistInfo, *, resume: bool, progress: bool,
-    startup_s: float | None,
+    process_started: float | None,
 ) -> dict:
     run_dir = Path(cfg.out)
     t_start = time.perf_counter()
+    startup_s = None if process_started is None else t_start - process_started
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "config.json", {"pneumoscan": __version__, **cfg.to_dict()})
@@ -75,7 +77,6 @@ def _train_run(
         summary["best_epoch"] = result.best_epoch
         summary["stopped_early"] = result.stopped_early
         t_end = time.perf_counter()
-        summary["seconds"] = round(t_end - t_start, 1)
         print(describe_run_time(t_end - t_start, t_data - t_start, t_fit - t_data,
                                 result.timings, t_end - t_fit, startup_s))
     barrier(dist_info)
@@ -89,7 +90,7 @@ def describe_run_time(
     """The closing line: where a run's time went, start-up included when it is known."""
     head = f"done in {total:.1f} s"
     if startup is not None:
-        head = f"done in {total + startup:.1f} s: start-up {startup:.1f} s (Python and imports),"
+        head = f"done in {total + startup:.1f} s: start-up {startup:.1f} s,"
     else:
         head += ":"
     inside = describe_fit_timings(fit_timings)

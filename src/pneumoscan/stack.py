@@ -25,7 +25,7 @@ import numpy as np
 
 from pneumoscan import CLASS_NAMES, __version__
 from pneumoscan.cv import CV_METRICS, OOF_PREDICTIONS, load_oof, log_odds
-from pneumoscan.data.split import patient_folds
+from pneumoscan.data.split import SplitError, patient_folds
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.evaluate import (
     choose_threshold,
@@ -74,12 +74,13 @@ def fit_stack(
     if member_prob.ndim != 2 or member_prob.shape[0] != labels.shape[0]:
         raise ValueError(f"member_prob must be (N, M) with N = {len(labels)}, "
                          f"got shape {member_prob.shape}")
-    if len(set(patients)) < n_folds:
-        raise PneumoscanError(f"--folds {n_folds}: the OOF rows come from only "
-                              f"{len(set(patients))} patients; use fewer folds")
+    try:
+        folds = patient_folds(labels, patients, n_folds, seed)
+    except SplitError as e:
+        raise PneumoscanError(f"--folds {n_folds}: {e}; use fewer folds") from None
     nested = np.full(len(labels), np.nan)
     fold_of = np.full(len(labels), -1, dtype=np.int64)
-    for k, (fit_idx, held_idx) in enumerate(patient_folds(labels, patients, n_folds, seed)):
+    for k, (fit_idx, held_idx) in enumerate(folds):
         if len(set(labels[fit_idx].tolist())) < 2:
             raise PneumoscanError("a nested fold has only one class; use fewer --folds")
         stacker = fit_combiner(member_prob[fit_idx], labels[fit_idx])
@@ -198,6 +199,7 @@ def build_stack(
         "temperature": 1.0,  # the combiner's output is a probability already
         "stacker": fitted.stacker,
         "data_fingerprint": metas[0].get("data_fingerprint", ""),
+        **({"data_source": metas[0]["data_source"]} if "data_source" in metas[0] else {}),
         "validation": fitted.metrics,
     })
     print(format_comparison(summary))

@@ -22,7 +22,12 @@ from torch import nn
 
 from pneumoscan.augment import augment_batch
 from pneumoscan.batchnorm import settle_batchnorm
-from pneumoscan.config import TrainConfig, describe_lr
+from pneumoscan.config import (
+    TrainConfig,
+    check_batch_per_process,
+    check_pretrained,
+    describe_lr,
+)
 from pneumoscan.data.dataset import Split
 from pneumoscan.distributed import DistInfo, all_reduce_sum, broadcast_object
 from pneumoscan.errors import PneumoscanError
@@ -56,8 +61,7 @@ def balanced_class_weights(counts: np.ndarray) -> torch.Tensor:
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
-    if cfg.pretrained and cfg.model == "seed_cnn":
-        raise PneumoscanError("--pretrained applies to timm backbones; seed_cnn has no weights")
+    check_pretrained(cfg.model, cfg.pretrained)
     kwargs = {"pretrained": cfg.pretrained} if cfg.pretrained else {}
     return create_model(cfg.model, in_chans=cfg.in_chans, image_size=cfg.image_size, **kwargs)
 
@@ -317,13 +321,7 @@ def fit(
     class_weights = balanced_class_weights(class_counts).to(device) if cfg.class_weights else None
 
     # ---- learning rate and optimizer; the global batch is split across ranks
-    per_rank_batch = cfg.batch_size // dist_info.world_size
-    if per_rank_batch < 2:  # BatchNorm cannot train on one image
-        raise PneumoscanError(
-            f"--batch-size {cfg.batch_size} over {dist_info.world_size} processes leaves "
-            f"{per_rank_batch} image(s) a step to each; use --batch-size "
-            f"{2 * dist_info.world_size} or more"
-        )
+    per_rank_batch = check_batch_per_process(cfg.batch_size, dist_info.world_size)
     shard = n_train // dist_info.world_size
     compiled = _should_compile(cfg, device, n_train)
     graphed = _should_graph(cfg, device, dist_info, compiled, per_rank_batch, shard)

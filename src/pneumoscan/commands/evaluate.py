@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
             )
         threshold = float(args.threshold.split(":", 1)[1])
     data = load_eval_split(args.data, predictor.image_size, progress=not args.quiet)
-    if not data.held_out and data.fingerprint == predictor.meta.get("data_fingerprint"):
+    if not data.held_out and _same_source(args.data, predictor.meta.get("data_source")):
         print(f"warning: {args.data} is the very data {args.run} was trained on and has no "
               "test/ folder: these figures include its training and validation images and are "
               "optimistic", file=sys.stderr)
@@ -54,3 +54,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_json(args.json, metrics)
     return 0
+
+
+def _same_source(spec: str, trained_on: object) -> bool:
+    """Whether the folder ``spec`` is the one a run recorded as its training data."""
+    from pathlib import Path
+
+    if not isinstance(trained_on, str) or spec.lower().startswith("pneumoniamnist"):
+        return False
+    return Path(spec).resolve() == Path(trained_on)

@@ -4,24 +4,40 @@ from __future__ import annotations
 
 import argparse
 
+from pneumoscan.commands.train_options import int_at_least
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int_at_least(8), default=224)
     p.add_argument(
         "--in-chans",
-        type=int,
+        type=int_at_least(1),
         default=None,
         help="input channels (default: 3 for seed_cnn as the report, 1 otherwise)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    from pneumoscan.models import create_model, keras_parameter_counts, list_models
+    import torch
+
+    from pneumoscan.errors import PneumoscanError
+    from pneumoscan.models import (
+        check_input_size,
+        create_model,
+        keras_parameter_counts,
+        list_models,
+    )
 
     print(f"{'name':18s} {'parameters':>12s} {'trainable':>12s}  Grad-CAM layer")
     for name in list_models():
         in_chans = args.in_chans or (3 if name == "seed_cnn" else 1)
-        model = create_model(name, in_chans=in_chans, image_size=args.image_size)
+        try:
+            check_input_size(name, in_chans=in_chans, image_size=args.image_size)
+        except PneumoscanError as e:
+            print(f"{name:18s} {'-':>12s} {'-':>12s}  ({e})")
+            continue
+        with torch.device("meta"):  # shapes only: no weight is allocated or initialised
+            model = create_model(name, in_chans=in_chans, image_size=args.image_size)
         total, trainable = keras_parameter_counts(model)
         print(f"{name:18s} {total:12,d} {trainable:12,d}  {model.gradcam_layer}")
     print(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from pneumoscan.commands.train_options import int_at_least
 from pneumoscan.threshold_rules import parse_threshold_rule
 
 
@@ -11,7 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN",
                    help="output folders of `pneumoscan cv` over the same images")
     p.add_argument("--out", required=True, help="the stacked run directory to write")
-    p.add_argument("--folds", type=int, default=5,
+    p.add_argument("--folds", type=int_at_least(2), default=5,
                    help="folds of the nested cross-validation that measures the stack (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threshold-rule", type=parse_threshold_rule,
@@ -19,11 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pneumoscan.errors import PneumoscanError
     from pneumoscan.stack import build_stack
 
-    if args.folds < 2:
-        raise PneumoscanError(f"--folds {args.folds}: nested cross-validation needs at least 2")
     build_stack(args.runs, args.out, n_folds=args.folds, seed=args.seed,
                 threshold_rule=args.threshold_rule)
     print(f"\nstacked run: {args.out} (evaluate, predict, report, serve and export take it)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 from pathlib import Path
 
 from pneumoscan.commands.train_options import add_train_options, config_from_args
@@ -28,7 +29,9 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     if not args.seeds:
-        train_run(cfg, resume=args.resume, progress=not args.quiet, startup_s=process_age_s())
+        age = process_age_s()
+        started = None if age is None else time.perf_counter() - age
+        train_run(cfg, resume=args.resume, progress=not args.quiet, process_started=started)
         return 0
     seeds = _parse_seeds(args.seeds)
     summaries = []

@@ -16,18 +16,20 @@ class SplitError(ValueError):
 def check_folds(labels: np.ndarray, patients: Sequence[str], n_folds: int) -> None:
     """Raise SplitError unless ``n_folds`` stratified folds by patient can be made.
 
-    Every fold holds out at least one patient, and stratifying puts each class in every fold.
+    Every fold holds out at least one patient, and a patient goes to one fold whole, so each
+    class needs as many patients as there are folds to be in every fold.
     """
     n_patients = len(set(patients))
     if n_patients < n_folds:
         raise SplitError(f"{n_folds} folds by patient need at least {n_folds} patients; "
                          f"these images come from {n_patients}")
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(CLASS_NAMES))
-    present = [(int(n), name) for name, n in zip(CLASS_NAMES, counts, strict=False) if n > 0]
-    fewest, name = min(present, default=(n_folds, ""))
+    labels = np.asarray(labels, dtype=np.int64)
+    by_class = [(len({p for p, y in zip(patients, labels, strict=True) if y == c}), name)
+                for c, name in enumerate(CLASS_NAMES)]
+    fewest, name = min(((n, name) for n, name in by_class if n > 0), default=(n_folds, ""))
     if fewest < n_folds:
-        raise SplitError(f"{n_folds} stratified folds need at least {n_folds} images of each "
-                         f"class; there are {fewest} {name}")
+        raise SplitError(f"{n_folds} stratified folds by patient need at least {n_folds} "
+                         f"patients of each class; {name} images come from {fewest}")
 
 
 def patient_folds(

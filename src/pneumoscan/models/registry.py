@@ -58,31 +58,34 @@ def check_input_size(name: str, *, in_chans: int, image_size: int) -> None:
     """Raise PneumoscanError unless model ``name`` takes (in_chans, S, S) images.
 
     Shapes only, on the meta device (no weights, no arithmetic): a run learns before decoding
-    anything that, say, seed_cnn needs sizes divisible by 32 or DenseNet-121 at least 32 px. A
-    model that cannot be built on the meta device is tried for real on the CPU instead.
+    anything that, say, seed_cnn needs sizes divisible by 32 or ConvNeXt at least 32 px. A model
+    that cannot be built on the meta device is built for real on the CPU instead.
     """
     import torch
 
-    def attempt(device: str) -> None:
+    def build(device: str) -> nn.Module:
         with torch.device(device):
-            model = create_model(name, in_chans=in_chans, image_size=image_size)
-            model.eval()
-            with torch.no_grad():
-                model(torch.zeros(1, in_chans, image_size, image_size))
+            return create_model(name, in_chans=in_chans, image_size=image_size).eval()
 
+    def reason(e: BaseException) -> str:
+        return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+
+    device = "meta"
     try:
         try:
-            attempt("meta")
+            model = build(device)
         except PneumoscanError:
             raise
         except Exception:
-            attempt("cpu")
+            device = "cpu"
+            model = build(device)
+        with torch.device(device), torch.no_grad():
+            model(torch.zeros(1, in_chans, image_size, image_size))
     except PneumoscanError:
         raise
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise PneumoscanError(
-            f"--model {name} cannot take {image_size} x {image_size} px images ({reason}); "
+            f"--model {name} cannot take {image_size} x {image_size} px images ({reason(e)}); "
             "choose another --image-size"
         ) from None
 

@@ -30,7 +30,9 @@ def is_timm_model(name: str) -> bool:
         import timm
     except ImportError:
         return False
-    return bool(timm.list_models(name.removeprefix("timm:")))
+    # Exact names (a pretrained tag such as ``resnet18.a1_in1k`` allowed), not list_models'
+    # patterns: "resnet1*" is not a model.
+    return timm.is_model(name.removeprefix("timm:"))
 
 
 def create_timm_model(
