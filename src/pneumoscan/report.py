@@ -267,7 +267,7 @@ def learning_section(run_dir: Path, meta: dict) -> Section:
             section.note(f"{meta['epochs_trained']} epoch(s) trained.")
     elif meta.get("kind") != "single":
         kind = str(meta.get("kind"))
-        article = "An" if kind[:1] in "aeiou" else "A"
+        article = "An" if kind[:1] and kind[0] in "aeiou" else "A"
         section.note(f"{article} {kind} run has no learning curves of its own; each member "
                      "run has its own in its plots/ folder.")
     else:

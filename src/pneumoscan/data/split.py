@@ -52,8 +52,8 @@ def patient_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train_idx, val_idx) with about ``val_fraction`` of the images, by patient, stratified.
 
-    The split is the first of round(1 / val_fraction) folds, so it needs that many images of
-    each class and that many patients (SplitError otherwise).
+    The split is the first of round(1 / val_fraction) folds, so it needs that many patients of
+    each class (SplitError otherwise).
     """
     if not 0 < val_fraction < 0.5:
         raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
