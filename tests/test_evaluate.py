@@ -335,3 +335,10 @@ def test_threshold_rules_benchmark_scores_rules_chosen_on_validation(tmp_path, c
     assert result["rules"]["fixed:0.5"]["accuracy"] == pytest.approx(expected, abs=1e-4)
     for figures in result["rules"].values():
         assert 0.5 < figures["accuracy"] <= 1 and 0.5 < figures["balanced_accuracy"] <= 1
+    # The mid-gap reference: strictly inside the gap below Youden's threshold, so it calls every
+    # validation image as Youden's does.
+    val = np.load(runs[0] / "val_predictions.npz")
+    youden = choose_threshold(val["labels"], val["prob"], "youden")
+    middle = bench.mid_gap_youden(val["labels"], val["prob"])
+    assert val["prob"][val["prob"] < youden].max() < middle < youden
+    assert ((val["prob"] >= middle) == (val["prob"] >= youden)).all()
