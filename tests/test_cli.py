@@ -346,3 +346,28 @@ def test_evaluate_warns_when_the_data_is_the_run_own_training_data(synthetic_dat
     assert "very data" not in capsys.readouterr().err
     assert main(["evaluate", str(run), "--data", str(synthetic_data), "--quiet"]) == 0
     assert "very data" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, unbuffered", [
+    (["models"], True),  # print() fails at once
+    ([], False),  # argparse's help is buffered (argparse ignores its own write errors)
+])
+def test_a_reader_that_closed_the_pipe_gets_no_traceback(argv, unbuffered):
+    # `pneumoscan models | head`: head exits early. The output pipe's reading end is closed
+    # before the command starts, so every write to it fails.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "pneumoscan", *argv], stdout=write_end,
+                              stderr=subprocess.PIPE, env=env, timeout=120)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1  # the output could not be written: not an error of the input
+    assert done.stderr.decode() == ""

@@ -11,6 +11,7 @@ from pneumoscan.models import (
     check_input_size,
     create_model,
     gradcam_module,
+    is_known_model,
     keras_parameter_counts,
     list_models,
     registry,
@@ -103,6 +104,16 @@ def test_seed_cnn_has_the_report_parameter_counts_at_3x224():
 def test_unknown_model_name_is_a_user_error():
     with pytest.raises(PneumoscanError, match="no_such_net_xyz"):
         create_model("no_such_net_xyz", in_chans=1, image_size=SIZE)
+
+
+@pytest.mark.parametrize("name, known", [
+    ("resnet18", True), ("timm:resnet18", True), ("resnet18.a1_in1k", True),
+    ("timm:resnet18.a1_in1k", True),
+    ("resnet1*", False),  # a pattern of timm.list_models, not a model
+    ("resnet18.no_such_tag", False),  # a real architecture with a tag timm does not have
+])
+def test_timm_names_are_exact(name, known):
+    assert is_known_model(name) is known
 
 
 def _saved_bytes_and_grads(model: nn.Module, x: torch.Tensor) -> tuple[int, dict]:

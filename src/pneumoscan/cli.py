@@ -66,6 +66,19 @@ def _command_module(verb: str):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+    except BrokenPipeError:
+        # Whoever read the output stopped early (`pneumoscan models | head`): nothing is wrong
+        # here. Point stdout at /dev/null so that Python's exit flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras:  # said by the command's own parser, so the line names the command
@@ -81,11 +94,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"pneumoscan {args.command}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        # Whoever read the output stopped early (`pneumoscan models | head`): nothing is wrong
-        # here. Point stdout at /dev/null so that Python's exit flush does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
 
 
 if __name__ == "__main__":

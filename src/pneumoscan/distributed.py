@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pneumoscan.errors import PneumoscanError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -27,14 +29,25 @@ class DistInfo:
         return self.rank == 0
 
 
+def env_world_size() -> int:
+    """How many processes torchrun started (its WORLD_SIZE); 1 without torchrun."""
+    text = os.environ.get("WORLD_SIZE", "").strip() or "1"
+    try:
+        return max(1, int(text))
+    except ValueError:
+        raise PneumoscanError(f"WORLD_SIZE={text!r} in the environment is not a number of "
+                              "processes; unset it, or start the command with torchrun") from None
+
+
 def init_distributed(device_type: str) -> DistInfo:
     """Join the process group torchrun set up (NCCL on GPU, gloo on CPU), if there is one."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    world_size = env_world_size()
+    if world_size <= 1:
         return DistInfo()
     info = DistInfo(
         rank=int(os.environ["RANK"]),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        world_size=int(os.environ["WORLD_SIZE"]),
+        world_size=world_size,
     )
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"

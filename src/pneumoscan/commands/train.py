@@ -25,9 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pneumoscan.config import check_batch_per_process
+    from pneumoscan.distributed import env_world_size
     from pneumoscan.pipeline import train_run
 
     cfg = config_from_args(args)
+    # Under torchrun the batch is split across the processes: each needs two images or more.
+    check_batch_per_process(cfg.batch_size, env_world_size())
     if not args.seeds:
         age = process_age_s()
         started = None if age is None else time.perf_counter() - age

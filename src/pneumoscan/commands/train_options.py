@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 
 from pneumoscan.config import (
     AUGMENTATIONS,
     RECIPES,
     TrainConfig,
     build_config,
-    check_batch_per_process,
     check_pretrained,
 )
 from pneumoscan.threshold_rules import parse_threshold_rule
@@ -149,9 +147,7 @@ def config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
         **extra,
     }
     cfg = build_config(args.recipe, device_type, overrides)
-    # Before any image is decoded: what cannot train fails at once. torchrun says how many
-    # processes will share the batch in WORLD_SIZE.
+    # Before any image is decoded: what cannot train fails at once.
     check_pretrained(cfg.model, cfg.pretrained)
-    check_batch_per_process(cfg.batch_size, int(os.environ.get("WORLD_SIZE") or 1))
     check_input_size(cfg.model, in_chans=cfg.in_chans, image_size=cfg.image_size)
     return cfg

@@ -30,9 +30,15 @@ def is_timm_model(name: str) -> bool:
         import timm
     except ImportError:
         return False
-    # Exact names (a pretrained tag such as ``resnet18.a1_in1k`` allowed), not list_models'
-    # patterns: "resnet1*" is not a model.
-    return timm.is_model(name.removeprefix("timm:"))
+    from timm.models import split_model_name_tag
+
+    # Exact registry names, not list_models' patterns ("resnet1*" is not a model); a pretrained
+    # tag (``resnet18.a1_in1k``) must be one timm knows for that architecture.
+    name = name.removeprefix("timm:")
+    arch, tag = split_model_name_tag(name)
+    if not timm.is_model(arch):
+        return False
+    return not tag or name in timm.list_pretrained(f"{arch}.*")
 
 
 def create_timm_model(
