@@ -159,6 +159,21 @@ def time_project(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, devic
     return steps * cfg.batch_size / seconds
 
 
+def timed_events(events, *, on_gpu: bool) -> list:
+    """The profiler's averaged events that carry the step's time, each counted once.
+
+    On a GPU, the kernels (and copies) themselves: an operator's own device time repeats the
+    time of the kernels it launched, and torch's own table likewise sums device time over
+    device events only. On a CPU, every operator with time of its own.
+    """
+    from torch.autograd import DeviceType
+
+    if on_gpu:
+        return [e for e in events if e.device_type == DeviceType.CUDA
+                and not getattr(e, "is_user_annotation", False) and e.self_device_time_total > 0]
+    return [e for e in events if e.self_cpu_time_total > 0]
+
+
 def profile_project(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray,
                     device: torch.device, *, steps: int, warmup: int, rows: int = 15) -> list[dict]:
     """The operators (on CUDA: the kernels) that take the eager step's time, largest first.
@@ -166,7 +181,6 @@ def profile_project(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray,
     Eager, so that every kernel is seen by name (inside CUDA graphs and compiled code they are
     the same work, fused or launched together). Times are each operator's own, per step.
     """
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     total = warmup + steps
@@ -183,19 +197,13 @@ def profile_project(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray,
             step(train_images[idx], train_labels[idx])
         sync(device)
     key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-    events = prof.key_averages()
-    if on_gpu:
-        # The kernels themselves: an operator's own device time repeats its kernels' (so does
-        # torch's own table, which sums device time over device events alone).
-        events = [e for e in events if e.device_type == DeviceType.CUDA
-                  and not getattr(e, "is_user_annotation", False)]
-    events = [e for e in events if getattr(e, key, 0) > 0]
+    events = timed_events(prof.key_averages(), on_gpu=on_gpu)
     whole = sum(getattr(e, key) for e in events) or 1.0
     events.sort(key=lambda e: getattr(e, key), reverse=True)
     table = [{"op": e.key[:90], "calls_per_step": round(e.count / steps, 1),
               "ms_per_step": round(getattr(e, key) / steps / 1000, 3),
               "share": round(getattr(e, key) / whole, 4)} for e in events[:rows]]
-    where = "GPU kernel" if on_gpu else "CPU operator"
+    where = "GPU kernel and copy" if on_gpu else "CPU operator"
     print(f"profile: eager step, batch {cfg.batch_size}, {steps} steps, {whole / steps / 1000:.1f} "
           f"ms of {where} time a step; the largest, each its own time:")
     for row in table:

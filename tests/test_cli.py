@@ -205,6 +205,10 @@ def test_what_cannot_train_is_refused_before_decoding(capsys, tmp_path, monkeypa
     status, err = _exit_status_and_err(["train", "--data", "/nonexistent", "--out", str(out),
                                         "--model", "seed_cnn", "--pretrained"], capsys)
     assert status == 2 and "--pretrained applies to timm backbones" in err
+    status, err = _exit_status_and_err(["train", "--data", "/nonexistent", "--out", str(out),
+                                        "--model", "resnet10t", "--pretrained",
+                                        str(tmp_path / "missing.pth")], capsys)
+    assert status == 2 and "missing.pth: pretrained weights file not found" in err
     monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun --nproc_per_node=4 sets it
     status, err = _exit_status_and_err(["train", "--data", "/nonexistent", "--out", str(out),
                                         "--batch-size", "6"], capsys)

@@ -371,3 +371,32 @@ def test_train_speed_profile_names_the_convolutions(capsys):
     assert any("convolution" in row["op"] for row in profile[:3])
     assert all(row["ms_per_step"] > 0 and row["calls_per_step"] > 0 for row in profile)
     assert "ms of CPU operator time a step" in out
+
+
+def test_gpu_profile_counts_each_kernel_once():
+    # On a GPU the operator that launched a kernel reports that kernel's time as its own device
+    # time too: only the device's own events may be summed (as torch's table does).
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_speed.py"
+    spec = importlib.util.spec_from_file_location("train_speed", path)
+    train_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_speed)
+
+    def event(key, device, device_us, cpu_us=5.0, annotation=False):
+        return SimpleNamespace(key=key, device_type=device, self_device_time_total=device_us,
+                               self_cpu_time_total=cpu_us, is_user_annotation=annotation)
+
+    events = [event("aten::cudnn_convolution", DeviceType.CPU, 900.0),  # its kernel's time
+              event("sm90_xmma_fprop_kernel", DeviceType.CUDA, 900.0, cpu_us=0.0),
+              event("vectorized_elementwise_kernel", DeviceType.CUDA, 100.0, cpu_us=0.0),
+              event("ProfilerStep", DeviceType.CUDA, 1000.0, annotation=True)]
+    kept = train_speed.timed_events(events, on_gpu=True)
+    assert [e.key for e in kept] == ["sm90_xmma_fprop_kernel", "vectorized_elementwise_kernel"]
+    assert sum(e.self_device_time_total for e in kept) == 1000.0
+    assert [e.key for e in train_speed.timed_events(events, on_gpu=False)] == [
+        "aten::cudnn_convolution", "ProfilerStep"]

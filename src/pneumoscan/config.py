@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pneumoscan.errors import PneumoscanError
 
@@ -177,9 +178,22 @@ def build_config(recipe: str, device_type: str, overrides: dict) -> TrainConfig:
 LARGE_BATCH_WARMUP_EPOCHS = 2.0
 
 
-def check_pretrained(model: str, pretrained: str) -> None:
-    if pretrained and model == "seed_cnn":
+def check_pretrained(model: str, pretrained: str, *, source: bool = False) -> None:
+    """Refuse --pretrained for seed_cnn; with ``source``, also when the weights cannot be had
+    (no such file, or timm's hub out of reach), so that a run fails before decoding."""
+    if not pretrained:
+        return
+    if model == "seed_cnn":
         raise PneumoscanError("--pretrained applies to timm backbones; seed_cnn has no weights")
+    if not source:
+        return
+    if pretrained == "timm":
+        from pneumoscan.net import require_network
+
+        require_network("huggingface.co", what=f"pretrained {model} weights",
+                        instead="--pretrained PATH")
+    elif not Path(pretrained).is_file():
+        raise PneumoscanError(f"{pretrained}: pretrained weights file not found")
 
 
 def check_batch_per_process(batch_size: int, world_size: int) -> int:

@@ -148,6 +148,6 @@ def config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
     }
     cfg = build_config(args.recipe, device_type, overrides)
     # Before any image is decoded: what cannot train fails at once.
-    check_pretrained(cfg.model, cfg.pretrained)
+    check_pretrained(cfg.model, cfg.pretrained, source=True)
     check_input_size(cfg.model, in_chans=cfg.in_chans, image_size=cfg.image_size)
     return cfg
