@@ -88,11 +88,9 @@ def describe_run_time(
     finishing: float, startup: float | None = None,
 ) -> str:
     """The closing line: where a run's time went, start-up included when it is known."""
-    head = f"done in {total:.1f} s"
+    head = f"done in {total + (startup or 0.0):.1f} s:"
     if startup is not None:
-        head = f"done in {total + startup:.1f} s: start-up {startup:.1f} s,"
-    else:
-        head += ":"
+        head += f" start-up {startup:.1f} s,"
     inside = describe_fit_timings(fit_timings)
     return (f"{head} data {data:.1f} s, training {training:.1f} s"
             f"{f' ({inside})' if inside else ''}, calibration, saving, test figures and plots "

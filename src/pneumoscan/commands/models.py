@@ -18,26 +18,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from pneumoscan.errors import PneumoscanError
-    from pneumoscan.models import (
-        check_input_size,
-        create_model,
-        keras_parameter_counts,
-        list_models,
-    )
+    from pneumoscan.models import check_input_size, keras_parameter_counts, list_models
 
     print(f"{'name':18s} {'parameters':>12s} {'trainable':>12s}  Grad-CAM layer")
     for name in list_models():
         in_chans = args.in_chans or (3 if name == "seed_cnn" else 1)
-        try:
-            check_input_size(name, in_chans=in_chans, image_size=args.image_size)
+        try:  # shapes only (the meta device): no weight is allocated or initialised
+            model = check_input_size(name, in_chans=in_chans, image_size=args.image_size)
         except PneumoscanError as e:
             print(f"{name:18s} {'-':>12s} {'-':>12s}  ({e})")
             continue
-        with torch.device("meta"):  # shapes only: no weight is allocated or initialised
-            model = create_model(name, in_chans=in_chans, image_size=args.image_size)
         total, trainable = keras_parameter_counts(model)
         print(f"{name:18s} {total:12,d} {trainable:12,d}  {model.gradcam_layer}")
     print(

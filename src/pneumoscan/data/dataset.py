@@ -189,17 +189,16 @@ def _resize_all(images: np.ndarray, size: int) -> np.ndarray:
 class EvalSplit:
     split: Split
     description: str  # where the images came from, and their counts
-    fingerprint: str  # of the whole source as decoded (a run stores its training data's)
     held_out: bool  # a test split; False when every image of the source is evaluated
 
 
 def load_eval_split(spec: str, image_size: int, *, progress: bool = True) -> EvalSplit:
     """The images to evaluate on: a test split if the source has one, else all of it."""
     if spec.lower().startswith("pneumoniamnist"):
-        splits, source, fp = _load_medmnist(spec, image_size)
-        return EvalSplit(splits["test"], f"{source}, test split", fp, held_out=True)
+        splits, source, _ = _load_medmnist(spec, image_size)
+        return EvalSplit(splits["test"], f"{source}, test split", held_out=True)
     root = Path(spec)
-    splits, _, fp = _load_folder(root, image_size, progress)
+    splits, _, _ = _load_folder(root, image_size, progress)
     held_out = "test" in splits
     if held_out:
         split, description = splits["test"], f"{root / 'test'}"
@@ -214,4 +213,4 @@ def load_eval_split(spec: str, image_size: int, *, progress: bool = True) -> Eva
     if len(split) == 0:
         raise PneumoscanError(f"{description}: no readable images to evaluate")
     counts = ", ".join(f"{k} {v}" for k, v in split.class_counts().items())
-    return EvalSplit(split, f"{description} ({len(split)} images: {counts})", fp, held_out)
+    return EvalSplit(split, f"{description} ({len(split)} images: {counts})", held_out)

@@ -54,12 +54,13 @@ def create_model(
     return model
 
 
-def check_input_size(name: str, *, in_chans: int, image_size: int) -> None:
+def check_input_size(name: str, *, in_chans: int, image_size: int) -> nn.Module:
     """Raise PneumoscanError unless model ``name`` takes (in_chans, S, S) images.
 
     Shapes only, on the meta device (no weights, no arithmetic): a run learns before decoding
     anything that, say, seed_cnn needs sizes divisible by 32 or ConvNeXt at least 32 px. A model
-    that cannot be built on the meta device is built for real on the CPU instead.
+    that cannot be built on the meta device is built for real on the CPU instead. Returns the
+    model it built (in eval mode), enough to count parameters.
     """
     import torch
 
@@ -81,6 +82,7 @@ def check_input_size(name: str, *, in_chans: int, image_size: int) -> None:
             model = build(device)
         with torch.device(device), torch.no_grad():
             model(torch.zeros(1, in_chans, image_size, image_size))
+        return model
     except PneumoscanError:
         raise
     except Exception as e:
