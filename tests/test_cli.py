@@ -375,3 +375,24 @@ def test_a_reader_that_closed_the_pipe_gets_no_traceback(argv, unbuffered):
         os.close(write_end)
     assert done.returncode == 1  # the output could not be written: not an error of the input
     assert done.stderr.decode() == ""
+
+
+def test_the_executable_exits_with_the_command_status_and_skips_the_exit_sweep(monkeypatch):
+    # Both `pneumoscan` and `python -m pneumoscan` end through console_main, which freezes the
+    # collector (so Python's exit does not sweep every object of torch and a run for cycles)
+    # and exits with the command's status.
+    from importlib.metadata import entry_points
+
+    import pneumoscan.cli as cli
+
+    (script,) = entry_points(group="console_scripts", name="pneumoscan")
+    assert script.value == "pneumoscan.cli:console_main"
+    assert "console_main()" in Path(cli.__file__).with_name("__main__.py").read_text()
+
+    calls = []
+    monkeypatch.setattr(cli, "main", lambda: calls.append("main") or 3)
+    monkeypatch.setattr(cli.gc, "freeze", lambda: calls.append("freeze"))
+    with pytest.raises(SystemExit) as exited:
+        cli.console_main()
+    assert exited.value.code == 3
+    assert calls == ["main", "freeze"]

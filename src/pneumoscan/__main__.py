@@ -1,5 +1,3 @@
-import sys
+from pneumoscan.cli import console_main
 
-from pneumoscan.cli import main
-
-sys.exit(main())
+console_main()
