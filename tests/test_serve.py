@@ -6,10 +6,15 @@ The trained run is conftest's session fixture ``trained_run`` (seed_cnn, 32 px, 
 import asyncio
 import base64
 import io
+import logging
+import os
 import re
 import shutil
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -24,6 +29,7 @@ pytest.importorskip("multipart")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from pneumoscan.cli import main  # noqa: E402
 from pneumoscan.data.decode import read_gray  # noqa: E402
 from pneumoscan.model_io import load_predictor, read_meta, save_meta  # noqa: E402
 from pneumoscan.serve import app as app_module  # noqa: E402
@@ -96,12 +102,16 @@ def test_predict_a_png(client, trained_run, image_file):
 
 def test_oversize_upload_413(client, image_file, monkeypatch):
     data = image_file.read_bytes()
-    monkeypatch.setattr(app_module, "MAX_UPLOAD_BYTES", len(data) - 1)
-    response = _post(client, data)  # under the envelope allowance: refused after reading
-    assert response.status_code == 413 and "too large" in response.json()["error"]
+    limit = len(data) - 1
+    reason = f"file too large: the upload limit is {limit:,} bytes"
+    monkeypatch.setattr(app_module, "MAX_UPLOAD_BYTES", limit)
+    response = _post(client, data, name="big.png")  # under the envelope allowance: parsed
+    assert response.status_code == 413  # so the file is named, like every other file error
+    assert response.json()["error"] == f"big.png: {reason}"
     big = b"\x89PNG" + bytes(app_module.ENVELOPE_BYTES + len(data))
-    response = _post(client, big)  # refused from Content-Length before the body is read
-    assert response.status_code == 413
+    response = _post(client, big, name="big.png")  # refused from Content-Length, unparsed
+    assert response.status_code == 413  # the name is not known yet: "upload", as documented
+    assert response.json()["error"] == f"upload: {reason}"
 
     def chunks():  # no Content-Length at all: refused while streaming
         yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x\"\r\n\r\n"
@@ -110,7 +120,8 @@ def test_oversize_upload_413(client, image_file, monkeypatch):
 
     response = client.post("/api/predict", content=chunks(),
                            headers={"content-type": "multipart/form-data; boundary=b"})
-    assert response.status_code == 413 and "error" in response.json()
+    assert response.status_code == 413
+    assert response.json()["error"].startswith("upload: file too large: ")
 
 
 def test_pixel_bomb_refused_413(client):
@@ -122,7 +133,8 @@ def test_pixel_bomb_refused_413(client):
 def test_text_file_415(client):
     response = _post(client, b"name,value\nfoo,1\n", name="table.csv")
     assert response.status_code == 415
-    assert response.json()["error"] == "table.csv: not an image or DICOM file"
+    # The decoder's reason, word for word as `predict` gives it.
+    assert response.json()["error"] == "table.csv: not an image (content is text/HTML)"
 
 
 def test_truncated_image_422(client, image_file):
@@ -135,7 +147,7 @@ def test_missing_field_422(client, image_file):
     response = _post(client, image_file.read_bytes(), field="image")
     assert response.status_code == 422 and "'file'" in response.json()["error"]
     response = client.post("/api/predict", json={"file": "/etc/passwd"})
-    assert response.status_code == 422 and "error" in response.json()
+    assert response.status_code == 415 and "multipart/form-data" in response.json()["error"]
     assert client.get("/api/nothing").json() == {"error": "Not Found"}
 
 
@@ -239,12 +251,36 @@ def test_empty_upload_422(client):
     assert _json_error(response) == "empty.png: empty file"
 
 
-@pytest.mark.parametrize("data", [b"<!doctype html><html><body>hi</body></html>",
-                                  b"\0" + bytes(range(255)) * 16], ids=["html", "random"])
-def test_non_images_415(client, data):
-    response = _post(client, data, name="thing.bin")
+@pytest.mark.parametrize("data, reason", [
+    (b"<!doctype html><html><body>hi</body></html>", "not an image (content is text/HTML)"),
+    (b"\0" + bytes(range(255)) * 16, "not an image (unrecognised format)"),
+], ids=["html", "random"])
+def test_non_images_415(client, data, reason):
+    response = _post(client, data, name="thing.jpeg")
     assert response.status_code == 415
-    assert _json_error(response) == "thing.bin: not an image or DICOM file"
+    assert _json_error(response) == f"thing.jpeg: {reason}"
+
+
+@pytest.mark.parametrize("content_type", ["image/jpeg", "application/octet-stream", None])
+def test_body_not_a_form_upload_415(client, image_file, content_type):
+    # curl --data-binary @x.jpeg: the image itself as the body, not a multipart form.
+    headers = {"content-type": content_type} if content_type else {}
+    response = client.post("/api/predict", content=image_file.read_bytes(), headers=headers)
+    assert response.status_code == 415
+    error = _json_error(response)
+    assert "multipart/form-data" in error and "'file'" in error
+    assert (content_type or "none") in error
+
+
+def test_malformed_multipart_reason_without_a_log_line(client, image_file, caplog):
+    # python-multipart logged its parse error as a warning that reached the server's stderr;
+    # the reason belongs in the answer, once.
+    body, content_type = _malformed(image_file.read_bytes())["wrong boundary"]
+    with caplog.at_level(logging.DEBUG):
+        response = _post_raw(client, body, content_type)
+    assert response.status_code == 422
+    assert _json_error(response).startswith("malformed multipart body (Expected boundary")
+    assert not [r for r in caplog.records if r.name.startswith("python_multipart")]
 
 
 def test_chunked_uploads_without_content_length(client, image_file, monkeypatch):
@@ -373,3 +409,80 @@ def test_page_in_chromium(live_server, image_file):
         finally:
             browser.close()
     assert not problems, problems
+
+
+# --- the serve command ----------------------------------------------------------------------
+
+
+def test_busy_port_is_one_line_and_no_banner(trained_run, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        status = main(["serve", str(trained_run), "--port", str(port), "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert status == 2 and out == ""
+    reason = "cannot listen (address already in use)"
+    assert err == f"pneumoscan serve: error: 127.0.0.1:{port}: {reason}\n"
+
+
+def test_unknown_host_is_one_line_and_no_banner(trained_run, capsys):
+    status = main(["serve", str(trained_run), "--host", "999.1.1.1", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert status == 2 and out == ""
+    assert err.startswith("pneumoscan serve: error: 999.1.1.1:8000: unknown host (")
+    assert err.count("\n") == 1
+
+
+def _request(port: int, method: str, path: str, body: bytes = b"", headers=None):
+    import http.client  # not urllib: no proxy from the environment
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def test_serve_port_0_prints_the_real_port_and_keeps_stderr_clean(trained_run, image_file):
+    # The real command in its own process: the banner through a pipe, the port it got, and a
+    # stderr with nothing on it after a malformed upload and Ctrl-C.
+    command = [sys.executable, "-m", "pneumoscan", "serve", str(trained_run), "--port", "0",
+               "--device", "cpu"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a real pipe
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env)
+    try:
+        banner = _read_line(process, timeout=120)
+        match = re.fullmatch(r"pneumoscan serve: http://127\.0\.0\.1:(\d+)/ .*\n", banner)
+        assert match, banner
+        port = int(match[1])
+        assert port != 0
+        assert _request(port, "GET", "/api/health")[0] == 200
+        body, content_type = _malformed(image_file.read_bytes())["wrong boundary"]
+        status, answer = _request(port, "POST", "/api/predict", body,
+                                  {"content-type": content_type})
+        assert status == 422 and b"malformed multipart body" in answer
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            out, err = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+    assert process.returncode == 0 and out == "" and err == ""
+
+
+def _read_line(process: subprocess.Popen, timeout: float) -> str:
+    """The first line of the process's stdout, or a failure naming its stderr."""
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()),
+                              daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not lines or not lines[0]:
+        process.kill()
+        pytest.fail(f"no banner from serve; stderr: {process.communicate()[1]!r}")
+    return lines[0]

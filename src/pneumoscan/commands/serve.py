@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import socket
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory (a single model or an ensemble)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
@@ -24,8 +25,55 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise PneumoscanError("serve needs uvicorn: pip install 'pneumoscan[serve]'") from None
-    app = create_app(args.run, device=str(resolve_device(args.device)))
-    print(f"pneumoscan serve: http://{args.host}:{args.port}/  (research use, not a medical "
-          "device; Ctrl-C stops)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # Bound before the model loads: a busy port or unknown host is one line at once, not a
+    # banner followed by uvicorn's own error, and --port 0 can print the port it got.
+    with listen(args.host, args.port) as sock:
+        app = create_app(args.run, device=str(resolve_device(args.device)))
+        # Flushed: when stdout is a pipe or a log file, the address must show while it serves.
+        print(f"pneumoscan serve: {url(args.host, sock.getsockname()[1])}  (research use, not a "
+              "medical device; Ctrl-C stops)", flush=True)
+        _serve(uvicorn, app, sock)
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` and listening; PneumoscanError in one line if not."""
+    from pneumoscan.errors import PneumoscanError
+
+    where = _host_port(host, port)
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise PneumoscanError(f"{where}: unknown host ({_reason(e)})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        # As uvicorn does: a restart need not wait for the old connections' TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen()
+    except OSError as e:
+        sock.close()
+        raise PneumoscanError(f"{where}: cannot listen ({_reason(e)})") from None
+    return sock
+
+
+def url(host: str, port: int) -> str:
+    return f"http://{_host_port(host, port)}/"
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _reason(e: OSError) -> str:
+    return (e.strerror or str(e)).lower()
+
+
+def _serve(uvicorn, app, sock: socket.socket) -> None:
+    """Serve ``app`` on the bound ``sock`` until Ctrl-C, which is a normal way to stop."""
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the signal it caught once it has shut down
+        pass

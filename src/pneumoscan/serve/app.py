@@ -6,12 +6,17 @@ Routes
     GET  /api/health    {"status": "ok", "model": ...} (also at /health)
     GET  /api/model     the run's model.json (paths on the server reduced to file names)
 
-Every error is JSON ``{"error": "..."}``:
-    413  the upload exceeds MAX_UPLOAD_BYTES, or the image's header declares more than
-         MAX_PIXELS pixels (refused before any pixel is decoded; both are "too large")
-    415  the bytes are neither an image format the decoder knows nor DICOM
-    422  no ``file`` field, a malformed or incomplete body, an empty file, or an image that
-         cannot be decoded (truncated, corrupt, unsupported DICOM)
+Every error is JSON ``{"error": "..."}``. A problem with the uploaded file reads
+``"<file name>: <reason>"``, the reason worded as the decoder words it for ``predict``; when the
+body is refused before it is parsed, the name is not known yet and reads ``upload``. A problem
+with the request itself (not multipart, malformed, no ``file`` field) is a sentence naming it.
+    413  the upload exceeds MAX_UPLOAD_BYTES (``file too large: ...``), or the image's header
+         declares more than MAX_PIXELS pixels (``image too large: ...``, before any pixel is
+         decoded)
+    415  the request is not a multipart/form-data upload, or the file's content is not an image
+         format the decoder knows nor DICOM (``not an image (...)``)
+    422  no ``file`` field, a malformed or incomplete body, an empty file (no content, so no
+         type at all), or an image that cannot be decoded (truncated, corrupt, unsupported DICOM)
 
 The server reads only the uploaded bytes, never a file a client names. Inference runs in
 FastAPI's thread pool under one lock: the model is shared, and Grad-CAM hooks it while it runs.
@@ -20,6 +25,7 @@ FastAPI's thread pool under one lock: the model is shared, and Grad-CAM hooks it
 import base64
 import importlib.util
 import io
+import logging
 import threading
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -37,6 +43,7 @@ MAX_PIXELS = decode.MAX_PIXELS  # the decoder enforces it from the header
 ENVELOPE_BYTES = 64 * 1024  # multipart boundaries and part headers around the file itself
 DISPLAY_SIZE = 320  # side of the gray image and overlay the page shows
 MAX_FILENAME = 255
+UNNAMED = "upload"  # the file name in errors when the client gave none, or it is not known yet
 DECODE_SLOTS = 4  # images decoded at once: bounds memory when many large uploads arrive together
 
 
@@ -59,6 +66,7 @@ def create_app(run_dir: str | Path, device: str = "cpu"):
 
     from pneumoscan.model_io import load_predictor
 
+    _quiet_multipart_log()
     predictor = load_predictor(run_dir, device)
     model_info = public_meta(predictor.meta)
     page = resources.files("pneumoscan.serve").joinpath("page.html").read_text("utf-8")
@@ -123,6 +131,17 @@ def _require_fastapi():
     return fastapi
 
 
+def _quiet_multipart_log() -> None:
+    """Keep python-multipart's parse warnings off the server's stderr.
+
+    The parser logs a warning ("Expected boundary character ...") and then raises the same
+    message, which the client receives in its 422; with no logging configured, Python's
+    last-resort handler printed it as a stray line. Its ERROR records (a temporary file that
+    cannot be created) are the server's own problems and still get through.
+    """
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
+
+
 _UPLOAD_SCHEMA = {
     "requestBody": {
         "required": True,
@@ -157,19 +176,17 @@ async def _read_upload(request) -> tuple[bytes, str]:
     from starlette.formparsers import MultiPartException, MultiPartParser
     from starlette.requests import ClientDisconnect
 
+    _check_content_type(request.headers.get("content-type", ""))
     limit = MAX_UPLOAD_BYTES + ENVELOPE_BYTES
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise _too_large()
-    content_type = request.headers.get("content-type", "")
-    if not content_type.lower().startswith("multipart/form-data"):
-        raise ApiError(422, "send the image as multipart/form-data in a field named 'file'")
+        raise _too_large(UNNAMED)
     parser = MultiPartParser(request.headers, _limited(request.stream(), limit),
                              max_files=1, max_fields=4)
     try:
         form = await parser.parse()
     except MultiPartException as e:
-        raise ApiError(422, f"malformed multipart body ({e.message})") from None
+        raise ApiError(422, f"malformed multipart body ({_parse_reason(e)})") from None
     except ClientDisconnect:
         # Nobody reads this answer; handling it here keeps a dropped upload out of the
         # catch-all 500 handler, which logs a full traceback for every such client.
@@ -179,12 +196,28 @@ async def _read_upload(request) -> tuple[bytes, str]:
         if not isinstance(upload, UploadFile):
             raise ApiError(422, "missing file: send the image in a multipart field named 'file'")
         data = await upload.read(MAX_UPLOAD_BYTES + 1)
-        filename = (upload.filename or "upload")[:MAX_FILENAME]
+        filename = (upload.filename or UNNAMED)[:MAX_FILENAME]
     finally:
         await form.close()
     if len(data) > MAX_UPLOAD_BYTES:
-        raise _too_large()
+        raise _too_large(filename)
     return data, filename
+
+
+def _check_content_type(content_type: str) -> None:
+    """415 for a body that is not a form upload (a raw image, JSON): the wrong media type."""
+    if content_type.lower().startswith("multipart/form-data"):
+        return
+    # Cut short: the header is the client's, and the answer should stay one short line.
+    got = content_type[:80] or "none"
+    raise ApiError(415, "send the image as a multipart/form-data upload in a field named "
+                        f"'file' (this request's Content-Type: {got})")
+
+
+def _parse_reason(e) -> str:
+    # Starlette says only "Invalid multipart data."; python-multipart's own message, kept as the
+    # cause, says where the body went wrong, and it is no longer logged (_quiet_multipart_log).
+    return str(e.__cause__ or e.message)
 
 
 async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
@@ -193,12 +226,14 @@ async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[by
     async for chunk in stream:
         received += len(chunk)
         if received > limit:
-            raise _too_large()
+            raise _too_large(UNNAMED)  # before parsing: the part's file name is not known
         yield chunk
 
 
-def _too_large() -> ApiError:
-    return ApiError(413, f"upload too large: the limit is {MAX_UPLOAD_BYTES:,} bytes")
+def _too_large(filename: str) -> ApiError:
+    # Worded like the decoder's "file too large" so that serve and predict give one reason.
+    return ApiError(413, f"{filename}: file too large: the upload limit is "
+                         f"{MAX_UPLOAD_BYTES:,} bytes")
 
 
 # --- inference -----------------------------------------------------------------------------
@@ -225,10 +260,6 @@ class _Service:
         return self.explain.gradcam(self.predictor, image[None])[0]
 
     def predict(self, data: bytes, filename: str) -> dict[str, Any]:
-        if not data:  # nothing was uploaded: not a file of the wrong type (415)
-            raise ApiError(422, f"{filename}: empty file")
-        if decode.sniff_kind(data[: decode.SNIFF_BYTES]) is None:
-            raise ApiError(415, f"{filename}: not an image or DICOM file")
         size = self.predictor.image_size
         with self.decode_slots:
             # The model's input comes from the same decode as `predict` and training use; the
@@ -254,9 +285,17 @@ def _decode(data: bytes, size: int, filename: str) -> np.ndarray:
     try:
         return decode.read_gray(data, size, name=filename)
     except UnreadableImage as e:
-        # Header-declared size beyond MAX_PIXELS is "too large", like an oversized upload.
-        status = 413 if e.reason.startswith(("image too large", "file too large")) else 422
-        raise ApiError(status, f"{filename}: {e.reason}") from None
+        # The decoder's reason as it is, so that serve and predict name a file's problem alike.
+        raise ApiError(_status(e.reason), f"{filename}: {e.reason}") from None
+
+
+def _status(reason: str) -> int:
+    """The HTTP status for a decoder's reason."""
+    if reason.startswith(("image too large", "file too large")):
+        return 413  # a header-declared size beyond MAX_PIXELS, like an oversized upload
+    if reason.startswith("not an image"):
+        return 415  # content of a type the service does not take
+    return 422  # an empty file (no type at all), or an image that cannot be decoded
 
 
 def _overlay_b64(explain, display: np.ndarray, cam: np.ndarray | None) -> str | None:
