@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from pneumoscan import CLASS_NAMES
+from pneumoscan.data.decode import DRAFT_FACTOR
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.fileio import atomic_write
 from pneumoscan.model_io import EnsemblePredictor, Predictor, load_predictor, update_meta
@@ -82,9 +83,17 @@ def _wrap(predictor) -> nn.Module:
 
 
 def preprocessing_note(image_size: int) -> str:
+    # Exactly what read_gray does, so that other code feeding the graph sees the same pixels;
+    # the reduced-scale figures are those measured for DRAFT_FACTOR (see decode.py).
+    s = image_size
     return (
-        f"decode to 8-bit gray; resize to {image_size}x{image_size} (bilinear, aspect ratio not "
-        f"kept); feed float32 pixel values 0..255 shaped (N, 1, {image_size}, {image_size}); "
+        "decode to 8-bit gray (16-bit gray scaled linearly from its significant bits: the PNG "
+        "sBIT depth, else the smallest of 8..16 bits that holds the largest value); "
+        f"resize to {s}x{s} (Pillow bilinear, antialiased, aspect ratio not kept); a JPEG at "
+        f"least {2 * DRAFT_FACTOR * s} px on its shorter side is first decoded by libjpeg at "
+        f"1/2, 1/4 or 1/8 scale, never below {DRAFT_FACTOR * s} px, which changes the resized "
+        "pixels by under 0.2 gray levels on average and at most 4; "
+        f"feed float32 pixel values 0..255 shaped (N, 1, {s}, {s}); "
         "scaling, channels, temperature and softmax happen inside the graph"
     )
 

@@ -21,7 +21,7 @@ from pneumoscan.data.decode import read_gray
 from pneumoscan.errors import UnreadableImage
 from pneumoscan.fileio import atomic_write, atomic_write_json, read_json
 
-DECODER_VERSION = 1  # bump when decoding changes, so old caches are not reused
+DECODER_VERSION = 2  # bump when decoding changes, so old caches are not reused
 _CHUNK = 64  # files per task: large enough to amortise process overhead
 
 
@@ -148,7 +148,9 @@ def _decode_chunk(paths: list[Path], size: int) -> tuple[np.ndarray, list[tuple[
 def _progress_bar(total: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="decode", unit="img", disable=not enabled, leave=False)
+    # disable=None: drawn only on a terminal, not into a log file that stderr goes to
+    return tqdm(total=total, desc="decode", unit="img", disable=None if enabled else True,
+                leave=False)
 
 
 def describe_errors(errors: Sequence[tuple[str, str]], limit: int = 20) -> str:
