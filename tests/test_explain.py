@@ -200,12 +200,28 @@ def test_write_overlays_reports_each_file(blob_predictor, tmp_path):
     bad = tmp_path / "in" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     results = write_overlays(blob_predictor, [good, bad, same_stem], tmp_path / "out")
-    assert [p for p, _ in results] == [str(good), str(bad), str(same_stem)]
-    assert results[0][1] is None and results[2][1] is None and results[1][1]
+    assert [r.path for r in results] == [str(good), str(bad), str(same_stem)]
+    assert results[0].error is None and results[2].error is None and results[1].error
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written == ["a-2_gradcam.png", "a_gradcam.png"]  # same stem: neither overwritten
+    # Each result names its own overlay, so numbered names can be told apart.
+    assert [r.file for r in results] == [tmp_path / "out" / "a_gradcam.png", None,
+                                         tmp_path / "out" / "a-2_gradcam.png"]
     with Image.open(tmp_path / "out" / "a_gradcam.png") as im:
         assert im.size == (DISPLAY_MIN_SIDE, DISPLAY_MIN_SIDE) and im.mode == "RGB"  # from SIZE
+
+
+def test_names_stay_unique_across_calls_that_share_taken(blob_predictor, tmp_path):
+    # predict --cam writes a batch at a time: the numbering must be as in one call.
+    images, _, _ = blob_images(1, seed=8)
+    first = _write_png(tmp_path / "in" / "x.png", images[0])
+    second = _write_png(tmp_path / "in" / "a" / "x.png", images[1])
+    taken: set[str] = set()
+    (one,) = write_overlays(blob_predictor, [first], tmp_path / "out", taken=taken)
+    (two,) = write_overlays(blob_predictor, [second], tmp_path / "out", taken=taken)
+    assert (one.file.name, two.file.name) == ("x_gradcam.png", "x-2_gradcam.png")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "x-2_gradcam.png", "x_gradcam.png"]
 
 
 def test_overlays_keep_the_file_shape_up_to_a_readable_size(blob_predictor, tmp_path):
@@ -219,7 +235,7 @@ def test_overlays_keep_the_file_shape_up_to_a_readable_size(blob_predictor, tmp_
     paths = [_write_png(tmp_path / "in" / f"{name}.png", image)
              for name, image in (("wide", wide), ("big", big), ("tiny", tiny))]
     results = write_overlays(blob_predictor, paths, tmp_path / "out")
-    assert [error for _, error in results] == [None, None, None]
+    assert [r.error for r in results] == [None, None, None]
     with Image.open(tmp_path / "out" / "wide_gradcam.png") as im:
         assert im.size == (400, 240)
         pixels = np.asarray(im)

@@ -242,3 +242,99 @@ def test_dicom_predicts_like_the_jpeg_it_came_from(trained_run, tmp_path):
     # side; the labels must agree whenever the probability is clear of the threshold.
     if abs(jpeg_row["probability"] - jpeg_row["threshold"]) > 1e-3:
         assert dicom_row["label"] == jpeg_row["label"]
+
+
+@pytest.fixture
+def same_stems(tmp_path, synthetic_data) -> tuple[list[Path], Path]:
+    """dup/x.png, dup/a/x.jpeg, dup/b/x.jpeg (one stem, told apart by their sizes) and a bad file.
+
+    An overlay keeps its file's aspect ratio, so its size shows which input it was made from.
+    """
+    from PIL import Image
+
+    gray = read_gray(_some_images(synthetic_data, 1)[0])
+    folder = tmp_path / "dup"
+    files = []
+    for name, size in (("x.png", (300, 300)), ("a/x.jpeg", (400, 260)), ("b/x.jpeg", (260, 500))):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(gray).resize(size).save(path)
+        files.append(path)
+    bad = folder / "b" / "y.png"
+    bad.write_text("not an image\n")
+    return files, bad
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_cam_column_names_each_files_overlay(trained_run, same_stems, tmp_path, fmt):
+    pytest.importorskip("captum")
+    from PIL import Image
+
+    files, bad = same_stems
+    cams, out = tmp_path / "cams", tmp_path / f"p.{fmt}"
+    status = main(["predict", str(trained_run), *map(str, [files[0], bad, *files[1:]]), "--cam",
+                   str(cams), "--output", str(out), "--quiet", "--batch-size", "2"])
+    assert status == 2  # the bad file
+    if fmt == "csv":
+        with open(out, newline="") as f:
+            reader = csv.DictReader(f)
+            assert tuple(reader.fieldnames) == (*FIELDS, "cam")  # documented columns first
+            rows = {row["path"]: row for row in reader}
+        assert rows[str(bad)]["cam"] == ""
+    else:
+        rows = {row["path"]: row for row in json.loads(out.read_text())}
+        assert list(rows[str(bad)]) == [*FIELDS, "cam"] and rows[str(bad)]["cam"] is None
+    names = [Path(rows[str(path)]["cam"]) for path in files]
+    assert [n.name for n in names] == ["x_gradcam.png", "x-2_gradcam.png", "x-3_gradcam.png"]
+    for path, cam in zip(files, names, strict=True):
+        assert cam.parent == cams
+        with Image.open(path) as src, Image.open(cam) as im:
+            assert im.size == src.size  # this file's overlay, not another x's
+
+
+def test_cam_in_the_table_and_no_cam_column_without_cam(trained_run, same_stems, tmp_path,
+                                                        capsys):
+    pytest.importorskip("captum")
+    files, _ = same_stems
+    cams = tmp_path / "cams"
+    assert main(["predict", str(trained_run), *map(str, files), "--cam", str(cams),
+                 "--quiet"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1].endswith(f"{files[0]}  -> {cams / 'x_gradcam.png'}")
+    assert lines[3].endswith(f"{files[2]}  -> {cams / 'x-3_gradcam.png'}")
+    out = tmp_path / "p.json"
+    assert main(["predict", str(trained_run), str(files[0]), "--output", str(out),
+                 "--quiet"]) == 0
+    assert list(json.loads(out.read_text())[0]) == list(FIELDS)
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(trained_run, synthetic_data, capsys,
+                                                       monkeypatch):
+    import io
+    import sys
+
+    from pneumoscan.predict import iter_predictions
+
+    predictor = load_predictor(trained_run)
+    files = _some_images(synthetic_data, 3)
+    assert len(list(iter_predictions(predictor, files, progress=True))) == 3
+    assert capsys.readouterr().err == ""  # redirected: no carriage-return lines in the file
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert len(list(iter_predictions(predictor, files, progress=True))) == 3
+    assert "predict" in terminal.getvalue()  # a terminal still gets its bar
+    terminal.truncate(0)
+    assert len(list(iter_predictions(predictor, files, progress=False))) == 3
+    assert terminal.getvalue() == ""  # --quiet
+
+
+def test_a_missing_run_says_it_does_not_exist(synthetic_data, tmp_path, capsys):
+    files = _some_images(synthetic_data, 1)
+    assert main(["predict", str(tmp_path / "nosuchrun"), str(files[0]), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("nosuchrun: not a run directory (does not exist)")

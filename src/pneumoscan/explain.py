@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -150,23 +151,30 @@ def overlay_name(path: str | Path, taken: set[str]) -> str:
     return name
 
 
+class Overlay(NamedTuple):
+    path: str  # the input file, as given
+    file: Path | None  # the overlay written for it; None when it could not be read
+    error: str | None  # why it could not be read; None when the overlay was written
+
+
 def write_overlays(
-    predictor, paths: Sequence[str | Path], out_dir: str | Path
-) -> list[tuple[str, str | None]]:
-    """Write ``OUT/<stem>_gradcam.png`` for each readable file; (path, error or None) for each.
+    predictor, paths: Sequence[str | Path], out_dir: str | Path, *, taken: set[str] | None = None
+) -> list[Overlay]:
+    """Write ``OUT/<stem>_gradcam.png`` for each readable file; an ``Overlay`` for each.
 
     Files are decoded with ``read_gray`` at the predictor's size and explained a batch at a time,
     so memory stays bounded however many paths are given; each map is then drawn over the file
     decoded again as it was given (``display_image``), stretched back from the model's square
-    input. An unreadable file costs only itself.
+    input. An unreadable file costs only itself. ``taken``: names already written into OUT by
+    earlier calls (updated in place), so that a caller writing batch by batch keeps them unique.
     """
     from pneumoscan.data.decode import read_gray
     from pneumoscan.errors import UnreadableImage
     from pneumoscan.fileio import atomic_write_bytes
 
     out_dir = Path(out_dir)
-    results: list[tuple[str, str | None]] = []
-    taken: set[str] = set()
+    results: list[Overlay] = []
+    taken = set() if taken is None else taken
     paths = [str(p) for p in paths]
     for start in range(0, len(paths), BATCH_SIZE):
         chunk_paths, chunk_images = [], []
@@ -175,7 +183,7 @@ def write_overlays(
                 chunk_images.append(read_gray(path, predictor.image_size))
                 chunk_paths.append(path)
             except UnreadableImage as e:
-                results.append((path, e.reason))
+                results.append(Overlay(path, None, e.reason))
         if not chunk_images:
             continue
         images = np.stack(chunk_images)
@@ -184,10 +192,11 @@ def write_overlays(
             try:
                 image = display_image(path)
             except UnreadableImage as e:  # changed or removed since it was first read
-                results.append((path, e.reason))
+                results.append(Overlay(path, None, e.reason))
                 continue
-            atomic_write_bytes(out_dir / overlay_name(path, taken), overlay_png(image, cam))
-            results.append((path, None))
+            file = out_dir / overlay_name(path, taken)
+            atomic_write_bytes(file, overlay_png(image, cam))
+            results.append(Overlay(path, file, None))
     order = {p: i for i, p in enumerate(paths)}
-    results.sort(key=lambda r: order[r[0]])  # the caller's order, errors and all
+    results.sort(key=lambda r: order[r.path])  # the caller's order, errors and all
     return results

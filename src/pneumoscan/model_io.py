@@ -118,12 +118,32 @@ def save_meta(run_dir: Path, meta: dict) -> None:
 def read_meta(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "model.json"
     if not path.is_file():
-        raise PneumoscanError(f"{run_dir}: not a run directory (no model.json)")
+        raise PneumoscanError(f"{run_dir}: not a run directory ({_not_a_run(Path(run_dir))})")
     try:
         meta = read_json(path)
     except (OSError, ValueError) as e:
         raise PneumoscanError(f"{path}: unreadable ({e})") from None
     return validate_meta(meta, str(path))
+
+
+def _not_a_run(run_dir: Path) -> str:
+    """Why ``run_dir`` has no model.json, and what to name instead where its files tell."""
+    if not run_dir.exists():
+        return "does not exist"
+    if not run_dir.is_dir():
+        return "a file, not a folder"
+    if (run_dir / "checkpoint.pt").is_file():
+        return ("no model.json; its checkpoint.pt is an interrupted training run: finish it with "
+                f"`pneumoscan train ... --out {run_dir} --resume`")
+    seeds = sorted(p for p in run_dir.glob("seed-*") if p.is_dir())
+    if seeds:
+        done = [p for p in seeds if (p / "model.json").is_file()]
+        return (f"no model.json; it holds the seed-N runs of `train --seeds`: name one, "
+                f"e.g. {(done or seeds)[0]}")
+    if any(p.is_dir() for p in run_dir.glob("fold-*")):
+        return ("no model.json; its fold-K folders are from a `cv` run that did not finish "
+                "(cv does not resume): run it again with a new --out")
+    return "no model.json"
 
 
 def update_meta(run_dir: Path, **fields) -> dict:
@@ -203,7 +223,19 @@ class EnsemblePredictor:
 def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Probability of class 1 from (N, 2) logits, after temperature scaling."""
     z = (logits[:, 1] - logits[:, 0]) / temperature
-    return (1.0 / (1.0 + np.exp(-z))).astype(np.float64)
+    return _sigmoid(z).astype(np.float64)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-z)) without a RuntimeWarning for very negative z.
+
+    exp(-z) overflows to inf only where the true value is below the smallest float, and
+    1 / (1 + inf) is then exactly 0: the overflow gives the right answer, so it is silenced
+    rather than avoided. (scipy's expit does the same, but its float32 exp differs from numpy's
+    in the last bit, which would change every stored probability slightly.)
+    """
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-z))
 
 
 def stack_probabilities(member_probs: np.ndarray, stacker: dict) -> np.ndarray:
@@ -212,7 +244,7 @@ def stack_probabilities(member_probs: np.ndarray, stacker: dict) -> np.ndarray:
     p = np.clip(member_probs, eps, 1 - eps)
     features = np.log(p / (1 - p))
     z = features @ np.asarray(stacker["coef"], dtype=np.float64) + float(stacker["intercept"])
-    return 1.0 / (1.0 + np.exp(-z))
+    return _sigmoid(z)
 
 
 def load_predictor(run_dir: str | Path, device: str | torch.device = "cpu"):

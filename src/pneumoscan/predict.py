@@ -26,6 +26,9 @@ from pneumoscan.errors import PneumoscanError, UnreadableImage
 from pneumoscan.fileio import atomic_write
 
 FIELDS = ("path", "probability", "label", "threshold", "error")
+# With --cam only, after FIELDS so that readers of the documented columns are unaffected: the
+# overlay written for the row, since numbered names (x-2_gradcam.png) do not say which file.
+CAM_FIELD = "cam"
 # Extensions taken from a folder without sniffing; other files in a folder are taken only when
 # their content starts like an image (DICOMs often have no extension at all).
 IMAGE_SUFFIXES = frozenset(
@@ -42,9 +45,11 @@ class Row:
     label: str  # PNEUMONIA if probability >= threshold, else NORMAL; "" on error
     threshold: float
     error: str  # "" when the prediction worked, otherwise why the file could not be read
+    cam: str | None = None  # the Grad-CAM overlay written for it (predict --cam), else None
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def as_dict(self, fields: Sequence[str] = FIELDS) -> dict:
+        record = asdict(self)
+        return {name: record[name] for name in fields}
 
 
 @dataclass
@@ -112,15 +117,19 @@ def iter_predictions(
 ) -> Iterator[Row]:
     """Rows in the order of ``paths``, predicted ``batch_size`` files at a time.
 
-    ``on_batch(decoded_paths)`` is called after each batch with the files that were predicted
-    (used to write Grad-CAM overlays without holding every image).
+    ``on_batch(decoded_paths)`` is called after each batch with the files that were predicted,
+    before their rows are yielded (used to write Grad-CAM overlays without holding every image).
+    The progress bar is drawn only when stderr is a terminal: redirected, it would fill the file
+    with carriage-return lines between the one-line-per-failed-file messages.
     """
     from tqdm import tqdm
 
     if batch_size < 1:
         raise PneumoscanError(f"--batch-size must be positive, got {batch_size}")
     size, threshold = predictor.image_size, float(predictor.threshold)
-    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)
+    # disable=None: tqdm's own "only on a terminal"; True turns it off whatever stderr is.
+    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=None if progress else True,
+               leave=False)
     with bar, ThreadPoolExecutor(_DECODE_THREADS) as pool:
         for start in range(0, len(paths), batch_size):
             batch = list(paths[start : start + batch_size])
@@ -163,26 +172,30 @@ def output_format(path: str | Path) -> str:
     return suffix[1:]
 
 
-def write_rows(path: str | Path, rows: Iterable[Row]) -> int:
-    """Stream rows into a CSV or JSON file (by extension), atomically. Returns the row count."""
+def write_rows(path: str | Path, rows: Iterable[Row], *, cam: bool = False) -> int:
+    """Stream rows into a CSV or JSON file (by extension), atomically. Returns the row count.
+
+    ``cam``: add the ``cam`` column (each row's overlay file) after the documented ones.
+    """
     fmt = output_format(path)
+    fields = (*FIELDS, CAM_FIELD) if cam else FIELDS
     count = 0
 
     def write(tmp: Path) -> None:
         nonlocal count
         with open(tmp, "w", encoding="utf-8", newline="") as f:
-            count = (_write_csv if fmt == "csv" else _write_json)(f, rows)
+            count = (_write_csv if fmt == "csv" else _write_json)(f, rows, fields)
 
     atomic_write(path, write)
     return count
 
 
-def _write_csv(f: IO[str], rows: Iterable[Row]) -> int:
-    writer = csv.DictWriter(f, fieldnames=FIELDS)
+def _write_csv(f: IO[str], rows: Iterable[Row], fields: Sequence[str]) -> int:
+    writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
     count = 0
     for row in rows:
-        record = row.as_dict()
+        record = row.as_dict(fields)
         # Full precision, so the label can be re-derived from the file exactly.
         record["probability"] = "" if row.probability is None else repr(row.probability)
         writer.writerow(record)
@@ -190,23 +203,24 @@ def _write_csv(f: IO[str], rows: Iterable[Row]) -> int:
     return count
 
 
-def _write_json(f: IO[str], rows: Iterable[Row]) -> int:
+def _write_json(f: IO[str], rows: Iterable[Row], fields: Sequence[str]) -> int:
     # Written one object at a time, so the file is a JSON list without the list in memory.
     f.write("[")
     count = 0
     for row in rows:
         f.write(",\n  " if count else "\n  ")
-        f.write(json.dumps(row.as_dict()))
+        f.write(json.dumps(row.as_dict(fields)))
         count += 1
     f.write("\n]\n" if count else "]\n")
     return count
 
 
-def table_header() -> str:
-    return f"{'probability':>11}  {'label':<9}  path"
+def table_header(cam: bool = False) -> str:
+    return f"{'probability':>11}  {'label':<9}  path" + ("  -> Grad-CAM overlay" if cam else "")
 
 
 def table_line(row: Row) -> str:
     if row.error:
         return f"{'-':>11}  {'ERROR':<9}  {row.path}  ({row.error})"
-    return f"{row.probability:>11.4f}  {row.label:<9}  {row.path}"
+    overlay = f"  -> {row.cam}" if row.cam else ""
+    return f"{row.probability:>11.4f}  {row.label:<9}  {row.path}{overlay}"

@@ -34,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
     if not inputs.files and not failures:
         raise PneumoscanError("no image files found in the paths given")
     results = write_overlays(predictor, inputs.files, args.out)
-    failures += [f"{path}: {error}" for path, error in results if error is not None]
-    written = sum(error is None for _, error in results)
+    failures += [f"{r.path}: {r.error}" for r in results if r.error is not None]
+    written = sum(r.error is None for r in results)
     print(f"{written} Grad-CAM overlay(s) -> {args.out}")
     for line in failures:
         print(f"pneumoscan explain: {line}", file=sys.stderr)

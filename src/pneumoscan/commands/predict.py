@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="image or DICOM files, folders (searched recursively) or glob patterns")
     p.add_argument("--output", metavar="FILE",
                    help="write the rows to FILE.csv or FILE.json instead of a table on stdout")
-    p.add_argument("--cam", metavar="DIR", help="also write Grad-CAM overlays into DIR")
+    p.add_argument("--cam", metavar="DIR",
+                   help="also write Grad-CAM overlays into DIR; a last column, cam, names each")
     p.add_argument("--batch-size", type=int, default=32, help="files decoded and predicted at once")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -52,27 +53,32 @@ def run(args: argparse.Namespace) -> int:
     if inputs.skipped:
         print(f"pneumoscan predict: skipped {inputs.skipped} non-image file(s) in folders",
               file=sys.stderr)
-    cam_paths: list[Path] = []  # predicted files, for the overlays written after predicting
+    cams = _Overlays(predictor, Path(args.cam)) if args.cam else None
     rows = iter_predictions(predictor, inputs.files, batch_size=args.batch_size,
                             progress=not args.quiet,
-                            on_batch=cam_paths.extend if args.cam else None)
+                            on_batch=None if cams is None else cams.write)
 
     def noting_failures(rows):
         for row in rows:
             if row.error:
                 failures.append(f"{row.path}: {row.error}")
+            if cams is not None:
+                # on_batch wrote this batch's overlays before yielding its rows.
+                row.cam, error = cams.results.pop(row.path, (None, None))
+                if error:
+                    failures.append(f"{row.path}: no Grad-CAM overlay ({error})")
             yield row
 
     rows = noting_failures(rows)
     if args.output:
-        count = write_rows(args.output, rows)
+        count = write_rows(args.output, rows, cam=cams is not None)
         print(f"{count} prediction(s) -> {args.output}", file=sys.stderr)
     else:
-        print(table_header())
+        print(table_header(cam=cams is not None))
         for row in rows:
             tqdm.write(table_line(row), file=sys.stdout)
-    if args.cam and cam_paths:
-        _write_overlays(predictor, cam_paths, Path(args.cam), failures)
+    if cams is not None and cams.written:
+        print(f"Grad-CAM overlays -> {args.cam}", file=sys.stderr)
     for line in failures:
         print(f"pneumoscan predict: {line}", file=sys.stderr)
     return 2 if failures else 0
@@ -88,11 +94,18 @@ def _require_gradcam() -> None:
         raise PneumoscanError("--cam needs captum: pip install 'pneumoscan[explain]'")
 
 
-def _write_overlays(predictor, paths: list[Path], out_dir: Path, failures: list[str]) -> None:
-    from pneumoscan.explain import write_overlays
+class _Overlays:
+    """Grad-CAM overlays written a prediction batch at a time, so each row can name its own."""
 
-    # One call for all files: it batches internally and keeps overlay names unique.
-    for path, error in write_overlays(predictor, paths, out_dir):
-        if error:
-            failures.append(f"{path}: no Grad-CAM overlay ({error})")
-    print(f"Grad-CAM overlays -> {out_dir}", file=sys.stderr)
+    def __init__(self, predictor, out_dir: Path):
+        self.predictor, self.out_dir = predictor, out_dir
+        self.taken: set[str] = set()  # names kept unique across batches, as in one call
+        self.results: dict[str, tuple[str | None, str | None]] = {}  # path -> (overlay, error)
+        self.written = 0
+
+    def write(self, paths: list[Path]) -> None:
+        from pneumoscan.explain import write_overlays
+
+        for r in write_overlays(self.predictor, paths, self.out_dir, taken=self.taken):
+            self.results[r.path] = (None if r.file is None else str(r.file), r.error)
+            self.written += r.file is not None
