@@ -86,3 +86,16 @@ def test_batches_are_read_one_at_a_time():
 
     assert settle_batchnorm(bn, batches()) == 30 * 16
     assert most_alive[0] <= 3
+
+
+def test_a_data_set_smaller_than_the_batch_is_measured_whole_and_said(synthetic_data, tmp_path,
+                                                                      capsys):
+    # One step an epoch of every training image: the statistics cannot settle, and the
+    # re-measuring must not need a whole batch's worth of images (it measured nothing before).
+    assert main(["train", "--data", str(synthetic_data), "--device", "cpu", "--recipe", "cpu",
+                 "--model", "seed_cnn", "--image-size", "32", "--epochs", "1",
+                 "--batch-size", "512", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    n_train = int(out.split("train ")[1].split()[0])
+    assert f"the batch of 512 is more than the {n_train} training images" in out
+    assert f"BatchNorm statistics measured again on {n_train} training images" in out

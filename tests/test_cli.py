@@ -59,6 +59,7 @@ def test_train_writes_a_complete_run_directory(trained_run):
     assert meta["architecture"] == "seed_cnn" and meta["image_size"] == 32
     assert 0 <= meta["threshold"] <= 1 and meta["temperature"] > 0
     assert meta["data_fingerprint"]
+    assert meta["epochs_trained"] == meta["weights_from_epoch"] == 2  # last weights (cpu recipe)
     config = json.loads((trained_run / "config.json").read_text())
     assert config["recipe"] == "cpu" and config["epochs"] == 2
 
@@ -88,6 +89,18 @@ def test_evaluate_json_has_the_documented_keys(trained_run, synthetic_data, tmp_
     low, high = figures["ci95"]["accuracy"]
     assert low <= figures["accuracy"] <= high
     assert "sensitivity" in capsys.readouterr().out
+
+
+def test_evaluate_takes_a_folder_with_only_a_test_split(trained_run, synthetic_data, tmp_path,
+                                                        capsys):
+    import shutil
+
+    shutil.copytree(synthetic_data / "test", tmp_path / "only-test" / "test")
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", str(trained_run), "--data", str(tmp_path / "only-test"),
+                 "--json", str(out), "--quiet"]) == 0
+    assert json.loads(out.read_text())["n"] == 30
+    assert "only-test/test (30 images" in capsys.readouterr().out
 
 
 def test_eda_writes_charts_and_a_table(synthetic_data, tmp_path, capsys):
@@ -315,6 +328,10 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "SYNTHETIC" in out
     assert (tmp_path / "demo" / "evaluate.json").exists()
+    # A second demo replaces its own earlier run (train refuses a folder that holds a run).
+    (tmp_path / "demo" / "run" / "from-the-first.txt").write_text("")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1"]) == 0
+    assert not (tmp_path / "demo" / "run" / "from-the-first.txt").exists()
 
 
 @pytest.mark.slow

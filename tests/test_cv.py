@@ -237,12 +237,15 @@ def test_a_fold_too_small_to_carve_validation_fails_before_anything_is_written(t
     assert not out.exists()  # not even a config.json: no fold had started
 
 
-def test_folds_left_by_an_earlier_run_are_named_not_used(cv_data, tmp_path, capsys):
+def test_an_earlier_cv_run_in_out_is_refused_and_left_as_it_was(cv_data, tmp_path, capsys):
     out = tmp_path / "cv"
-    (out / "fold-2").mkdir(parents=True)  # as a 3-fold run would have left it
-    assert main(["cv", "--data", str(cv_data), "--folds", "2", "--out", str(out), "--recipe",
-                 "cpu", "--model", "seed_cnn", "--image-size", "32", "--epochs", "1",
-                 "--val-fraction", "0.2", "--quiet"]) == 0
-    assert "also holds fold-2 from an earlier run" in capsys.readouterr().err
-    assert read_meta(out)["members"] == ["fold-0", "fold-1"]
-    assert (out / "fold-2").is_dir()  # the user's to delete
+    (out / "fold-2").mkdir(parents=True)  # as a 3-fold run leaves it
+    (out / "fold-2" / "model.json").write_text("{}")
+    (out / "config.json").write_text("{}")
+    status = main(["cv", "--data", str(cv_data), "--folds", "2", "--out", str(out),
+                   "--image-size", "32", "--epochs", "1", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1
+    assert "already holds a run (fold-2/model.json)" in err and "--resume" not in err
+    assert sorted(p.name for p in out.rglob("*")) == ["config.json", "fold-2", "model.json"]
+    assert (out / "config.json").read_text() == "{}"

@@ -177,3 +177,34 @@ def test_real_kermany_layout_and_patients():
     assert len(samples) == 5216
     assert sum(s.label for s in samples) == 3875
     assert len({s.patient for s in samples}) < len(samples)  # several images share a patient
+
+
+@pytest.mark.parametrize("fraction, folds", [(0.1, 10), (0.2, 5), (0.4, 3), (0.45, 2)])
+def test_the_validation_split_is_the_fold_nearest_the_share_asked(fraction, folds):
+    from pneumoscan.data.split import validation_folds
+
+    assert validation_folds(fraction) == folds  # 0.4 was one of 2 folds: 50%
+
+
+def test_the_validation_note_gives_the_share_carved_and_why_it_differs():
+    from pneumoscan.data.dataset import describe_carved
+
+    expected = "validation: 10% of train, carved by patient, stratified"
+    assert describe_carved(45, 450, 0.1) == expected
+    note = describe_carved(45, 89, 0.4)
+    assert note.startswith("validation: 51% of train") and "asked 40%" in note and "3 folds" in note
+
+
+def test_test_images_that_are_also_training_images_are_named(synthetic_data, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_data, data)
+    load_data(str(data), 32, progress=False)
+    assert "also in the training data" not in capsys.readouterr().err
+    source = sorted((data / "train" / "NORMAL").iterdir())[0]
+    shutil.copy(source, data / "test" / "NORMAL" / "copied.png")
+    load_data(str(data), 32, progress=False)
+    err = capsys.readouterr().err
+    assert "warning: 1 of 31 test images are also in the training data" in err
+    assert f"copied.png = {source}" in err and "not held out" in err

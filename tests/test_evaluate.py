@@ -98,6 +98,11 @@ def test_undefined_figures_are_none_without_warnings():
     assert only_pos_none_predicted["f1"] == 0.0
     assert ci["sensitivity"] is None and ci["roc_auc"] is None and ci["precision"] is None
     assert ci["specificity"] == [1.0, 1.0]
+    # No positive case but a false alarm: precision is 0, yet F1 (which needs sensitivity) is
+    # as undefined as sensitivity, in the figure and in its interval.
+    false_alarm = binary_metrics(np.zeros(4, int), np.array([0.1, 0.2, 0.3, 0.9]))
+    ci = bootstrap_ci(np.zeros(4, int), np.array([0.1, 0.2, 0.3, 0.9]), n_resamples=20)
+    assert false_alarm["precision"] == 0.0 and false_alarm["f1"] is None and ci["f1"] is None
 
 
 @pytest.mark.parametrize(
@@ -342,3 +347,25 @@ def test_threshold_rules_benchmark_scores_rules_chosen_on_validation(tmp_path, c
     middle = bench.mid_gap_youden(val["labels"], val["prob"])
     assert val["prob"][val["prob"] < youden].max() < middle < youden
     assert ((val["prob"] >= middle) == (val["prob"] >= youden)).all()
+
+
+@pytest.mark.parametrize("threshold, shown", [
+    (0.5, "0.500"), (0.137, "0.137"), (0.99997, "0.99997"), (0.9996, "0.9996"),
+    (0.0004, "0.0004"), (1.0, "1.000"), (0.0, "0.000"),
+])
+def test_a_threshold_is_never_shown_as_0_or_1_when_it_is_neither(threshold, shown):
+    from pneumoscan.threshold_rules import format_threshold
+
+    assert format_threshold(threshold) == shown
+    table = format_table({"threshold": threshold})
+    assert table.splitlines()[-1].split()[-1] == shown
+
+
+def test_a_temperature_at_the_end_of_its_range_is_flagged():
+    from pneumoscan.evaluate import temperature_at_limit
+
+    separable = np.array([[0.0, 9.0], [9.0, 0.0]] * 10)  # every margin right and large
+    assert temperature_at_limit(fit_temperature(separable, np.array([1, 0] * 10)))
+    backwards = np.array([[0.0, 1.0], [1.0, 0.0]] * 10)  # every margin wrong
+    assert temperature_at_limit(fit_temperature(backwards, np.array([0, 1] * 10)))
+    assert not temperature_at_limit(1.0) and not temperature_at_limit(0.1)

@@ -166,7 +166,10 @@ def hostile_run(tmp_path_factory) -> dict:
         mp.setattr(dataset, "discover", discover_then_delete)
         train = run_cli(["train", "--data", str(root), "--out", str(run), *TRAIN])
     bundle = load_data(str(root), 32, progress=False)
-    evaluate = run_cli(["evaluate", str(run), "--data", str(root), "--device", "cpu", "--quiet"])
+    # evaluate decodes only what it evaluates (a test/ split when there is one): the hostile
+    # files lie in train/, so it is given that folder itself.
+    evaluate = run_cli(["evaluate", str(run), "--data", str(root / "train"), "--device", "cpu",
+                        "--quiet"])
     eda = run_cli(["eda", "--data", str(root), "--out", str(run / "eda"), "--image-size", "32",
                    "--quiet"])
     trained_on = set(bundle.train.paths) | set(bundle.val.paths)

@@ -192,3 +192,12 @@ def test_report_renders_in_headless_chromium(report_run, tmp_path):
         assert im.format == "PNG" and im.width >= 1000 and im.height > 3000
         pixels = np.asarray(im.convert("L"), dtype=np.float32)
     assert pixels.std() > 10.0  # not blank
+
+
+def test_the_report_says_which_epoch_the_weights_come_from():
+    from pneumoscan.report import describe_epochs
+
+    assert describe_epochs({"epochs_trained": 1}) == "1 epoch trained."
+    assert describe_epochs({"epochs_trained": 6, "weights_from_epoch": 6}) == "6 epochs trained."
+    restored = describe_epochs({"epochs_trained": 6, "weights_from_epoch": 2})
+    assert restored.startswith("6 epochs trained; the model holds the weights of epoch 2")

@@ -92,8 +92,16 @@ def _main(argv: Sequence[str] | None) -> int:
     except PneumoscanError as e:
         print(f"pneumoscan {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise  # the reader went away: main() ends quietly
+    except OSError as e:  # the system refused: a folder that cannot be written, a full disk
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"pneumoscan {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"pneumoscan {args.command}: interrupted", file=sys.stderr)
+        hint = ("; the same command with --resume continues from the last checkpoint"
+                if args.command == "train" else "")
+        print(f"pneumoscan {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from pneumoscan.evaluate import (
 )
 from pneumoscan.fileio import atomic_write, atomic_write_json
 from pneumoscan.model_io import load_predictor, probabilities, read_meta, save_meta
+from pneumoscan.threshold_rules import format_threshold
 
 OOF_PREDICTIONS = "oof_predictions.npz"
 CV_METRICS = "cv_metrics.json"
@@ -137,11 +137,6 @@ def cross_validate(
     inner = [inner_split(pool, train_idx, cfg.val_fraction, cfg.seed + k)
              for k, (train_idx, _) in enumerate(folds)]
     out.mkdir(parents=True, exist_ok=True)
-    ours = {fold_name(k) for k in range(n_folds)}
-    stale = sorted(p.name for p in out.glob("fold-*") if p.is_dir() and p.name not in ours)
-    if stale:  # left by an earlier run with more folds; the user's to keep or delete
-        print(f"note: {out} also holds {', '.join(stale)} from an earlier run: not part of this "
-              "ensemble", file=sys.stderr)
     atomic_write_json(out / "config.json", {
         "pneumoscan": __version__, "cv": {"folds": n_folds, "seed": cfg.seed}, **cfg.to_dict(),
     })
@@ -202,7 +197,7 @@ def run_fold(
     )
     result = fit(fold_cfg, pool, bundle.val, fold_dir, train_rows=fit_idx,
                  class_counts=bundle.train_counts, progress=progress)
-    finish_run(fold_cfg, bundle, result.model, fold_dir, result.history)
+    finish_run(fold_cfg, bundle, result.model, fold_dir, result.history, result.best_epoch)
     # A fold's checkpoint (weights, optimizer state: 134 MB for ResNet-18) serves only to resume
     # an interrupted fit, which cv does not do; the fold's model is in its model.safetensors.
     (fold_dir / CHECKPOINT).unlink(missing_ok=True)
@@ -266,8 +261,8 @@ def _pool_folds(cfg: TrainConfig, data: DataBundle, pool: Split, results: list[F
         "validation": pooled,
     })
     print("\n" + format_fold_table(summary["folds"]))
-    print(f"\npooled out-of-fold ({n} images; threshold {threshold:.3f} by {cfg.threshold_rule}, "
-          "chosen on these predictions):")
+    print(f"\npooled out-of-fold ({n} images; threshold {format_threshold(threshold)} by "
+          f"{cfg.threshold_rule}, chosen on these predictions):")
     print(format_table(pooled))
     return summary
 
@@ -334,7 +329,7 @@ def format_fold_table(folds: list[dict]) -> str:
         ci_text = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "n/a"
         lines.append(f"{f['fold']:<6}{f['n']:>6}  {format_figure(m['roc_auc']):>7}  {ci_text:<15}"
                      f"{format_figure(m['sensitivity']):>7}{format_figure(m['specificity']):>7}"
-                     f"{f['threshold']:>7.3f}")
+                     f"{format_threshold(f['threshold']):>7}")
     return "\n".join(lines)
 
 

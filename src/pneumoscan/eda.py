@@ -83,10 +83,9 @@ def format_summary(summary: dict) -> str:
                 size = (
                     f"{w['median']} x {h['median']} [{w['min']}-{w['max']} x {h['min']}-{h['max']}]"
                 )
-            lines.append(
-                f"{name:6s} {cls:10s} {s['n']:7d} {share:6.1%} {s.get('intensity_mean', 0):6.1f} "
-                f"{s.get('intensity_std', 0):6.1f}  {size}"
-            )
+            mean, std = (f"{s[k]:6.1f}" if k in s else f"{'-':>6s}"  # none for no images
+                         for k in ("intensity_mean", "intensity_std"))
+            lines.append(f"{name:6s} {cls:10s} {s['n']:7d} {share:6.1%} {mean} {std}  {size}")
     if summary["skipped"]:
         lines.append(f"skipped {summary['skipped']} unreadable file(s)")
     return "\n".join(lines)
@@ -112,5 +111,6 @@ def run_eda(data: DataBundle, out: Path, *, seed: int = 0, title_note: str = "")
     atomic_write_json(out / "eda.json", summary)
     atomic_write_text(out / "eda.txt", text + "\n")
     print(text)
-    print(f"wrote {out / 'class_balance.png'}, {out / 'sample_grid.png'}, {out / 'eda.json'}")
+    print(f"wrote {out / 'class_balance.png'}, {out / 'sample_grid.png'}, {out / 'eda.json'}, "
+          f"{out / 'eda.txt'}")
     return summary

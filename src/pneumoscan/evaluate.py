@@ -28,7 +28,7 @@ from sklearn.metrics import (
 )
 
 from pneumoscan import CLASS_NAMES
-from pneumoscan.threshold_rules import split_threshold_rule
+from pneumoscan.threshold_rules import format_threshold, split_threshold_rule
 
 RATE_KEYS = (
     "accuracy",
@@ -154,7 +154,9 @@ def _rates(y: np.ndarray, pred: np.ndarray) -> dict[str, float | None]:
         "specificity": _none_if_nan(recall_score(y, pred, pos_label=0, zero_division=nan)),
         "precision": _none_if_nan(precision_score(y, pred, zero_division=nan)),
         "npv": _none_if_nan(precision_score(y, pred, pos_label=0, zero_division=nan)),
-        "f1": _none_if_nan(f1_score(y, pred, zero_division=nan)),
+        # F1 weighs sensitivity in: without a positive case it is as undefined as sensitivity
+        # (scikit-learn would say 0 as soon as there is a false positive).
+        "f1": _none_if_nan(f1_score(y, pred, zero_division=nan)) if y.any() else None,
     }
 
 
@@ -259,7 +261,7 @@ def _batch_rates(scores: np.ndarray, labels: np.ndarray, threshold: float) -> di
         "specificity": _divide(tn, n_neg),
         "precision": _divide(tp, tp + fp),
         "npv": _divide(tn, tn + fn),
-        "f1": _divide(2 * tp, 2 * tp + fp + fn),
+        "f1": _divide(2 * tp, 2 * tp + fp + fn) if n_pos else np.full(tp.shape, np.nan),
         "roc_auc": roc_auc,
         "pr_auc": pr_auc,
     }
@@ -405,6 +407,15 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     return best
 
 
+def temperature_at_limit(temperature: float) -> bool:
+    """Whether :func:`fit_temperature` stopped at (within a factor of 2 of) an end of its range:
+    validation then either separates the classes perfectly (T -> 0; with large margins the
+    search stops short of the end, where the loss is already nil) or carries no signal
+    (T -> infinity), and the calibrated probabilities mean little."""
+    log_t = math.log(temperature)
+    return any(abs(log_t - end) < math.log(2) for end in _LOG_T_BOUNDS)
+
+
 # --------------------------------------------------------------------------- reporting
 
 
@@ -446,7 +457,7 @@ def format_table(metrics: dict) -> str:
     if "confusion" in metrics:
         lines += _confusion_lines(metrics["confusion"])
     if "threshold" in metrics:
-        lines += ["", f"{'threshold':<{width}}{format_figure(metrics['threshold']):>8}"]
+        lines += ["", f"{'threshold':<{width}}{format_threshold(metrics['threshold']):>8}"]
     return "\n".join(lines)
 
 

@@ -20,9 +20,11 @@ from pneumoscan.evaluate import (
     evaluate_predictions,
     fit_temperature,
     format_table,
+    temperature_at_limit,
 )
 from pneumoscan.fileio import atomic_write_json
 from pneumoscan.model_io import probabilities, save_model
+from pneumoscan.threshold_rules import format_threshold
 from pneumoscan.train import describe_fit_timings, fit, predict_logits, resolve_device
 
 TEST_METRICS = "test_metrics.json"
@@ -56,14 +58,16 @@ def _train_run(
     run_dir = Path(cfg.out)
     t_start = time.perf_counter()
     startup_s = None if process_started is None else t_start - process_started
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", {"pneumoscan": __version__, **cfg.to_dict()})
     data = load_data(
         cfg.data, cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.seed,
         progress=progress and dist_info.is_main,
     )
     if dist_info.is_main:
+        # Written once the data is known to be usable, so a refused run leaves no folder behind.
+        # A resumed run keeps its own: fit() refuses to resume with other settings.
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (resume and (run_dir / "config.json").exists()):
+            atomic_write_json(run_dir / "config.json", {"pneumoscan": __version__, **cfg.to_dict()})
         describe_data(data)
     t_data = time.perf_counter()
     result = fit(
@@ -73,7 +77,7 @@ def _train_run(
     t_fit = time.perf_counter()
     summary: dict = {}
     if dist_info.is_main:
-        summary = finish_run(cfg, data, result.model, run_dir, result.history)
+        summary = finish_run(cfg, data, result.model, run_dir, result.history, result.best_epoch)
         summary["best_epoch"] = result.best_epoch
         summary["stopped_early"] = result.stopped_early
         t_end = time.perf_counter()
@@ -107,12 +111,19 @@ def describe_data(data: DataBundle) -> None:
 
 
 def finish_run(
-    cfg: TrainConfig, data: DataBundle, model: torch.nn.Module, run_dir: Path, history: list[dict]
+    cfg: TrainConfig, data: DataBundle, model: torch.nn.Module, run_dir: Path, history: list[dict],
+    weights_from_epoch: int | None = None,
 ) -> dict:
     """Calibrate and pick the threshold on validation, save the model, evaluate the test split."""
     device = next(model.parameters()).device
     val_logits = predict_logits(model, torch.from_numpy(data.val.images), cfg, device).numpy()
     temperature = fit_temperature(val_logits, data.val.labels)
+    if temperature_at_limit(temperature):
+        print(f"note: calibration's temperature is at its limit ({temperature:.3g}): on "
+              f"{len(data.val)} validation images the model is "
+              f"{'(almost) never wrong' if temperature < 1 else 'no better than chance'}, so its "
+              "probabilities are not calibrated; a larger validation split would tell more",
+              file=sys.stderr)
     val_prob = probabilities(val_logits, temperature)
     threshold = choose_threshold(data.val.labels, val_prob, cfg.threshold_rule)
     val_metrics = evaluate_predictions(data.val.labels, val_prob, threshold)
@@ -130,9 +141,11 @@ def finish_run(
         "data_source": data.source,
         "validation": val_metrics,
         "epochs_trained": len(history),
+        # The epoch whose weights were saved: the last, or the best restored by early stopping.
+        "weights_from_epoch": weights_from_epoch or len(history),
     }
     save_model(run_dir, model, meta)
-    print(f"validation (threshold {threshold:.3f} by {cfg.threshold_rule}, "
+    print(f"validation (threshold {format_threshold(threshold)} by {cfg.threshold_rule}, "
           f"temperature {temperature:.3f}):")
     print(format_table(val_metrics))
     summary = {"run": str(run_dir), "validation": val_metrics}

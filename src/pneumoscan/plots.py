@@ -29,6 +29,7 @@ from pneumoscan.evaluate import (
     validate_predictions,
 )
 from pneumoscan.fileio import atomic_write
+from pneumoscan.threshold_rules import format_threshold
 
 DPI = 110
 SINGLE = (4.4, 4.0)
@@ -110,7 +111,7 @@ def roc_curve_plot(y_true: Any, prob: Any, threshold: float, path: str | Path) -
     ax = fig.subplots()
     ax.plot(fpr, tpr, color=COLORS["train"], label=f"ROC (AUC = {roc_auc_score(y, p):.3f})")
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
-    ax.plot(op_fpr, op_tpr, "o", color="black", label=f"threshold {threshold:.3f}")
+    ax.plot(op_fpr, op_tpr, "o", color="black", label=f"threshold {format_threshold(threshold)}")
     ax.set_xlabel("1 - specificity (false positive rate)")
     ax.set_ylabel("sensitivity (true positive rate)")
     ax.set_xlim(-0.01, 1.01)
@@ -133,7 +134,8 @@ def pr_curve_plot(y_true: Any, prob: Any, threshold: float, path: str | Path) ->
     ax.step(recall, precision, where="post", color=COLORS["train"], label=f"AP = {ap:.3f}")
     ax.axhline(y.mean(), linestyle="--", color="grey", linewidth=1, label="prevalence")
     if not math.isnan(op_precision):
-        ax.plot(op_recall, op_precision, "o", color="black", label=f"threshold {threshold:.3f}")
+        ax.plot(op_recall, op_precision, "o", color="black",
+                label=f"threshold {format_threshold(threshold)}")
     ax.set_xlabel("recall (sensitivity)")
     ax.set_ylabel("precision")
     ax.set_xlim(-0.01, 1.01)
@@ -171,7 +173,7 @@ def confusion_matrix_plot(y_true: Any, prob: Any, threshold: float, path: str | 
     ax.set_yticks([0, 1], labels=list(CLASS_NAMES))
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
-    ax.set_title(f"threshold {threshold:.3f}")
+    ax.set_title(f"threshold {format_threshold(threshold)}")
     return _save(fig, path)
 
 
@@ -232,7 +234,8 @@ def score_histograms(y_true: Any, prob: Any, threshold: float, path: str | Path)
                 label=f"{name} (n={scores.size})",
             )
     ax.axvline(
-        threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:.3f}"
+        threshold, color="black", linestyle="--", linewidth=1,
+        label=f"threshold {format_threshold(threshold)}",
     )
     ax.set_xlabel(f"predicted P({CLASS_NAMES[1]})")
     ax.set_ylabel("images")

@@ -33,6 +33,7 @@ from pneumoscan.run_plots import (
     load_split_predictions,
     write_evaluation_plots,
 )
+from pneumoscan.threshold_rules import format_threshold
 
 REPORT = "report.html"
 GALLERY_PER_CELL = 4  # images per confusion cell in the Grad-CAM gallery
@@ -258,13 +259,22 @@ def config_section(config: dict | None) -> Section:
     return section.add(table(["setting", "value"], rows, "config"))
 
 
+def describe_epochs(meta: dict) -> str:
+    trained = int(meta["epochs_trained"])
+    text = f"{trained} epoch{'s' if trained != 1 else ''} trained"
+    kept = meta.get("weights_from_epoch")
+    if kept and kept != trained:
+        text += f"; the model holds the weights of epoch {kept}, the lowest validation loss"
+    return text + "."
+
+
 def learning_section(run_dir: Path, meta: dict) -> Section:
     section = Section("learning")
     path = run_dir / PLOTS_DIR / "learning_curves.png"
     if path.is_file():
         section.add(figure(path.read_bytes(), "Loss and accuracy per epoch"))
         if "epochs_trained" in meta:
-            section.note(f"{meta['epochs_trained']} epoch(s) trained.")
+            section.note(describe_epochs(meta))
     elif meta.get("kind") != "single":
         kind = str(meta.get("kind"))
         article = "An" if kind[:1] and kind[0] in "aeiou" else "A"
@@ -319,7 +329,7 @@ def figures_section(run_dir: Path, meta: dict) -> Section:
     section.add(table(header, rows, "numbers"))
     rule = meta.get("threshold_rule", "")
     section.note(
-        f"Positive class {CLASS_NAMES[1]}. Threshold {float(meta['threshold']):.3f}"
+        f"Positive class {CLASS_NAMES[1]}. Threshold {format_threshold(meta['threshold'])}"
         + (f" ({rule})" if rule else "")
         + f", chosen on {THRESHOLD_CHOSEN_ON.get(kind, 'validation data')}; the test split "
         "was never used to select anything. "
@@ -385,7 +395,7 @@ def gradcam_section(run_dir: Path, meta: dict, device: str) -> Section:
         return section.note(f"The {SPLIT_TITLES[split]} images are no longer at the paths "
                             "saved with the run: no gallery to show.")
     section.add(f"<p>{esc(SPLIT_TITLES[split].capitalize())} split, threshold "
-                f"{float(meta['threshold']):.3f}. Each pair shows the image and where the "
+                f"{format_threshold(meta['threshold'])}. Each pair shows the image and where the "
                 f"evidence for {CLASS_NAMES[1]} lies (red = strongest; each map is scaled to "
                 f"its own peak, so it shows where, not how much). Up to {GALLERY_PER_CELL} of "
                 "each kind, most confident first.</p>")
@@ -495,7 +505,7 @@ def _header(run_dir: Path, meta: dict) -> str:
         ("run", str(run_dir.resolve())),
         ("model", model),
         ("image size", f"{meta['image_size']} px"),
-        ("decision threshold", f"{float(meta['threshold']):.3f}"
+        ("decision threshold", f"{format_threshold(meta['threshold'])}"
          + (f" ({meta['threshold_rule']})" if meta.get("threshold_rule") else "")),
         ("temperature", f"{float(meta['temperature']):.3f}"),
     ]

@@ -11,6 +11,8 @@ FIGURES = (
     "accuracy",
     "sensitivity",
     "specificity",
+    "precision",
+    "npv",
     "roc_auc",
     "pr_auc",
     "f1",

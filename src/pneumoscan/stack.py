@@ -35,6 +35,7 @@ from pneumoscan.evaluate import (
 )
 from pneumoscan.fileio import atomic_write, atomic_write_json
 from pneumoscan.model_io import read_meta, save_meta, stack_probabilities
+from pneumoscan.threshold_rules import format_threshold
 
 STACK_METRICS = "stack_metrics.json"
 NESTED_PREDICTIONS = "val_predictions.npz"  # nested-CV predictions, in the single-run format
@@ -226,7 +227,7 @@ def copy_member(run: Path, dest: Path) -> None:
 def format_comparison(summary: dict) -> str:
     lines = [f"stack of {len(summary['members'])}: nested {summary['nested_folds']}-fold "
              "cross-validation over the out-of-fold predictions (threshold "
-             f"{summary['threshold']:.3f} by {summary['threshold_rule']}):",
+             f"{format_threshold(summary['threshold'])} by {summary['threshold_rule']}):",
              format_table(summary["stack"]), "", "members (pooled out-of-fold, own thresholds):"]
     for name, member in summary["members"].items():
         lines.append(_comparison_line(name, member["oof"], with_ci=True))

@@ -40,3 +40,14 @@ def parse_threshold_rule(text: str) -> str:
     """
     name, value = split_threshold_rule(text)
     return name if value is None else f"{name}:{value!r}"
+
+
+def format_threshold(threshold: float) -> str:
+    """Three decimals, or as many more as it takes not to show 0.000 or 1.000 for a threshold
+    that is neither (after temperature scaling a tiny or poor run can put it at 0.99997)."""
+    t = float(threshold)
+    for digits in range(3, 10):
+        text = f"{t:.{digits}f}"
+        if not 0 < t < 1 or text.strip("0.") not in ("", "1"):
+            return text
+    return text

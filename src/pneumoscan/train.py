@@ -325,8 +325,9 @@ def fit(
     shard = n_train // dist_info.world_size
     compiled = _should_compile(cfg, device, n_train)
     graphed = _should_graph(cfg, device, dist_info, compiled, per_rank_batch, shard)
-    # Compiled and graphed models take full batches only (one shape): the last one is left out.
-    full_batches_only = compiled or graphed
+    # Compiled and graphed models take full batches only (one shape): the last one is left out,
+    # unless it is the only one (a data set smaller than the batch).
+    full_batches_only = graphed or (compiled and shard >= per_rank_batch)
     steps_per_epoch = steps_in_epoch(shard, per_rank_batch, full_batches_only)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
@@ -385,6 +386,10 @@ def fit(
         if dist_info.enabled:
             print(f"distributed: {dist_info.world_size} processes x batch {per_rank_batch} = "
                   f"effective batch {per_rank_batch * dist_info.world_size}, lr {cfg.lr:g}")
+        if shard < per_rank_batch:
+            print(f"note: the batch of {per_rank_batch} is more than the {shard} training images"
+                  f"{' a process' if dist_info.enabled else ''}: every step takes all of them, "
+                  "one step an epoch")
     last_checkpoint = time.monotonic()
     _sync(device)
     timings["set-up"] = time.perf_counter() - t_setup
@@ -474,15 +479,19 @@ def fit(
         release_cuda_graphs(model)
     if cfg.restore_best and best_state is not None:
         model.load_state_dict(best_state)
+        if progress and dist_info.is_main and stopper.best_epoch != len(history):
+            print(f"the model keeps the weights of epoch {stopper.best_epoch}, the lowest "
+                  "validation loss")
     # Batches drawn across the training rows (which often come sorted by class), the same ones
     # in the same order on every rank, so the replicas stay identical.
     order = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))
     settle_rows = rows_on_device[order.to(device)]
+    settle_batch = min(per_rank_batch, n_train)  # a data set smaller than the batch: all of it
     settle = (
-        model_input(train_images[settle_rows[i : i + per_rank_batch]], cfg).contiguous(
+        model_input(train_images[settle_rows[i : i + settle_batch]], cfg).contiguous(
             memory_format=torch.channels_last)
-        for i in range(0, n_train - per_rank_batch + 1, per_rank_batch)
-    )
+        for i in range(0, n_train - settle_batch + 1, settle_batch)
+    ) if settle_batch >= 2 else iter(())
     t_settle = time.perf_counter()
     with autocast(device):
         settled = settle_batchnorm(model, settle)
@@ -613,7 +622,9 @@ def _sync(device: torch.device) -> None:
 def _bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="batch", disable=not enabled, leave=False)
+    # disable=None: drawn only on a terminal, not into a log file that stderr goes to
+    return tqdm(total=total, desc=desc, unit="batch", disable=None if enabled else True,
+                leave=False)
 
 
 def _epoch_line(row: dict) -> str:

@@ -19,8 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pneumoscan.cv import cross_validate
+    from pneumoscan.run_folder import check_out_folder
 
     cfg = config_from_args(args)
+    check_out_folder(cfg.out)
     cross_validate(cfg, args.folds, progress=not args.quiet)
     print(f"\nensemble run: {cfg.out} (evaluate, predict, report, serve and export take it)")
     return 0

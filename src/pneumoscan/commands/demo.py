@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
         write_synthetic_dataset(data, n_train=240, n_test=80, size=96)
     print(f"== {SYNTHETIC_NOTE}\n== data: {data}")
     run_dir = out / "run"
+    _replace_earlier_demo_run(run_dir, data)
     steps = [
         [
             "train",
@@ -63,6 +64,23 @@ def run(args: argparse.Namespace) -> int:
             return status
     print(f"\n== done: {SYNTHETIC_NOTE}. Next: train on real data (see README).")
     return 0
+
+
+def _replace_earlier_demo_run(run_dir: Path, data: Path) -> None:
+    """A second demo trains afresh: the run an earlier demo left on its own data goes first.
+
+    ``train`` refuses a folder that holds a run; a folder that holds anything else is left for
+    it to refuse.
+    """
+    import json
+    import shutil
+
+    try:
+        earlier = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(earlier, dict) and earlier.get("data") == str(data):
+        shutil.rmtree(run_dir)
 
 
 def _missing(verb: str) -> bool:

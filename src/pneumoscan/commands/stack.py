@@ -20,8 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pneumoscan.run_folder import check_out_folder
     from pneumoscan.stack import build_stack
 
+    check_out_folder(args.out)
     build_stack(args.runs, args.out, n_folds=args.folds, seed=args.seed,
                 threshold_rule=args.threshold_rule)
     print(f"\nstacked run: {args.out} (evaluate, predict, report, serve and export take it)")

@@ -28,8 +28,10 @@ def run(args: argparse.Namespace) -> int:
     from pneumoscan.config import check_batch_per_process
     from pneumoscan.distributed import env_world_size
     from pneumoscan.pipeline import train_run
+    from pneumoscan.run_folder import check_out_folder
 
     cfg = config_from_args(args)
+    check_out_folder(cfg.out, resume=args.resume)
     # Under torchrun the batch is split across the processes: each needs two images or more.
     check_batch_per_process(cfg.batch_size, env_world_size())
     if not args.seeds:
@@ -37,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
         started = None if age is None else time.perf_counter() - age
         train_run(cfg, resume=args.resume, progress=not args.quiet, process_started=started)
         return 0
+    if args.seed is not None:
+        raise PneumoscanError("--seed and --seeds: give one of them")
     seeds = _parse_seeds(args.seeds)
     summaries = []
     for seed in seeds:

@@ -86,7 +86,7 @@ def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> N
                     for name, a in AUGMENTATIONS.items())
         + "; default: the recipe's",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
         "--val-fraction",

@@ -13,7 +13,7 @@ from pneumoscan import CLASS_NAMES
 from pneumoscan.data import medmnist
 from pneumoscan.data.cache import decode_files, describe_errors
 from pneumoscan.data.discover import Sample, discover
-from pneumoscan.data.split import SplitError, patient_split
+from pneumoscan.data.split import SplitError, patient_split, validation_folds
 from pneumoscan.errors import PneumoscanError
 
 MIN_VAL_IMAGES = 200  # a val/ smaller than this is too noisy to select anything on
@@ -82,6 +82,8 @@ def load_data(
         source = str(Path(spec).resolve())
     for name, split in splits.items():
         _check_classes(split, name, f"{source} ({name})")
+    if "test" in splits and (seen := seen_in_training(splits)):
+        print(f"warning: {seen}", file=sys.stderr)
     notes: list[str] = []
     val = splits.get("val")
     train = splits["train"]
@@ -92,12 +94,7 @@ def load_data(
         val = train.subset(np.arange(0))
     elif val is None or len(val) < MIN_VAL_IMAGES or len(set(val.labels.tolist())) < 2:
         if val is not None:
-            notes.append(
-                f"val/ has {len(val)} images, too few to select anything on: ignored; "
-                f"validation is {val_fraction:.0%} of train, carved by patient"
-            )
-        else:
-            notes.append(f"validation: {val_fraction:.0%} of train, carved by patient, stratified")
+            notes.append(f"val/ has {len(val)} images, too few to select anything on: ignored")
         try:
             train_idx, val_idx = patient_split(train.labels, train.patients, val_fraction, seed)
         except SplitError as e:
@@ -105,6 +102,7 @@ def load_data(
                 f"{source}: cannot carve validation from train by patient ({e}); add images, "
                 "give a larger --val-fraction (up to 0.49) or a val/ folder"
             ) from None
+        notes.append(describe_carved(len(val_idx), len(train), val_fraction))
         train, val = train.subset(train_idx), train.subset(val_idx)
     else:
         notes.append(f"validation: the given val/ split ({len(val)} images)")
@@ -120,6 +118,24 @@ def load_data(
     )
 
 
+def seen_in_training(splits: dict[str, Split]) -> str:
+    """Test images that are also training images, pixel for pixel once decoded (a file copied
+    into both folders): a warning naming them, or "" when the test split is held out."""
+    def digests(split: Split) -> list[bytes]:
+        return [hashlib.blake2b(image.tobytes(), digest_size=16).digest()
+                for image in split.images]
+
+    trained = {d: path for name in ("train", "val") if name in splits
+               for d, path in zip(digests(splits[name]), splits[name].paths, strict=True)}
+    test = splits["test"]
+    both = [(path, trained[d]) for d, path in zip(digests(test), test.paths, strict=True)
+            if d in trained]
+    if not both:
+        return ""
+    return (f"{len(both)} of {len(test)} test images are also in the training data (e.g. "
+            f"{both[0][0]} = {both[0][1]}): the test figures are not held out")
+
+
 def _check_classes(split: Split, name: str, where: str) -> None:
     if len(split) == 0:
         raise PneumoscanError(f"{where}: no readable images")
@@ -127,6 +143,17 @@ def _check_classes(split: Split, name: str, where: str) -> None:
     if len(present) < 2 and name == "train":  # the name, not `where`: a path may hold "train"
         only = CLASS_NAMES[present.pop()]
         raise PneumoscanError(f"{where}: only {only} images; training needs both classes")
+
+
+def describe_carved(n_val: int, n_train: int, val_fraction: float) -> str:
+    """The validation note; the share of images a whole-patient split gives can differ from
+    the share asked (one of K folds, and patients bring all their images)."""
+    share = n_val / n_train
+    note = f"validation: {share:.0%} of train, carved by patient, stratified"
+    if abs(share - val_fraction) >= 0.015:
+        note += (f" (asked {val_fraction:.0%}: the nearest split of whole patients is one of "
+                 f"{validation_folds(val_fraction)} folds)")
+    return note
 
 
 def _concat(a: Split, b: Split) -> Split:
@@ -139,9 +166,10 @@ def _concat(a: Split, b: Split) -> Split:
 
 
 def _load_folder(
-    root: Path, image_size: int, progress: bool
+    root: Path, image_size: int, progress: bool, found: dict[str, list[Sample]] | None = None
 ) -> tuple[dict[str, Split], list[tuple[str, str]], str]:
-    found = discover(root)
+    """Decode the splits ``found`` (default: every split of ``root``)."""
+    found = discover(root) if found is None else found
     everything: list[Sample] = [s for samples in found.values() for s in samples]
     if not everything:
         raise PneumoscanError(f"{root}: the class folders hold no files")
@@ -198,8 +226,11 @@ def load_eval_split(spec: str, image_size: int, *, progress: bool = True) -> Eva
         splits, source, _ = _load_medmnist(spec, image_size)
         return EvalSplit(splits["test"], f"{source}, test split", held_out=True)
     root = Path(spec)
-    splits, _, _ = _load_folder(root, image_size, progress)
-    held_out = "test" in splits
+    found = discover(root, need_train=False)
+    held_out = "test" in found
+    if held_out:  # only the images evaluated are decoded
+        found = {"test": found["test"]}
+    splits, _, _ = _load_folder(root, image_size, progress, found)
     if held_out:
         split, description = splits["test"], f"{root / 'test'}"
     elif len(splits) == 1:

@@ -35,8 +35,11 @@ def patient_id(path: Path, root: Path) -> str:
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
-def discover(root: str | Path) -> dict[str, list[Sample]]:
-    """Samples per split. A folder of class folders alone is returned as the 'train' split."""
+def discover(root: str | Path, *, need_train: bool = True) -> dict[str, list[Sample]]:
+    """Samples per split. A folder of class folders alone is returned as the 'train' split.
+
+    ``need_train``: training needs a train/ beside any val/ or test/; evaluation does not.
+    """
     root = Path(root)
     if not root.is_dir():
         raise PneumoscanError(f"{root}: not a folder (expected class folders NORMAL/ PNEUMONIA/)")
@@ -50,7 +53,7 @@ def discover(root: str | Path) -> dict[str, list[Sample]]:
             f"{root}: expected class folders NORMAL/ and PNEUMONIA/, or train/ (and optionally "
             "val/, test/) folders that hold them"
         )
-    if "train" not in found:
+    if need_train and "train" not in found:
         raise PneumoscanError(f"{root}: has {', '.join(found)}/ but no train/ folder")
     return {name: found[name] for name in SPLIT_NAMES if name in found}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -47,17 +48,23 @@ def patient_folds(
     ]
 
 
+def validation_folds(val_fraction: float) -> int:
+    """K such that one of K stratified folds of whole patients is nearest ``val_fraction``."""
+    if not 0 < val_fraction < 0.5:
+        raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
+    candidates = {max(2, math.floor(1 / val_fraction)), max(2, math.ceil(1 / val_fraction))}
+    return min(sorted(candidates), key=lambda k: abs(1 / k - val_fraction))
+
+
 def patient_split(
     labels: np.ndarray, patients: Sequence[str], val_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train_idx, val_idx) with about ``val_fraction`` of the images, by patient, stratified.
 
-    The split is the first of round(1 / val_fraction) folds, so it needs that many patients of
+    The split is the first of :func:`validation_folds` folds, so it needs that many patients of
     each class (SplitError otherwise).
     """
-    if not 0 < val_fraction < 0.5:
-        raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
-    n_folds = max(2, round(1 / val_fraction))
+    n_folds = validation_folds(val_fraction)
     try:
         return patient_folds(labels, patients, n_folds, seed)[0]
     except SplitError as e:

@@ -1,0 +1,51 @@
+"""Where train, cv and stack write: a new run never lands on top of an earlier one.
+
+A run directory's files belong together (the model, its calibration, its test figures, its
+report). Writing a second run into the same folder would leave some of the first run's files
+beside the second's, or mix them if the second is interrupted, so the folder is checked before
+anything is decoded or written.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pneumoscan.errors import PneumoscanError
+
+RUN_FILES = ("model.json", "checkpoint.pt", "metrics.jsonl")  # a run, finished or not
+SUB_RUNS = ("seed-*", "fold-*")  # the per-seed runs of train --seeds, the folds of cv
+
+
+def earlier_run_file(out: Path) -> Path | None:
+    """A file showing that ``out`` already holds a run, or seed or fold runs; else None."""
+    if not out.is_dir():
+        return None
+    folders = [out] + sorted(p for pattern in SUB_RUNS for p in out.glob(pattern) if p.is_dir())
+    for folder in folders:
+        for name in RUN_FILES:
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def check_out_folder(out: str | Path, *, resume: bool | None = None) -> None:
+    """Refuse, in one line, an output folder that cannot take a new run.
+
+    ``resume``: None for commands that cannot resume; False or True for train (resuming
+    continues the run that is there, so an earlier run is expected).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PneumoscanError(f"--out {out}: exists and is not a folder")
+    if not resume and (found := earlier_run_file(out)):
+        hint = "continue it with --resume, " if resume is False else ""
+        raise PneumoscanError(
+            f"--out {out}: already holds a run ({found.relative_to(out)}); {hint}"
+            "choose another --out, or delete it first"
+        )
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise PneumoscanError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PneumoscanError(f"--out {out}: cannot write there ({existing} is not writable)")

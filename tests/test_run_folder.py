@@ -1,0 +1,110 @@
+"""A new run never lands on top of an earlier one, and what the disk refuses is one line."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from pneumoscan.cli import main
+
+
+def _train(data, out, *extra):
+    return main(["train", "--data", str(data), "--out", str(out), "--recipe", "cpu", "--model",
+                 "seed_cnn", "--image-size", "32", "--epochs", "1", "--quiet", *extra])
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_train_into_a_folder_that_holds_a_run_is_refused_and_changes_nothing(
+        trained_run, synthetic_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    before = _snapshot(out)
+    assert _train(synthetic_data, out, "--epochs", "3") == 2
+    err = _one_line(capsys)
+    assert "already holds a run (model.json)" in err and "--resume" in err
+    assert _snapshot(out) == before
+
+
+def test_seed_runs_in_the_folder_count_as_a_run(synthetic_data, tmp_path, capsys):
+    (tmp_path / "runs" / "seed-1").mkdir(parents=True)
+    (tmp_path / "runs" / "seed-1" / "checkpoint.pt").write_bytes(b"")
+    assert _train(synthetic_data, tmp_path / "runs", "--seeds", "0,1") == 2
+    assert "already holds a run (seed-1/checkpoint.pt)" in _one_line(capsys)
+
+
+def test_an_empty_folder_or_one_with_other_files_takes_a_run(synthetic_data, tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "plan.txt").write_text("keep me")
+    assert _train(synthetic_data, tmp_path / "notes") == 0
+    assert (tmp_path / "notes" / "plan.txt").read_text() == "keep me"
+    assert (tmp_path / "notes" / "model.json").is_file()
+
+
+@pytest.mark.parametrize("command", ["train", "cv", "stack"])
+def test_an_out_that_is_a_file_or_under_one_is_refused(command, synthetic_data, trained_run,
+                                                       tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    head = {"train": ["train", "--data", str(synthetic_data)],
+            "cv": ["cv", "--data", str(synthetic_data)],
+            "stack": ["stack", str(trained_run)]}[command]
+    assert main([*head, "--out", str(afile)]) == 2
+    assert f"--out {afile}: exists and is not a folder" in _one_line(capsys)
+    assert main([*head, "--out", str(afile / "run")]) == 2
+    assert f"{afile} is a file, not a folder" in _one_line(capsys)
+
+
+def test_a_refused_resume_leaves_the_run_config_as_it_was(synthetic_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(synthetic_data, out) == 0
+    capsys.readouterr()
+    config = (out / "config.json").read_text()
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert _train(synthetic_data, out, "--epochs", "4", "--resume") == 2
+    assert "checkpoint.pt" in _one_line(capsys)
+    assert (out / "config.json").read_text() == config
+
+
+def test_a_run_refused_for_its_data_leaves_no_folder(tmp_path, capsys):
+    (tmp_path / "data" / "NORMAL").mkdir(parents=True)
+    (tmp_path / "data" / "NORMAL" / "x.jpeg").write_bytes(b"not an image")
+    assert _train(tmp_path / "data", tmp_path / "run") == 2
+    capsys.readouterr()
+    assert not (tmp_path / "run").exists()
+
+
+def test_what_the_system_refuses_to_write_is_one_line(monkeypatch, capsys):
+    import pneumoscan.commands.models as models
+
+    def refused(args):
+        raise PermissionError(13, "Permission denied", "runs/x/config.json")
+
+    monkeypatch.setattr(models, "run", refused)
+    assert main(["models"]) == 2
+    assert _one_line(capsys) == ("pneumoscan models: error: runs/x/config.json: "
+                                 "Permission denied")
+
+
+def test_an_interrupted_train_says_how_to_continue(monkeypatch, synthetic_data, tmp_path,
+                                                   capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pneumoscan.pipeline.train_run", interrupted)
+    assert _train(synthetic_data, tmp_path / "run") == 130
+    assert "interrupted; the same command with --resume continues" in _one_line(capsys)
+
+
+def test_seed_and_seeds_together_are_refused(synthetic_data, tmp_path, capsys):
+    assert _train(synthetic_data, tmp_path / "run", "--seed", "3", "--seeds", "0,1") == 2
+    assert "--seed and --seeds: give one of them" in _one_line(capsys)
