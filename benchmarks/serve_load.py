@@ -331,7 +331,7 @@ ABUSE_KINDS: dict[str, tuple[int | None, Send]] = {
     "truncated_jpeg": (422, lambda c: _file(c, c.blobs["jpeg_cut"], "cut.jpg")),
     "empty_file": (422, lambda c: _file(c, b"", "empty.png")),
     "wrong_field": (422, lambda c: _file(c, c.image, c.name, field_name="image")),
-    "not_multipart": (422, lambda c: _post(c, json={"file": "/etc/passwd"})),
+    "not_multipart": (415, lambda c: _post(c, json={"file": "/etc/passwd"})),
     "no_boundary": (422, lambda c: _raw_body(c, c.blobs["valid_body"], "multipart/form-data")),
     "bad_boundary": (422, lambda c: _raw_body(c, c.blobs["valid_body"],
                                               "multipart/form-data; boundary=other")),

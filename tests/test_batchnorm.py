@@ -57,7 +57,7 @@ def test_short_run_of_the_report_cnn_gives_spread_out_probabilities(synthetic_da
     assert main([*common, "--out", str(tmp_path / "run")]) == 0
     assert "BatchNorm statistics measured again" in capsys.readouterr().out
     spread = np.load(tmp_path / "run" / "val_predictions.npz")["prob"].std()
-    monkeypatch.setattr("pneumoscan.batchnorm.UNSETTLED_SHARE", 1.0)  # as before: never
+    monkeypatch.setattr("pneumoscan.batchnorm.UNSETTLED_SHARE", 1.0)  # never re-measured
     assert main([*common, "--out", str(tmp_path / "unsettled"), "--quiet"]) == 0
     unsettled = np.load(tmp_path / "unsettled" / "val_predictions.npz")["prob"].std()
     assert spread > 10 * unsettled
@@ -91,7 +91,7 @@ def test_batches_are_read_one_at_a_time():
 def test_a_data_set_smaller_than_the_batch_is_measured_whole_and_said(synthetic_data, tmp_path,
                                                                       capsys):
     # One step an epoch of every training image: the statistics cannot settle, and the
-    # re-measuring must not need a whole batch's worth of images (it measured nothing before).
+    # re-measuring must not need a whole batch's worth of images.
     assert main(["train", "--data", str(synthetic_data), "--device", "cpu", "--recipe", "cpu",
                  "--model", "seed_cnn", "--image-size", "32", "--epochs", "1",
                  "--batch-size", "512", "--out", str(tmp_path / "run")]) == 0

@@ -170,8 +170,17 @@ def test_raw_12_bit_png_with_sbit_12_decodes_like_full_range():
     assert np.abs(out.astype(int) - expected).max() <= 1
 
 
-def test_full_range_16_bit_png_is_scaled_from_16_bits_as_before():
-    # Any value at or above 32768 uses the top bit: the scaling is exactly the old one.
+def test_a_dim_12_bit_image_keeps_its_detector_depth():
+    # Peaks of 2,000 and 3,000 both need the 12-bit depth: the dim image stays dim, at the same
+    # scale as the bright one (a per-image depth would double the dim one).
+    ramp = gradient(48, 64).astype(float) / 255
+    dim = read_gray(encode(Image.fromarray(np.round(ramp * 2000).astype(np.uint16)), "PNG"))
+    bright = read_gray(encode(Image.fromarray(np.round(ramp * 3000).astype(np.uint16)), "PNG"))
+    assert dim.max() == round(2000 * 255 / 4095) and bright.max() == round(3000 * 255 / 4095)
+
+
+def test_full_range_16_bit_png_is_scaled_from_16_bits():
+    # Any value at or above 32768 uses the top bit: scaled from the whole 16-bit range.
     values = np.round(gradient(48, 64).astype(float) / 255 * 40000).astype(np.uint16)
     out = read_gray(encode(Image.fromarray(values), "PNG"))
     np.testing.assert_array_equal(out, np.round(values.astype(float) * 255 / 65535))
@@ -245,8 +254,9 @@ def png_copy(tmp_path: Path, jpeg: Path) -> Path:
 
 @pytest.mark.parametrize("size", [16, 28, 48])
 def test_jpeg_and_png_of_the_same_pixels_agree(tmp_path, size):
-    # A small target used to let libjpeg's 1/4-scale decode decide the pixels: up to 39 grey
-    # levels off at 48 px, enough to flip a prediction between a JPEG and its lossless copy.
+    # Were libjpeg's reduced-scale decode to decide the pixels of a small target, they would be
+    # up to 39 grey levels off at 48 px, enough to flip a prediction between a JPEG and its
+    # lossless copy.
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:224, 0:224]
     texture = 128 + 50 * np.sin(x / 7) * np.cos(y / 5) + rng.normal(0, 20, (224, 224))

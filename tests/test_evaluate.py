@@ -351,7 +351,7 @@ def test_threshold_rules_benchmark_scores_rules_chosen_on_validation(tmp_path, c
 
 @pytest.mark.parametrize("threshold, shown", [
     (0.5, "0.500"), (0.137, "0.137"), (0.99997, "0.99997"), (0.9996, "0.9996"),
-    (0.0004, "0.0004"), (1.0, "1.000"), (0.0, "0.000"),
+    (0.0004, "0.0004"), (1.0, "1.000"), (0.0, "0.000"), (0.1, "0.100"), (0.01, "0.010"),
 ])
 def test_a_threshold_is_never_shown_as_0_or_1_when_it_is_neither(threshold, shown):
     from pneumoscan.threshold_rules import format_threshold

@@ -122,6 +122,7 @@ def test_cuda_graphs_on_cpu_is_one_clear_line(synthetic_data, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--cuda-graphs needs a CUDA GPU" in err[0]
     assert "Traceback" not in err[0]
+    assert not (tmp_path / "run").exists()  # refused before any image was decoded
 
 
 def test_gpu_evaluation_batches_are_larger_and_still_pixel_bounded():

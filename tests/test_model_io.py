@@ -68,9 +68,11 @@ def test_probabilities_at_extreme_logits_without_overflow_warnings():
     assert stacked.tolist() == [0.0, 1.0]
 
 
-def test_probabilities_unchanged_where_nothing_overflowed():
-    logits = np.random.default_rng(0).normal(0, 8, size=(1000, 2)).astype(np.float32)
+def test_probabilities_are_the_logistic_function_of_the_scaled_margin():
+    from scipy.special import expit
+
+    logits = np.random.default_rng(0).normal(0, 8, size=(1000, 2))
     for temperature in (0.5, 1.0, 1.7):
         z = (logits[:, 1] - logits[:, 0]) / temperature
-        before = (1.0 / (1.0 + np.exp(-z))).astype(np.float64)  # the formula as it was
-        np.testing.assert_array_equal(probabilities(logits, temperature), before)
+        np.testing.assert_allclose(probabilities(logits, temperature), expit(z), rtol=1e-12,
+                                   atol=1e-300)

@@ -108,3 +108,49 @@ def test_an_interrupted_train_says_how_to_continue(monkeypatch, synthetic_data, 
 def test_seed_and_seeds_together_are_refused(synthetic_data, tmp_path, capsys):
     assert _train(synthetic_data, tmp_path / "run", "--seed", "3", "--seeds", "0,1") == 2
     assert "--seed and --seeds: give one of them" in _one_line(capsys)
+
+
+def test_a_refused_write_names_the_file_asked_for_not_its_temporary(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    from pneumoscan.fileio import atomic_write, atomic_write_text
+
+    target = tmp_path / "config.json"
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / ".config.tmp"))
+
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "mkstemp", read_only)
+        with pytest.raises(OSError) as refused:
+            atomic_write_text(target, "{}")
+    assert refused.value.filename == str(target) and refused.value.strerror == "Permission denied"
+
+    def disk_full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")  # names no file
+
+    with pytest.raises(OSError) as full:
+        atomic_write(target, disk_full)
+    assert full.value.filename == str(target) and full.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+
+
+def test_without_out_each_run_gets_a_new_folder(synthetic_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for n in (1, 2):
+        assert main(["train", "--data", str(synthetic_data), "--recipe", "cpu", "--model",
+                     "seed_cnn", "--image-size", "32", "--epochs", "1", "--quiet"]) == 0
+        assert f"run directory: runs/run-{n} (--out chooses another)" in capsys.readouterr().out
+        assert (tmp_path / "runs" / f"run-{n}" / "model.json").is_file()
+    assert main(["train", "--data", str(synthetic_data), "--resume"]) == 2
+    assert "--resume: give --out" in _one_line(capsys)
+
+
+def test_a_folder_with_epochs_but_no_checkpoint_is_not_offered_resume(synthetic_data, tmp_path,
+                                                                        capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")  # a GPU run stopped before its checkpoint
+    assert _train(synthetic_data, tmp_path / "run") == 2
+    err = _one_line(capsys)
+    assert "already holds a run (metrics.jsonl)" in err and "--resume" not in err

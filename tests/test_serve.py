@@ -273,8 +273,8 @@ def test_body_not_a_form_upload_415(client, image_file, content_type):
 
 
 def test_malformed_multipart_reason_without_a_log_line(client, image_file, caplog):
-    # python-multipart logged its parse error as a warning that reached the server's stderr;
-    # the reason belongs in the answer, once.
+    # python-multipart logs its parse error as a warning, which would reach the server's
+    # stderr; the reason belongs in the answer, once.
     body, content_type = _malformed(image_file.read_bytes())["wrong boundary"]
     with caplog.at_level(logging.DEBUG):
         response = _post_raw(client, body, content_type)

@@ -134,6 +134,9 @@ CPU = dict(STRONG, image_size=64, epochs=6, augment="light")
 # 48 px for 4 epochs (slower) and ResNet-10-T for 5 epochs (less accurate).
 QUICK = dict(CPU, model="resnet10t", epochs=4)
 
+CUDA_GRAPHS_REFUSED = ("--cuda-graphs needs a CUDA GPU and a single process (not torchrun); "
+                       "leave it out to choose automatically")
+
 RECIPES: dict[str, dict] = {"seed": SEED, "strong": STRONG, "cpu": CPU, "quick": QUICK}
 
 

@@ -340,6 +340,8 @@ def _describe(data: DataBundle, n_folds: int) -> None:
           f"{len(set(data.train.patients))} patients, {n_folds} folds by patient")
     if data.test is not None:
         print(f"  test: {len(data.test)} images, evaluated once at the end")
+    for note in data.notes:
+        print(f"  {note}")
 
 
 def _absolute_paths(paths: list[str], spec: str) -> list[str]:

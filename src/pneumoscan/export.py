@@ -88,7 +88,7 @@ def preprocessing_note(image_size: int) -> str:
     s = image_size
     return (
         "decode to 8-bit gray (16-bit gray scaled linearly from its significant bits: the PNG "
-        "sBIT depth, else the smallest of 8..16 bits that holds the largest value); "
+        "sBIT depth, else the smallest of 8, 10, 12, 14, 16 bits that holds the largest value); "
         f"resize to {s}x{s} (Pillow bilinear, antialiased, aspect ratio not kept); a JPEG at "
         f"least {2 * DRAFT_FACTOR * s} px on its shorter side is first decoded by libjpeg at "
         f"1/2, 1/4 or 1/8 scale, never below {DRAFT_FACTOR * s} px, which changes the resized "

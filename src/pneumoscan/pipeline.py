@@ -25,7 +25,7 @@ from pneumoscan.evaluate import (
 from pneumoscan.fileio import atomic_write_json
 from pneumoscan.model_io import probabilities, save_model
 from pneumoscan.threshold_rules import format_threshold
-from pneumoscan.train import describe_fit_timings, fit, predict_logits, resolve_device
+from pneumoscan.train import CHECKPOINT, describe_fit_timings, fit, predict_logits, resolve_device
 
 TEST_METRICS = "test_metrics.json"
 VAL_PREDICTIONS = "val_predictions.npz"
@@ -64,9 +64,9 @@ def _train_run(
     )
     if dist_info.is_main:
         # Written once the data is known to be usable, so a refused run leaves no folder behind.
-        # A resumed run keeps its own: fit() refuses to resume with other settings.
+        # A run resumed from its checkpoint keeps its own: fit() refuses other settings there.
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not (resume and (run_dir / "config.json").exists()):
+        if not (resume and (run_dir / CHECKPOINT).exists() and (run_dir / "config.json").exists()):
             atomic_write_json(run_dir / "config.json", {"pneumoscan": __version__, **cfg.to_dict()})
         describe_data(data)
     t_data = time.perf_counter()

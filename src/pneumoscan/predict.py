@@ -24,6 +24,7 @@ from pneumoscan import CLASS_NAMES
 from pneumoscan.data.decode import looks_like_image, read_gray
 from pneumoscan.errors import PneumoscanError, UnreadableImage
 from pneumoscan.fileio import atomic_write
+from pneumoscan.progress import progress_bar
 
 FIELDS = ("path", "probability", "label", "threshold", "error")
 # With --cam only, after FIELDS so that readers of the documented columns are unaffected: the
@@ -122,14 +123,10 @@ def iter_predictions(
     The progress bar is drawn only when stderr is a terminal: redirected, it would fill the file
     with carriage-return lines between the one-line-per-failed-file messages.
     """
-    from tqdm import tqdm
-
     if batch_size < 1:
         raise PneumoscanError(f"--batch-size must be positive, got {batch_size}")
     size, threshold = predictor.image_size, float(predictor.threshold)
-    # disable=None: tqdm's own "only on a terminal"; True turns it off whatever stderr is.
-    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=None if progress else True,
-               leave=False)
+    bar = progress_bar(len(paths), "predict", "img", enabled=progress)
     with bar, ThreadPoolExecutor(_DECODE_THREADS) as pool:
         for start in range(0, len(paths), batch_size):
             batch = list(paths[start : start + batch_size])

@@ -17,6 +17,14 @@ RUN_FILES = ("model.json", "checkpoint.pt", "metrics.jsonl")  # a run, finished 
 SUB_RUNS = ("seed-*", "fold-*")  # the per-seed runs of train --seeds, the folds of cv
 
 
+def new_run_folder(parent: Path = Path("runs")) -> Path:
+    """The first runs/run-N that does not exist yet: the folder of a run given no --out."""
+    n = 1
+    while (parent / f"run-{n}").exists():
+        n += 1
+    return parent / f"run-{n}"
+
+
 def earlier_run_file(out: Path) -> Path | None:
     """A file showing that ``out`` already holds a run, or seed or fold runs; else None."""
     if not out.is_dir():
@@ -39,7 +47,8 @@ def check_out_folder(out: str | Path, *, resume: bool | None = None) -> None:
     if out.exists() and not out.is_dir():
         raise PneumoscanError(f"--out {out}: exists and is not a folder")
     if not resume and (found := earlier_run_file(out)):
-        hint = "continue it with --resume, " if resume is False else ""
+        resumable = resume is False and (found.parent / "checkpoint.pt").is_file()
+        hint = "continue it with --resume, " if resumable else ""
         raise PneumoscanError(
             f"--out {out}: already holds a run ({found.relative_to(out)}); {hint}"
             "choose another --out, or delete it first"

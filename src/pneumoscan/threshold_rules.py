@@ -48,6 +48,6 @@ def format_threshold(threshold: float) -> str:
     t = float(threshold)
     for digits in range(3, 10):
         text = f"{t:.{digits}f}"
-        if not 0 < t < 1 or text.strip("0.") not in ("", "1"):
+        if not 0 < t < 1 or 0 < float(text) < 1:
             return text
     return text

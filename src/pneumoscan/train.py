@@ -23,6 +23,7 @@ from torch import nn
 from pneumoscan.augment import augment_batch
 from pneumoscan.batchnorm import settle_batchnorm
 from pneumoscan.config import (
+    CUDA_GRAPHS_REFUSED,
     TrainConfig,
     check_batch_per_process,
     check_pretrained,
@@ -34,6 +35,7 @@ from pneumoscan.errors import PneumoscanError
 from pneumoscan.fileio import atomic_write, atomic_write_text
 from pneumoscan.models import create_model
 from pneumoscan.preprocess import eval_batch_size, to_model_input
+from pneumoscan.progress import progress_bar
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -608,8 +610,7 @@ def _should_graph(cfg, device, dist_info, compiled, batch, shard) -> bool:
     DistributedDataParallel's gradient hooks must run between the graphed passes.
     """
     if cfg.cuda_graphs and (device.type != "cuda" or dist_info.enabled):
-        raise PneumoscanError("--cuda-graphs needs a CUDA GPU and a single process "
-                              "(not torchrun); leave it out to choose automatically")
+        raise PneumoscanError(CUDA_GRAPHS_REFUSED)
     wanted = device.type == "cuda" if cfg.cuda_graphs is None else cfg.cuda_graphs
     return wanted and not compiled and not dist_info.enabled and shard >= batch
 
@@ -620,11 +621,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _bar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    # disable=None: drawn only on a terminal, not into a log file that stderr goes to
-    return tqdm(total=total, desc=desc, unit="batch", disable=None if enabled else True,
-                leave=False)
+    return progress_bar(total, desc, "batch", enabled=enabled)
 
 
 def _epoch_line(row: dict) -> str:

@@ -79,7 +79,7 @@ def _replace_earlier_demo_run(run_dir: Path, data: Path) -> None:
         earlier = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError):
         return
-    if isinstance(earlier, dict) and earlier.get("data") == str(data):
+    if isinstance(earlier, dict) and Path(str(earlier.get("data"))).resolve() == data.resolve():
         shutil.rmtree(run_dir)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -28,8 +29,14 @@ def run(args: argparse.Namespace) -> int:
     from pneumoscan.config import check_batch_per_process
     from pneumoscan.distributed import env_world_size
     from pneumoscan.pipeline import train_run
-    from pneumoscan.run_folder import check_out_folder
+    from pneumoscan.run_folder import check_out_folder, new_run_folder
 
+    if args.out is None:  # each run its own folder: none is written over
+        if args.resume:
+            raise PneumoscanError("--resume: give --out, the folder of the run to continue")
+        args.out = str(new_run_folder())
+        if os.environ.get("RANK", "0") == "0":  # under torchrun the other processes write nothing
+            print(f"run directory: {args.out} (--out chooses another)")
     cfg = config_from_args(args)
     check_out_folder(cfg.out, resume=args.resume)
     # Under torchrun the batch is split across the processes: each needs two images or more.

@@ -7,11 +7,13 @@ import math
 
 from pneumoscan.config import (
     AUGMENTATIONS,
+    CUDA_GRAPHS_REFUSED,
     RECIPES,
     TrainConfig,
     build_config,
     check_pretrained,
 )
+from pneumoscan.errors import PneumoscanError
 from pneumoscan.threshold_rules import parse_threshold_rule
 
 
@@ -56,7 +58,7 @@ def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> N
         "pneumoniamnist[:SIZE] (downloaded; the default)",
     )
     if with_out:
-        p.add_argument("--out", default="runs/latest", help="run directory (default runs/latest)")
+        p.add_argument("--out", help="run directory (default: a new runs/run-N)")
     p.add_argument(
         "--recipe",
         default="auto",
@@ -123,6 +125,7 @@ def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> N
 
 def config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
     # Imported here, not at the top: building the parser (and --help) must not wait for torch.
+    from pneumoscan.distributed import env_world_size
     from pneumoscan.models import check_input_size
     from pneumoscan.train import resolve_device
 
@@ -148,6 +151,8 @@ def config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
     }
     cfg = build_config(args.recipe, device_type, overrides)
     # Before any image is decoded: what cannot train fails at once.
+    if cfg.cuda_graphs and (device_type != "cuda" or env_world_size() > 1):
+        raise PneumoscanError(CUDA_GRAPHS_REFUSED)
     check_pretrained(cfg.model, cfg.pretrained, source=True)
     check_input_size(cfg.model, in_chans=cfg.in_chans, image_size=cfg.image_size)
     return cfg

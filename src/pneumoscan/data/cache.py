@@ -20,6 +20,7 @@ import numpy as np
 from pneumoscan.data.decode import read_gray
 from pneumoscan.errors import UnreadableImage
 from pneumoscan.fileio import atomic_write, atomic_write_json, read_json
+from pneumoscan.progress import progress_bar
 
 DECODER_VERSION = 2  # bump when decoding changes, so old caches are not reused
 _CHUNK = 64  # files per task: large enough to amortise process overhead
@@ -146,11 +147,7 @@ def _decode_chunk(paths: list[Path], size: int) -> tuple[np.ndarray, list[tuple[
 
 
 def _progress_bar(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    # disable=None: drawn only on a terminal, not into a log file that stderr goes to
-    return tqdm(total=total, desc="decode", unit="img", disable=None if enabled else True,
-                leave=False)
+    return progress_bar(total, "decode", "img", enabled=enabled)
 
 
 def describe_errors(errors: Sequence[tuple[str, str]], limit: int = 20) -> str:

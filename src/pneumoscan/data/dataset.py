@@ -82,14 +82,15 @@ def load_data(
         source = str(Path(spec).resolve())
     for name, split in splits.items():
         _check_classes(split, name, f"{source} ({name})")
+    notes: list[str] = []  # printed with the data summary, by the main process only
     if "test" in splits and (seen := seen_in_training(splits)):
-        print(f"warning: {seen}", file=sys.stderr)
-    notes: list[str] = []
+        notes.append(f"warning: {seen}")
     val = splits.get("val")
     train = splits["train"]
     train_counts = np.bincount(train.labels, minlength=len(CLASS_NAMES))
     if not carve_val:
         if val is not None:
+            notes.append(f"val/ ({len(val)} images) is cross-validated with train/")
             train = _concat(train, val)
         val = train.subset(np.arange(0))
     elif val is None or len(val) < MIN_VAL_IMAGES or len(set(val.labels.tolist())) < 2:
@@ -151,8 +152,10 @@ def describe_carved(n_val: int, n_train: int, val_fraction: float) -> str:
     share = n_val / n_train
     note = f"validation: {share:.0%} of train, carved by patient, stratified"
     if abs(share - val_fraction) >= 0.015:
-        note += (f" (asked {val_fraction:.0%}: the nearest split of whole patients is one of "
-                 f"{validation_folds(val_fraction)} folds)")
+        folds = validation_folds(val_fraction)
+        why = (f"one of {folds} folds is the nearest share" if abs(1 / folds - val_fraction) >=
+               0.015 else "each patient brings all of their images")
+        note += f" (asked {val_fraction:.0%}: {why})"
     return note
 
 

@@ -8,10 +8,10 @@ Decisions worth knowing:
 * The format is sniffed from the content; file extensions are ignored.
 * Size limits are checked from the header, before any pixel is decoded.
 * 16-bit greyscale (PNG/TIFF) is scaled linearly to 0..255 from its significant bits: a PNG
-  sBIT chunk's depth when present, else the smallest depth from 8 to 16 bits that holds the
+  sBIT chunk's depth when present, else the smallest of 8, 10, 12, 14, 16 bits that holds the
   largest value, because many medical exporters store raw 10/12/14-bit values in 16-bit files
   (scaled from 16 bits they would come out nearly black). A file using the top bit decodes
-  from the full 16-bit range as before. Values above the sBIT depth mean the encoder scaled
+  from the full 16-bit range. Values above the sBIT depth mean the encoder scaled
   them up to 16 bits as the PNG spec says, so the low ``16 - sbit`` bits are dropped instead.
 * A JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale when that still leaves at least four
   times the target size (see ``DRAFT_FACTOR``), then resized like any other image: large files
@@ -69,6 +69,8 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 # to 15 levels (0.05); at 4x at most 4 levels and under 0.2 on average (probabilities within
 # 0.02). So only JPEGs of at least 8x the target (shorter side) are reduced.
 DRAFT_FACTOR = 4
+
+DETECTOR_DEPTHS = (8, 10, 12, 14, 16)  # bits a sample of a 16-bit file holds, as exporters write
 
 # What Pillow raises on malformed input besides its own exception types; its plugins are
 # parsers written in Python, so index and key errors are ordinary signs of a corrupt file.
@@ -373,9 +375,11 @@ def _sixteen_bit_to_uint8(pixels: np.ndarray, sbit: int | None) -> np.ndarray:
     # Mode "I" is 32-bit, but Pillow uses it for 16-bit data; anything beyond is clipped.
     values = np.clip(pixels, 0, 65535).astype(np.uint32)
     peak = int(values.max())
-    # Without sBIT, the depth is the smallest that holds the data: raw 12-bit values
-    # (0..4095) scaled from 16 bits would come out as 0..15, a black image.
-    bits = sbit or min(max(peak.bit_length(), 8), 16)
+    # Without sBIT, the depth is the smallest usual detector depth that holds the data: raw
+    # 12-bit values (0..4095) scaled from 16 bits would come out as 0..15, a black image.
+    # Whole detector depths, not the peak's own bit length, so that images of one detector
+    # decode alike however bright each one is.
+    bits = sbit or next(d for d in DETECTOR_DEPTHS if peak < 1 << d)
     if peak >> bits:
         # Values beyond sBIT's depth: the encoder scaled them up to 16 bits, as the PNG spec
         # says, so the low bits carry nothing. (Raw values within the depth are scaled as they

@@ -136,7 +136,7 @@ def _quiet_multipart_log() -> None:
 
     The parser logs a warning ("Expected boundary character ...") and then raises the same
     message, which the client receives in its 422; with no logging configured, Python's
-    last-resort handler printed it as a stray line. Its ERROR records (a temporary file that
+    last-resort handler would print it on stderr as well. Its ERROR records (a temporary file that
     cannot be created) are the server's own problems and still get through.
     """
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
@@ -216,7 +216,7 @@ def _check_content_type(content_type: str) -> None:
 
 def _parse_reason(e) -> str:
     # Starlette says only "Invalid multipart data."; python-multipart's own message, kept as the
-    # cause, says where the body went wrong, and it is no longer logged (_quiet_multipart_log).
+    # cause, says where the body went wrong (and it is not logged: _quiet_multipart_log).
     return str(e.__cause__ or e.message)
 
 
