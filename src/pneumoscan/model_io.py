@@ -20,6 +20,7 @@ from pneumoscan.errors import PneumoscanError
 from pneumoscan.fileio import atomic_write, atomic_write_json, read_json
 from pneumoscan.models import create_model
 from pneumoscan.preprocess import eval_batch_size, to_model_input
+from pneumoscan.run_folder import CHECKPOINT
 
 FORMAT = "pneumoscan-model"
 FORMAT_VERSION = 1
@@ -132,8 +133,8 @@ def _not_a_run(run_dir: Path) -> str:
         return "does not exist"
     if not run_dir.is_dir():
         return "a file, not a folder"
-    if (run_dir / "checkpoint.pt").is_file():
-        return ("no model.json; its checkpoint.pt is an interrupted training run: finish it with "
+    if (run_dir / CHECKPOINT).is_file():
+        return (f"no model.json; its {CHECKPOINT} is an interrupted training run: finish it with "
                 f"`pneumoscan train ... --out {run_dir} --resume`")
     seeds = sorted(p for p in run_dir.glob("seed-*") if p.is_dir())
     if seeds:

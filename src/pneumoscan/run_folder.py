@@ -13,7 +13,9 @@ from pathlib import Path
 
 from pneumoscan.errors import PneumoscanError
 
-RUN_FILES = ("model.json", "checkpoint.pt", "metrics.jsonl")  # a run, finished or not
+CHECKPOINT = "checkpoint.pt"  # resume state
+METRICS = "metrics.jsonl"  # one line an epoch
+RUN_FILES = ("model.json", CHECKPOINT, METRICS)  # a run, finished or not
 SUB_RUNS = ("seed-*", "fold-*")  # the per-seed runs of train --seeds, the folds of cv
 
 
@@ -47,7 +49,7 @@ def check_out_folder(out: str | Path, *, resume: bool | None = None) -> None:
     if out.exists() and not out.is_dir():
         raise PneumoscanError(f"--out {out}: exists and is not a folder")
     if not resume and (found := earlier_run_file(out)):
-        resumable = resume is False and (found.parent / "checkpoint.pt").is_file()
+        resumable = resume is False and (found.parent / CHECKPOINT).is_file()
         hint = "continue it with --resume, " if resumable else ""
         raise PneumoscanError(
             f"--out {out}: already holds a run ({found.relative_to(out)}); {hint}"

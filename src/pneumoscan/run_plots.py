@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscan.fileio import read_json
+from pneumoscan.run_folder import METRICS
 
 PLOTS_DIR = "plots"
-METRICS = "metrics.jsonl"
 SPLITS = ("val", "test")
 SPLIT_TITLES = {"val": "validation", "test": "test"}
 

@@ -35,11 +35,12 @@ from pneumoscan.evaluate import (
 )
 from pneumoscan.fileio import atomic_write, atomic_write_json
 from pneumoscan.model_io import read_meta, save_meta, stack_probabilities
+from pneumoscan.run_folder import CHECKPOINT
 from pneumoscan.threshold_rules import format_threshold
 
 STACK_METRICS = "stack_metrics.json"
 NESTED_PREDICTIONS = "val_predictions.npz"  # nested-CV predictions, in the single-run format
-_SKIP_ON_COPY = ("checkpoint.pt",)  # resume state: several times the weights, never needed here
+_SKIP_ON_COPY = (CHECKPOINT,)  # resume state: several times the weights, never needed here
 
 
 @dataclass

@@ -36,9 +36,8 @@ from pneumoscan.fileio import atomic_write, atomic_write_text
 from pneumoscan.models import create_model
 from pneumoscan.preprocess import eval_batch_size, to_model_input
 from pneumoscan.progress import progress_bar
+from pneumoscan.run_folder import CHECKPOINT, METRICS
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
 # Seconds between checkpoints. On a GPU an epoch of these data sets takes under a second while
 # writing ResNet-18 with its optimizer state (135 MB, flushed to disk) takes longer: there a
 # checkpoint is written once this many seconds have passed, and after the last epoch. On the CPU,

@@ -122,15 +122,23 @@ def load_data(
 def seen_in_training(splits: dict[str, Split]) -> str:
     """Test images that are also training images, pixel for pixel once decoded (a file copied
     into both folders): a warning naming them, or "" when the test split is held out."""
-    def digests(split: Split) -> list[bytes]:
-        return [hashlib.blake2b(image.tobytes(), digest_size=16).digest()
+    def keys(split: Split) -> list[bytes]:
+        # A digest of every 7th row and column: cheap enough for the start of every run (hashing
+        # whole images took 0.4 s at 224 px); equal keys are then compared pixel for pixel.
+        return [hashlib.blake2b(image[::7, ::7].tobytes(), digest_size=16).digest()
                 for image in split.images]
 
-    trained = {d: path for name in ("train", "val") if name in splits
-               for d, path in zip(digests(splits[name]), splits[name].paths, strict=True)}
+    trained = {}  # key -> (split, row) of a training image
+    for name in ("train", "val"):
+        if name in splits:
+            trained.update((key, (splits[name], i)) for i, key in enumerate(keys(splits[name])))
     test = splits["test"]
-    both = [(path, trained[d]) for d, path in zip(digests(test), test.paths, strict=True)
-            if d in trained]
+    both = []
+    for i, key in enumerate(keys(test)):
+        if key in trained:
+            split, j = trained[key]
+            if np.array_equal(test.images[i], split.images[j]):
+                both.append((test.paths[i], split.paths[j]))
     if not both:
         return ""
     return (f"{len(both)} of {len(test)} test images are also in the training data (e.g. "
