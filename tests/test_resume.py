@@ -238,3 +238,69 @@ def test_resume_after_early_stop_trains_no_further(tmp_path):
     assert again.best_epoch == first.best_epoch == 1
     for name, tensor in first.model.state_dict().items():
         assert torch.equal(tensor, again.model.state_dict()[name]), name
+
+
+def _checkpointed_run(tmp_path: Path, epochs: int = 2):
+    """A two-epoch fit() run left with its checkpoint, and what resuming it needs."""
+    from pneumoscan.config import TrainConfig
+    from pneumoscan.train import fit
+
+    rng = np.random.default_rng(0)
+    train = Split(images=rng.integers(0, 255, (12, 32, 32), dtype=np.uint8),
+                  labels=np.arange(12) % 2, patients=[str(i) for i in range(12)],
+                  paths=[str(i) for i in range(12)])
+    cfg = TrainConfig(model="seed_cnn", image_size=32, epochs=epochs, batch_size=5,
+                      device="cpu", early_stop_patience=0, out=str(tmp_path))
+    fit(cfg, train, train, tmp_path, class_counts=np.array([6, 6]), progress=False,
+        data_fingerprint="abc")
+    return cfg
+
+
+def test_resume_follows_the_run_folder_and_the_data_not_their_spelling(tmp_path):
+    """--out and --data may be spelled otherwise (another working directory, a moved folder);
+    what is refused is other images, or another number of steps an epoch."""
+    import dataclasses
+
+    from pneumoscan.errors import PneumoscanError
+    from pneumoscan.train import load_checkpoint
+
+    cfg = _checkpointed_run(tmp_path)
+    moved = dataclasses.replace(cfg, out="elsewhere/run", data="/somewhere/else")
+    # 12 images in batches of 5: 3 steps an epoch (the last one partial).
+    assert load_checkpoint(tmp_path / "checkpoint.pt", moved, "abc", 3)["epoch"] == 2
+    with pytest.raises(PneumoscanError, match="other data"):
+        load_checkpoint(tmp_path / "checkpoint.pt", moved, "xyz", 3)
+    # Compiled or CUDA-graphed, the partial batch is left out: 2 steps, and the one-cycle
+    # schedule restored from the checkpoint would run past its end.
+    with pytest.raises(PneumoscanError, match="2 steps an epoch where the run took 3"):
+        load_checkpoint(tmp_path / "checkpoint.pt", moved, "abc", 2)
+
+
+def test_every_epochs_random_streams_follow_from_seed_epoch_and_rank():
+    """Nothing random is carried between epochs: a resume on any device or rank count draws
+    what an uninterrupted run draws; the shuffle is shared by the ranks, augmentation is not."""
+    from pneumoscan.train import seed_epoch
+
+    def streams(seed, epoch, rank):
+        shuffle, augment = torch.Generator(), torch.Generator()
+        torch.rand(5)  # whatever happened before must not matter
+        seed_epoch(seed, epoch, rank, shuffle, augment)
+        return (torch.randperm(20, generator=shuffle), torch.rand(4, generator=augment),
+                torch.rand(4))
+
+    a = streams(0, 3, 0)
+    assert all(torch.equal(x, y) for x, y in zip(a, streams(0, 3, 0)))
+    rank1 = streams(0, 3, 1)
+    assert torch.equal(a[0], rank1[0])  # the same shuffle on every rank: disjoint shards
+    assert not torch.equal(a[1], rank1[1]) and not torch.equal(a[2], rank1[2])
+    for other in (streams(0, 4, 0), streams(1, 3, 0)):
+        assert not any(torch.equal(x, y) for x, y in zip(a, other))
+
+
+def test_a_diverged_training_stops_with_one_line(data_dir, tmp_path, capsys):
+    out = tmp_path / "diverged"
+    status = main(["train", "--data", str(data_dir), "--out", str(out), *RECIPES["seed"],
+                   *COMMON, "--epochs", "1", "--lr", "1e30"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert "diverged in epoch 1" in err and "--lr" in err

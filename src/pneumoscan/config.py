@@ -138,6 +138,7 @@ CUDA_GRAPHS_REFUSED = ("--cuda-graphs needs a CUDA GPU and a single process (not
                        "leave it out to choose automatically")
 
 RECIPES: dict[str, dict] = {"seed": SEED, "strong": STRONG, "cpu": CPU, "quick": QUICK}
+GPU_RECIPES = ("seed", "strong")  # 224 px: hours on a CPU
 
 
 def resolve_recipe(name: str, device_type: str) -> str:

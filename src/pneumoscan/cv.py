@@ -44,13 +44,11 @@ from pneumoscan.evaluate import (
 )
 from pneumoscan.fileio import atomic_write, atomic_write_json
 from pneumoscan.model_io import load_predictor, probabilities, read_meta, save_meta
+from pneumoscan.run_folder import TEST_METRICS, TEST_PREDICTIONS, VAL_PREDICTIONS
 from pneumoscan.threshold_rules import format_threshold
 
 OOF_PREDICTIONS = "oof_predictions.npz"
 CV_METRICS = "cv_metrics.json"
-TEST_METRICS = "test_metrics.json"
-TEST_PREDICTIONS = "test_predictions.npz"
-VAL_PREDICTIONS = "val_predictions.npz"  # the pooled OOF predictions, in the single-run format
 LOGIT_EPS = 1e-6  # probabilities are clipped to [eps, 1 - eps] before taking log-odds
 
 THRESHOLD_NOTE = (
@@ -232,6 +230,7 @@ def _pool_folds(cfg: TrainConfig, data: DataBundle, pool: Split, results: list[F
     pooled = evaluate_predictions(pool.labels, prob, threshold)
     paths = _absolute_paths(pool.paths, cfg.data)
     save_oof(out / OOF_PREDICTIONS, pool.labels, prob, fold_of, paths, pool.patients)
+    # The pooled out-of-fold predictions, in a single run's format: the threshold came from them.
     _save_val_predictions(out / VAL_PREDICTIONS, pool.labels, prob, paths)
 
     summary = {

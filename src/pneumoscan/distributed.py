@@ -1,11 +1,13 @@
-"""DistributedDataParallel set-up for ``torchrun``: an init/cleanup pair and an is_main flag.
+"""DistributedDataParallel set-up for ``torchrun``: joining the process group, and an is_main flag.
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them everything runs as one process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +62,22 @@ def init_distributed(device_type: str) -> DistInfo:
 def cleanup_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device_type: str) -> Iterator[DistInfo]:
+    """Be in torchrun's process group for the ``with`` block; leave it only if this block joined.
+
+    Several trainings in one process (``train --seeds``) share one group: tearing a gloo group
+    down and setting it up again between them can fail to reconnect.
+    """
+    joined = not dist.is_initialized()
+    info = init_distributed(device_type)
+    try:
+        yield info
+    finally:
+        if joined:
+            cleanup_distributed()
 
 
 def barrier(info: DistInfo) -> None:

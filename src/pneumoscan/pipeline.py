@@ -14,7 +14,7 @@ from pneumoscan import CLASS_NAMES, __version__
 from pneumoscan.allocator import low_memory_mode
 from pneumoscan.config import TrainConfig
 from pneumoscan.data.dataset import DataBundle, Split, load_data
-from pneumoscan.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
+from pneumoscan.distributed import DistInfo, barrier, process_group
 from pneumoscan.evaluate import (
     choose_threshold,
     evaluate_predictions,
@@ -24,12 +24,9 @@ from pneumoscan.evaluate import (
 )
 from pneumoscan.fileio import atomic_write_json
 from pneumoscan.model_io import probabilities, save_model
+from pneumoscan.run_folder import TEST_METRICS, TEST_PREDICTIONS, VAL_PREDICTIONS
 from pneumoscan.threshold_rules import format_threshold
 from pneumoscan.train import CHECKPOINT, describe_fit_timings, fit, predict_logits, resolve_device
-
-TEST_METRICS = "test_metrics.json"
-VAL_PREDICTIONS = "val_predictions.npz"
-TEST_PREDICTIONS = "test_predictions.npz"
 
 
 def train_run(
@@ -43,12 +40,9 @@ def train_run(
     """
     device = resolve_device(cfg.device)
     low_memory_mode(cfg.low_memory)  # before anything large is allocated
-    dist_info = init_distributed(device.type)
-    try:
+    with process_group(device.type) as dist_info:
         return _train_run(cfg, dist_info, resume=resume, progress=progress,
                           process_started=process_started)
-    finally:
-        cleanup_distributed()
 
 
 def _train_run(
@@ -72,7 +66,7 @@ def _train_run(
     t_data = time.perf_counter()
     result = fit(
         cfg, data.train, data.val, run_dir, class_counts=data.train_counts,
-        dist_info=dist_info, resume=resume, progress=progress,
+        dist_info=dist_info, resume=resume, progress=progress, data_fingerprint=data.fingerprint,
     )
     t_fit = time.perf_counter()
     summary: dict = {}

@@ -25,6 +25,7 @@ from pneumoscan import CLASS_NAMES, __version__
 from pneumoscan.evaluate import RATE_KEYS, format_figure
 from pneumoscan.fileio import atomic_write_text, read_json
 from pneumoscan.model_io import read_meta
+from pneumoscan.run_folder import TEST_METRICS
 from pneumoscan.run_plots import (
     PLOTS_DIR,
     SPLIT_TITLES,
@@ -37,7 +38,6 @@ from pneumoscan.threshold_rules import format_threshold
 
 REPORT = "report.html"
 GALLERY_PER_CELL = 4  # images per confusion cell in the Grad-CAM gallery
-TEST_METRICS = "test_metrics.json"
 DISCLAIMER = "Research use only, not a medical device."
 SECTIONS = {
     "data": "Data",

@@ -15,6 +15,9 @@ from pneumoscan.errors import PneumoscanError
 
 CHECKPOINT = "checkpoint.pt"  # resume state
 METRICS = "metrics.jsonl"  # one line an epoch
+TEST_METRICS = "test_metrics.json"  # the test split's figures, when the data has one
+VAL_PREDICTIONS = "val_predictions.npz"  # labels and probabilities the threshold came from
+TEST_PREDICTIONS = "test_predictions.npz"
 RUN_FILES = ("model.json", CHECKPOINT, METRICS)  # a run, finished or not
 SUB_RUNS = ("seed-*", "fold-*")  # the per-seed runs of train --seeds, the folds of cv
 

@@ -35,11 +35,11 @@ from pneumoscan.evaluate import (
 )
 from pneumoscan.fileio import atomic_write, atomic_write_json
 from pneumoscan.model_io import read_meta, save_meta, stack_probabilities
-from pneumoscan.run_folder import CHECKPOINT
+from pneumoscan.run_folder import CHECKPOINT, VAL_PREDICTIONS
 from pneumoscan.threshold_rules import format_threshold
 
 STACK_METRICS = "stack_metrics.json"
-NESTED_PREDICTIONS = "val_predictions.npz"  # nested-CV predictions, in the single-run format
+NESTED_PREDICTIONS = VAL_PREDICTIONS  # nested-CV predictions, in the single-run format
 _SKIP_ON_COPY = (CHECKPOINT,)  # resume state: several times the weights, never needed here
 
 

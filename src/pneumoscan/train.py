@@ -24,6 +24,7 @@ from pneumoscan.augment import augment_batch
 from pneumoscan.batchnorm import settle_batchnorm
 from pneumoscan.config import (
     CUDA_GRAPHS_REFUSED,
+    GPU_RECIPES,
     TrainConfig,
     check_batch_per_process,
     check_pretrained,
@@ -35,7 +36,7 @@ from pneumoscan.errors import PneumoscanError
 from pneumoscan.fileio import atomic_write, atomic_write_text
 from pneumoscan.models import create_model
 from pneumoscan.preprocess import eval_batch_size, to_model_input
-from pneumoscan.progress import progress_bar
+from pneumoscan.progress import format_duration, progress_bar, time_left
 from pneumoscan.run_folder import CHECKPOINT, METRICS
 
 # Seconds between checkpoints. On a GPU an epoch of these data sets takes under a second while
@@ -288,6 +289,7 @@ def fit(
     dist_info: DistInfo = DistInfo(),
     resume: bool = False,
     progress: bool = True,
+    data_fingerprint: str = "",
 ) -> FitResult:
     """Train as ``cfg`` says on ``train`` (or on its ``train_rows`` only), selecting on ``val``.
 
@@ -302,8 +304,8 @@ def fit(
         device = torch.device("cuda", dist_info.local_rank)
     configure_device(device)
     torch.manual_seed(cfg.seed)
-    shuffle_gen = torch.Generator().manual_seed(cfg.seed)  # same order on every rank
-    augment_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + dist_info.rank)
+    shuffle_gen = torch.Generator()  # seeded per epoch: same order on every rank
+    augment_gen = torch.Generator(device=device)  # seeded per epoch and rank
     train_images = torch.from_numpy(np.ascontiguousarray(train.images)).to(device)
     train_labels = torch.from_numpy(train.labels).to(device)
     rows = np.arange(len(train)) if train_rows is None else np.asarray(train_rows, dtype=np.int64)
@@ -313,7 +315,6 @@ def fit(
     val_labels = torch.from_numpy(val.labels)
 
     model = build_model(cfg).to(device)  # same initial weights on every rank
-    torch.manual_seed(cfg.seed + dist_info.rank)  # but independent dropout masks per rank
     # channels_last is the layout of GPU tensor cores and of oneDNN's CPU kernels: 1.1 to 1.9
     # times faster on a CPU than the default layout for these models (the larger the image).
     model = model.to(memory_format=torch.channels_last)
@@ -345,7 +346,7 @@ def fit(
         if not (run_dir / CHECKPOINT).exists():
             print(f"--resume: no {CHECKPOINT} in {run_dir}; starting from epoch 1")
     if resume and (run_dir / CHECKPOINT).exists():
-        state = load_checkpoint(run_dir / CHECKPOINT, cfg)
+        state = load_checkpoint(run_dir / CHECKPOINT, cfg, data_fingerprint, steps_per_epoch)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
@@ -353,11 +354,6 @@ def fit(
         stopper = EarlyStopping(**json.loads(state["early_stopping"]))
         best_state = state.get("best_model")
         history = json.loads(state["history"])
-        torch.set_rng_state(state["rng_cpu"])
-        shuffle_gen.set_state(state["rng_shuffle"])
-        augment_gen.set_state(state["rng_augment"])
-        if device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
         start_epoch = int(state["epoch"]) + 1
         # A run that had already stopped early must not train one epoch more on resume.
         already_stopped = stopper.should_stop
@@ -384,6 +380,9 @@ def fit(
     if dist_info.is_main:
         how = " (compiled)" if compiled else " (CUDA graphs)" if graphed else ""
         print(f"training {cfg.model} at {cfg.image_size} px on {device}{how}: {describe_lr(cfg)}")
+        if device.type == "cpu" and cfg.recipe in GPU_RECIPES and cfg.image_size >= 160:
+            print(f"note: the {cfg.recipe} recipe is sized for a GPU; on a CPU it takes hours "
+                  "(--recipe cpu trains in minutes)")
         if dist_info.enabled:
             print(f"distributed: {dist_info.world_size} processes x batch {per_rank_batch} = "
                   f"effective batch {per_rank_batch * dist_info.world_size}, lr {cfg.lr:g}")
@@ -396,9 +395,11 @@ def fit(
     timings["set-up"] = time.perf_counter() - t_setup
 
     stopped_early = already_stopped
+    epoch_walls: list[float] = []  # seconds each epoch took, start to checkpoint
     for epoch in range(start_epoch, cfg.epochs + 1):
         # ---- the epoch: shuffle, take this rank's shard, step through it
         model.train()
+        seed_epoch(cfg.seed, epoch, dist_info.rank, shuffle_gen, augment_gen)
         perm = torch.randperm(n_train, generator=shuffle_gen)
         perm = rows_on_device[epoch_shard(perm, dist_info.rank, dist_info.world_size).to(device)]
         loss_sum = torch.zeros((), device=device)
@@ -424,6 +425,11 @@ def fit(
         timings.setdefault("first epoch", seconds)
         totals = all_reduce_sum(torch.stack([loss_sum, correct.float()]), dist_info)
         seen_total = seen * dist_info.world_size
+        if not torch.isfinite(totals[0]):  # the same reduced value on every rank: all stop
+            raise PneumoscanError(
+                f"training diverged in epoch {epoch} (the loss is not a number); lower --lr "
+                f"(now {cfg.lr:g}) and train again into a new --out"
+            )
 
         # ---- evaluation on the validation split (rank 0 sees every image exactly once)
         row = {
@@ -460,13 +466,17 @@ def fit(
             ):
                 save_checkpoint(
                     run_dir / CHECKPOINT, cfg, epoch, model, optimizer, scheduler, stopper,
-                    best_state, history, shuffle_gen, augment_gen, device,
+                    best_state, history, data_fingerprint, steps_per_epoch,
                 )
                 last_checkpoint = time.monotonic()
             write_metrics(run_dir, history)
             timings["checkpoints"] += time.perf_counter() - t_checkpoint
+            epoch_walls.append(time.perf_counter() - t0)  # with validation and checkpoint
             if progress:
-                print(_epoch_line(row), flush=True)
+                line = _epoch_line(row)
+                if not stop and epoch < cfg.epochs:
+                    line += "  " + _describe_time_left(epoch_walls, cfg, epoch)
+                print(line, flush=True)
         if stop:
             stopped_early = True
             if dist_info.is_main:
@@ -494,6 +504,10 @@ def fit(
         for i in range(0, n_train - settle_batch + 1, settle_batch)
     ) if settle_batch >= 2 else iter(())
     t_settle = time.perf_counter()
+    # Dropout while re-measuring draws from a stream of its own (epoch 0 is never trained), the
+    # same on every rank: the replicas stay identical, and a resumed run ends as an
+    # uninterrupted one.
+    torch.manual_seed(stream_seed(cfg.seed, 0, 2, 0))
     with autocast(device):
         settled = settle_batchnorm(model, settle)
     if settled:
@@ -520,9 +534,27 @@ def write_metrics(run_dir: Path, history: list[dict]) -> None:
     atomic_write_text(run_dir / METRICS, "".join(json.dumps(row) + "\n" for row in history))
 
 
+def seed_epoch(seed: int, epoch: int, rank: int, shuffle_gen: torch.Generator,
+               augment_gen: torch.Generator) -> None:
+    """Seed an epoch's random streams from (seed, epoch, rank) alone.
+
+    The shuffle is the same on every rank, so the ranks' shards are disjoint; augmentation and
+    dropout differ between ranks. Nothing random carries over from one epoch to the next, so a
+    run resumed after any epoch, on any device, draws exactly what an uninterrupted one draws.
+    """
+    shuffle_gen.manual_seed(stream_seed(seed, epoch, 0))
+    augment_gen.manual_seed(stream_seed(seed, epoch, 1, rank))
+    torch.manual_seed(stream_seed(seed, epoch, 2, rank))  # dropout
+
+
+def stream_seed(seed: int, *key: int) -> int:
+    """A seed for the random stream named by ``key``, independent of every other key's."""
+    return int(np.random.SeedSequence([seed, *key]).generate_state(1, np.uint64)[0])
+
+
 def save_checkpoint(
     path, cfg, epoch, model, optimizer, scheduler, stopper, best_state, history,
-    shuffle_gen, augment_gen, device,
+    data_fingerprint, steps_per_epoch,
 ) -> None:
     """Everything needed to continue exactly where this epoch ended, written atomically."""
     state = {
@@ -533,23 +565,28 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict() if scheduler is not None else {},
         "early_stopping": json.dumps(stopper.__dict__),
         "history": json.dumps(history),
-        "rng_cpu": torch.get_rng_state(),
-        "rng_shuffle": shuffle_gen.get_state(),
-        "rng_augment": augment_gen.get_state(),
+        "data_fingerprint": data_fingerprint,
+        "steps_per_epoch": steps_per_epoch,
     }
     if best_state is not None:
         state["best_model"] = best_state
-    if device.type == "cuda":
-        state["rng_cuda"] = torch.cuda.get_rng_state(device)
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 _CHECKPOINT_KEYS = ("config", "epoch", "model", "optimizer", "scheduler", "early_stopping",
-                    "history", "rng_cpu", "rng_shuffle", "rng_augment")
+                    "history")
+# Settings a run may resume with changed: where it runs and how fast, not what it computes.
+# The data are compared by their fingerprint, so a moved folder or another spelling resumes.
+_FREE_ON_RESUME = ("out", "data", "device", "compile", "cuda_graphs", "low_memory")
 
 
-def load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
-    """Resume state, loaded with weights_only=True so a planted pickle cannot run code."""
+def load_checkpoint(path: Path, cfg: TrainConfig, data_fingerprint: str = "",
+                    steps_per_epoch: int | None = None) -> dict:
+    """Resume state, loaded with weights_only=True so a planted pickle cannot run code.
+
+    Refused when the run would go on differently: other settings, other data, or another number
+    of steps an epoch (compiled and graphed runs leave out the last partial batch).
+    """
     import pickle
 
     try:
@@ -579,12 +616,25 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
         )
     current = cfg.to_dict()
     defaults = TrainConfig().to_dict()  # a field newer than the checkpoint had its default
-    changed = [k for k in current if k not in ("device", "compile", "cuda_graphs", "low_memory")
+    changed = [k for k in current if k not in _FREE_ON_RESUME
                and saved.get(k, defaults[k]) != current[k]]
     if changed:
         raise PneumoscanError(
             f"{path}: --resume with different settings ({', '.join(changed)}); "
             "resume with the run's own config or start a new --out"
+        )
+    if state.get("data_fingerprint") and data_fingerprint and (
+            state["data_fingerprint"] != data_fingerprint):
+        raise PneumoscanError(
+            f"{path}: --resume on other data than the run started with (the images differ); "
+            "resume with its own --data or start a new --out"
+        )
+    saved_steps = state.get("steps_per_epoch")
+    if steps_per_epoch is not None and saved_steps is not None and saved_steps != steps_per_epoch:
+        raise PneumoscanError(
+            f"{path}: --resume would take {steps_per_epoch} steps an epoch where the run took "
+            f"{saved_steps} (compiled and CUDA-graphed runs leave out the last partial batch); "
+            "resume with the --device, --compile and --cuda-graphs it started with"
         )
     return state
 
@@ -621,6 +671,12 @@ def _sync(device: torch.device) -> None:
 
 def _bar(total: int, desc: str, enabled: bool):
     return progress_bar(total, desc, "batch", enabled=enabled)
+
+
+def _describe_time_left(epoch_walls: list[float], cfg: TrainConfig, epoch: int) -> str:
+    """``"about 5 h 20 min left"``: where early stopping may end the run sooner, "at most"."""
+    left = format_duration(time_left(epoch_walls, cfg.epochs - epoch))
+    return f"at most {left} left" if cfg.early_stop_patience > 0 else f"about {left} left"
 
 
 def _epoch_line(row: dict) -> str:

@@ -27,9 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pneumoscan.config import check_batch_per_process
-    from pneumoscan.distributed import env_world_size
+    from pneumoscan.distributed import env_world_size, process_group
     from pneumoscan.pipeline import train_run
     from pneumoscan.run_folder import check_out_folder, new_run_folder
+    from pneumoscan.train import resolve_device
 
     if args.out is None:  # each run its own folder: none is written over
         if args.resume:
@@ -50,13 +51,17 @@ def run(args: argparse.Namespace) -> int:
         raise PneumoscanError("--seed and --seeds: give one of them")
     seeds = _parse_seeds(args.seeds)
     summaries = []
-    for seed in seeds:
-        seed_cfg = dataclasses.replace(cfg, seed=seed, out=str(Path(cfg.out) / f"seed-{seed}"))
-        print(f"== seed {seed} -> {seed_cfg.out}")
-        summaries.append(train_run(seed_cfg, resume=args.resume, progress=not args.quiet))
-    from pneumoscan.seeds import write_seed_summary
+    # One process group for all the seeds' trainings under torchrun; rank 0 alone speaks.
+    with process_group(resolve_device(cfg.device).type) as dist_info:
+        for seed in seeds:
+            seed_cfg = dataclasses.replace(cfg, seed=seed, out=str(Path(cfg.out) / f"seed-{seed}"))
+            if dist_info.is_main:
+                print(f"== seed {seed} -> {seed_cfg.out}")
+            summaries.append(train_run(seed_cfg, resume=args.resume, progress=not args.quiet))
+    if dist_info.is_main:
+        from pneumoscan.seeds import write_seed_summary
 
-    write_seed_summary(Path(cfg.out), seeds, summaries)
+        write_seed_summary(Path(cfg.out), seeds, summaries)
     return 0
 
 
