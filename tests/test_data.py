@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import PIL
 import pytest
 
 from conftest import REAL_DATA, write_image
+from pneumoscan.data import cache, decode
 from pneumoscan.data.cache import decode_files
 from pneumoscan.data.dataset import load_data
 from pneumoscan.data.discover import discover, patient_id
 from pneumoscan.data.split import SplitError, patient_folds, patient_split
-from pneumoscan.errors import PneumoscanError
+from pneumoscan.errors import PneumoscanError, UnreadableImage
 
 
 def _gray(seed: int, size: int = 40) -> np.ndarray:
@@ -158,6 +164,106 @@ def test_decode_cache_is_reused_and_rebuilt_when_files_change(tmp_path):
     assert not np.array_equal(changed.images[0], first.images[0])
 
 
+_FINGERPRINT = """
+import sys
+from pneumoscan.data import cache, decode
+print(cache.fingerprint([sys.argv[1]], 16))
+assert decode.decoder_signature.cache_info().misses == 1  # once a process
+assert "pydicom" not in sys.modules, "pydicom imported for its version"
+"""
+
+
+def test_an_edited_decoder_does_not_reuse_the_cache(tmp_path):
+    # A hand-bumped version once went unbumped and old pixels were served: the key follows
+    # decode.py's own text, whatever the edit.
+    shutil.copytree(Path(cache.__file__).parents[1], tmp_path / "src" / "pneumoscan")
+    image = write_image(tmp_path / "a.png", _gray(0))
+
+    def fingerprint() -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": str(tmp_path / "src")}
+        run = [sys.executable, "-c", _FINGERPRINT, str(image)]
+        return subprocess.run(run, env=env, capture_output=True, text=True)
+
+    before = fingerprint()
+    with open(tmp_path / "src" / "pneumoscan" / "data" / "decode.py", "a") as f:
+        f.write("\nDETECTOR_DEPTHS = (8, 12, 16)\n")
+    after = fingerprint()
+    assert after.stdout.split()[:1] != before.stdout.split()[:1]
+    assert before.returncode == 0 and after.returncode == 0, before.stderr + after.stderr
+
+
+def test_another_pillow_does_not_reuse_the_cache(tmp_path, monkeypatch):
+    paths = [write_image(tmp_path / "a.png", _gray(0))]
+    first = decode_files(paths, 16, cache_dir=tmp_path / "cache", progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(PIL, "__version__", "0.0")
+        decode.decoder_signature.cache_clear()
+        try:
+            changed = decode_files(paths, 16, cache_dir=tmp_path / "cache", progress=False)
+        finally:
+            decode.decoder_signature.cache_clear()  # the real Pillow's, for the tests after
+    assert changed.fingerprint != first.fingerprint
+
+
+def test_decode_failures_are_not_cached(tmp_path, monkeypatch):
+    # Most failures are fixed outside the file (pydicom installed, a codec, a permission): the
+    # next load must see the fix although no file changed.
+    paths = [write_image(tmp_path / f"{i}.png", _gray(i)) for i in range(3)]
+    (tmp_path / "empty.png").write_bytes(b"")
+    paths.append(tmp_path / "empty.png")
+    real_read_gray = cache.read_gray
+
+    def no_pydicom(path, size):
+        if path == paths[1]:
+            raise UnreadableImage(path, "pydicom is not installed: pip install pydicom")
+        return real_read_gray(path, size)
+
+    monkeypatch.setattr(cache, "read_gray", no_pydicom)
+    first = decode_files(paths, 16, cache_dir=tmp_path / "cache", workers=1, progress=False)
+    assert first.ok.tolist() == [True, False, True, False]
+    assert [reason for _, reason in first.errors] == [
+        "pydicom is not installed: pip install pydicom", "empty file"]
+    monkeypatch.setattr(cache, "read_gray", real_read_gray)  # pydicom installed
+    fixed = decode_files(paths, 16, cache_dir=tmp_path / "cache", workers=1, progress=False)
+    assert fixed.fingerprint == first.fingerprint and isinstance(fixed.images, np.memmap)
+    assert fixed.ok.tolist() == [True, True, True, False]
+    assert fixed.errors == [(str(paths[3]), "empty file")]  # still unreadable, still named
+    np.testing.assert_array_equal(fixed.images[1], decode.read_gray(paths[1], 16))
+    np.testing.assert_array_equal(fixed.images[0], first.images[0])
+    # The newly readable file went into the cache: it is not decoded again.
+    monkeypatch.setattr(cache, "read_gray", no_pydicom)
+    again = decode_files(paths, 16, cache_dir=tmp_path / "cache", workers=1, progress=False)
+    assert again.ok.tolist() == [True, True, True, False]
+
+
+def test_a_file_name_that_is_not_utf8_is_decoded(tmp_path):
+    name = os.fsdecode(b"R\xf6ntgen.png")  # Latin-1, surrogate-escaped by Python
+    try:
+        path = write_image(tmp_path / name, _gray(3))
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    decoded = decode_files([path], 16, cache_dir=tmp_path / "cache", progress=False)
+    assert decoded.ok.tolist() == [True]
+
+
+@pytest.mark.parametrize("how", ["rsync -a", "cp -p"])
+def test_a_replaced_file_with_its_mtime_kept_is_decoded_again(tmp_path, how):
+    paths = [write_image(tmp_path / f"{i}.png", _gray(i)) for i in range(2)]
+    first = decode_files(paths, 16, cache_dir=tmp_path / "cache", progress=False)
+    kept = os.stat(paths[0])
+    other = write_image(tmp_path / "new" / "0.png", _gray(1))  # the same size: the same shape
+    assert other.stat().st_size == kept.st_size
+    if how == "rsync -a":  # a new file renamed over the old one
+        os.replace(other, paths[0])
+    else:  # the old file overwritten in place; the ctime moves on by a clock tick at least
+        time.sleep(0.05)
+        shutil.copyfile(other, paths[0])
+    os.utime(paths[0], ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    changed = decode_files(paths, 16, cache_dir=tmp_path / "cache", progress=False)
+    assert changed.fingerprint != first.fingerprint
+    np.testing.assert_array_equal(changed.images[0], changed.images[1])
+
+
 def test_unreadable_files_are_skipped_and_named(tmp_path, capsys):
     for i in range(6):
         write_image(tmp_path / ("PNEUMONIA" if i % 2 else "NORMAL") / f"{i}.png", _gray(i))
@@ -208,3 +314,35 @@ def test_test_images_that_are_also_training_images_are_named(synthetic_data, tmp
     (warning,) = [n for n in load_data(str(data), 32, progress=False).notes if "training" in n]
     assert warning.startswith("warning: 1 of 31 test images are also in the training data")
     assert f"copied.png = {source}" in warning and "not held out" in warning
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_damaged_medmnist_file_is_one_line(tmp_path, damage):
+    from pneumoscan.data.medmnist import load_npz
+
+    path = tmp_path / "pneumoniamnist.npz"
+    rng = np.random.default_rng(0)
+    np.savez_compressed(path, **{
+        f"{split}_{what}": rng.integers(0, 2, (8, 28, 28) if what == "images" else (8, 1))
+        for split in ("train", "val", "test") for what in ("images", "labels")
+    })
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+    with pytest.raises(PneumoscanError, match="not a readable MedMNIST file") as e:
+        load_npz(path)
+    assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+
+
+def test_the_datas_fingerprint_follows_its_files_not_where_they_lie(tmp_path):
+    """Recorded with each run (resume, the report): a copied or moved folder is the same data;
+    a rewritten file is not."""
+    from pneumoscan.data.dataset import load_data
+    from pneumoscan.data.synthetic import write_synthetic_dataset
+
+    first = write_synthetic_dataset(tmp_path / "a", n_train=60, n_test=4, size=32)
+    copy = shutil.copytree(first, tmp_path / "elsewhere" / "b")
+    fingerprint = load_data(str(first), 32, progress=False).fingerprint
+    assert load_data(str(copy), 32, progress=False).fingerprint == fingerprint
+    png = sorted((copy / "train").rglob("*.png"))[0]
+    png.write_bytes(png.read_bytes() + b"\0")  # the same pixels, another file
+    assert load_data(str(copy), 32, progress=False).fingerprint != fingerprint

@@ -186,6 +186,63 @@ def test_full_range_16_bit_png_is_scaled_from_16_bits():
     np.testing.assert_array_equal(out, np.round(values.astype(float) * 255 / 65535))
 
 
+def png16(samples: np.ndarray, color_type: int, sbit: bytes = b"") -> bytes:
+    """A 16-bit PNG of ``samples`` (height, width, channels), which Pillow cannot write."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body).to_bytes(4, "big")
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    height, width = samples.shape[:2]
+    rows = samples.astype(">u2").reshape(height, -1)
+    idat = zlib.compress(b"".join(b"\0" + row.tobytes() for row in rows))
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + (chunk(b"sBIT", sbit) if sbit else b"")
+        + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+def colour_samples(grey: np.ndarray, color_type: int) -> np.ndarray:
+    """``grey`` as the channels of ``color_type`` (2 RGB, 4 grey+alpha, 6 RGBA), alpha opaque."""
+    opaque = np.full_like(grey, 65535)
+    channels = {2: [grey] * 3, 4: [grey, opaque], 6: [grey] * 3 + [opaque]}[color_type]
+    return np.stack(channels, axis=-1)
+
+
+@pytest.mark.parametrize("color_type, name", [(2, "RGB"), (4, "grey+alpha"), (6, "RGBA")])
+def test_raw_detector_values_in_16_bit_colour_png_are_refused(tmp_path, color_type, name):
+    # Pillow keeps only the high byte of 16-bit colour samples: raw 12-bit values would come out
+    # as 0..15, a black picture, and the 16-bit grey depth rules cannot see them.
+    raw = colour_samples(picture(12), color_type)
+    path = write(tmp_path / "raw.png", png16(raw, color_type))
+    with pytest.raises(UnreadableImage) as info:
+        read_gray(path)
+    assert str(info.value) == (
+        f"{path}: 16-bit {name} PNG of raw values below 16384 is not supported: only the high "
+        "byte of each sample can be read; save it as 16-bit grayscale"
+    )
+    # 12-bit values scaled up to 16 bits as the PNG spec asks (sBIT 12): the high byte is the
+    # picture, and it decodes.
+    sbit = bytes([12] * (1 if color_type == 4 else 3) + [16] * (color_type != 2))
+    scaled = png16(colour_samples(picture(12) << 4, color_type), color_type, sbit)
+    assert read_gray(scaled).max() >= 250
+
+
+@pytest.mark.parametrize("color_type", [2, 4, 6])
+def test_full_range_16_bit_colour_png_still_decodes(color_type):
+    full = colour_samples(picture(16), color_type)
+    data = png16(full, color_type, sbit=bytes([16] * {2: 3, 4: 2, 6: 4}[color_type]))
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").convert("L"))
+    np.testing.assert_array_equal(read_gray(data), expected)
+    assert read_gray(data).max() == 255
+
+
+def test_dark_8_bit_colour_png_is_not_taken_for_raw_16_bit():
+    dark = rgb_image() // 8  # every value below 64, in an 8-bit file: nothing to refuse
+    out = read_gray(encode(Image.fromarray(dark), "PNG"))
+    np.testing.assert_allclose(out, dark @ LUMA, atol=1.5)
+
+
 def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise to display

@@ -8,6 +8,8 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -17,7 +19,8 @@ import onnx  # noqa: E402
 from pneumoscan import export as export_module  # noqa: E402
 from pneumoscan.cli import main  # noqa: E402
 from pneumoscan.data.decode import read_gray  # noqa: E402
-from pneumoscan.model_io import load_predictor, read_meta, save_meta  # noqa: E402
+from pneumoscan.errors import PneumoscanError  # noqa: E402
+from pneumoscan.model_io import Predictor, load_predictor, read_meta, save_meta  # noqa: E402
 
 
 @pytest.fixture
@@ -128,3 +131,111 @@ def test_not_a_run_is_one_line(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--onnx", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a run directory" in err[0]
+
+
+class _DetailAndLevel(nn.Module):
+    """A stand-in classifier that, like a trained one, is sure of itself on uniform noise.
+
+    Its log-odds fall with the image's fine detail (a Laplacian's mean size) and rise with its
+    brightness: uniform noise gives P ~ 1e-23, real and smooth images a P well inside (0, 1).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.edges = nn.Conv2d(1, 1, 3, bias=False)
+        self.head = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.edges.weight.copy_(torch.tensor([[[[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]]]))
+            self.head.weight.copy_(torch.tensor([[0.0, 0.0], [-12.0, 4.0]]))
+            self.head.bias.copy_(torch.tensor([0.0, 3.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        detail = self.edges(x).abs().mean(dim=(1, 2, 3))
+        level = x.mean(dim=(1, 2, 3))
+        return self.head(torch.stack([detail, level], dim=1))
+
+
+@pytest.fixture
+def noise_sure_run(run_copy, monkeypatch):
+    """The run copy, served by _DetailAndLevel: export_onnx loads that instead of its weights."""
+    meta = {**read_meta(run_copy), "temperature": 1.0}
+    predictor = Predictor(run_copy, meta, _DetailAndLevel().eval(), torch.device("cpu"))
+    monkeypatch.setattr(export_module, "load_predictor", lambda run, device: predictor)
+    return run_copy, predictor
+
+
+def test_a_wrong_intensity_scaling_in_the_graph_is_caught(noise_sure_run, tmp_path,
+                                                          monkeypatch):
+    """The check compared probabilities on uniform noise, which saturates a model: a graph with
+    its std scaled by 1.5 passed with a difference of ~1e-15 there."""
+    run, predictor = noise_sure_run
+    noise = np.random.default_rng(0).integers(0, 256, (5, 32, 32), dtype=np.uint8)
+    assert predictor.predict_proba(noise).max() < 1e-15  # saturated: probabilities say nothing
+    entry = export_module.export_onnx(run, tmp_path / "good.onnx")  # the true graph passes
+    assert entry["max_abs_difference"] <= export_module.TOLERANCE
+    assert entry["compared"].startswith("log-odds on 8 of the run's validation/test images")
+
+    real_init = export_module.CalibratedNet.__init__
+
+    def wrong_std(self, predictor):
+        real_init(self, predictor)
+        self.std *= 1.5
+
+    monkeypatch.setattr(export_module.CalibratedNet, "__init__", wrong_std)
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(PneumoscanError) as e:
+        export_module.export_onnx(run, out)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{out}: ONNX log-odds differ")
+    assert "validation/test images" in message and "smooth images" in message
+    assert not out.exists()
+
+
+def test_without_the_runs_images_smooth_images_still_catch_it(noise_sure_run, tmp_path,
+                                                               monkeypatch):
+    run, _ = noise_sure_run
+    for name in ("val_predictions.npz", "test_predictions.npz"):
+        (run / name).unlink(missing_ok=True)  # as when the data has moved: no real images
+    real_init = export_module.CalibratedNet.__init__
+
+    def shifted_mean(self, predictor):
+        real_init(self, predictor)
+        self.mean += 0.05
+
+    monkeypatch.setattr(export_module.CalibratedNet, "__init__", shifted_mean)
+    with pytest.raises(PneumoscanError, match=r"log-odds differ .* on 8 smooth images"):
+        export_module.export_onnx(run, tmp_path / "bad.onnx")
+
+
+def test_a_stack_over_confident_members_matches_in_log_odds(trained_run, synthetic_data,
+                                                            tmp_path):
+    """Members sure of PNEUMONIA: passed between members as float32 probabilities, 1 - P kept only
+    a few float32 steps, and the graph was ~0.05 off in the stack's log-odds; as log-odds, not."""
+    meta = read_meta(trained_run)
+    files = sorted((synthetic_data / "test").rglob("*.png"))[:4]
+    images = np.stack([read_gray(f, meta["image_size"]) for f in files])
+    p = load_predictor(trained_run).predict_proba(images)
+    base = np.mean(np.log(p / (1 - p)))  # about 0: the tiny model has learned little
+    # 1 - P of 20.5 float32 steps (2**-24): rounding to 20 or 21 moves log-odds by 0.024.
+    target = np.log(2.0**24 / 20.5)
+    common = {"class_names": meta["class_names"], "image_size": meta["image_size"],
+              "threshold": 0.5, "temperature": 1.0}
+    stack = tmp_path / "stack"
+    for name in ("cvA", "cvB"):
+        for k in range(2):
+            fold = shutil.copytree(trained_run, stack / name / f"fold-{k}")
+            _shift_pneumonia_logit(fold, (target - base) * meta["temperature"])
+        save_meta(stack / name, {"kind": "ensemble", "members": ["fold-0", "fold-1"], **common})
+    save_meta(stack, {"kind": "stack", "members": ["cvA", "cvB"], **common,
+                      "stacker": {"coef": [1.0, 1.0], "intercept": -2 * target + 0.3}})
+    predictor = load_predictor(stack)
+    p = predictor.member_probabilities(images)
+    member_log_odds = np.log(p / (1 - p))
+    assert np.abs(member_log_odds - target).max() < 0.05  # confident, below the 1e-6 clipping
+    entry = export_module.export_onnx(stack, tmp_path / "stack.onnx")
+    assert entry["max_abs_difference"] <= export_module.TOLERANCE
+    got = _onnx_proba(tmp_path / "stack.onnx", images).astype(np.float64)
+    expected = predictor.predict_proba(images)
+    assert 0.2 < expected.min() and expected.max() < 0.8  # the stack itself is unsaturated
+    np.testing.assert_allclose(np.log(got / (1 - got)), np.log(expected / (1 - expected)),
+                               atol=1e-4)

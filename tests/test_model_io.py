@@ -1,14 +1,25 @@
-"""model_io: what a folder without model.json is said to be, and probabilities at extreme logits."""
+"""model_io: what a folder without model.json is said to be, probabilities at extreme logits,
+a stack's stacker, and weights or outputs that are not finite."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import warnings
 
 import numpy as np
 import pytest
 
+from pneumoscan.cli import main
 from pneumoscan.errors import PneumoscanError
-from pneumoscan.model_io import probabilities, read_meta, stack_probabilities
+from pneumoscan.model_io import (
+    Predictor,
+    load_predictor,
+    probabilities,
+    read_meta,
+    stack_probabilities,
+    validate_meta,
+)
 
 
 def _refusal(run) -> str:
@@ -76,3 +87,100 @@ def test_probabilities_are_the_logistic_function_of_the_scaled_margin():
         z = (logits[:, 1] - logits[:, 0]) / temperature
         np.testing.assert_allclose(probabilities(logits, temperature), expit(z), rtol=1e-12,
                                    atol=1e-300)
+
+
+def test_confident_float32_logits_keep_distinct_probabilities():
+    # Margins above ~16.6 all rounded to exactly 1.0 in float32, tying confident predictions.
+    margins = np.array([17.0, 18.0, 20.0, 25.0, 30.0, 35.0], np.float32)
+    logits = np.stack([np.zeros_like(margins), margins], axis=1)
+    p = probabilities(logits, temperature=1.0)
+    assert p.dtype == np.float64
+    assert (p < 1.0).all() and (np.diff(p) > 0).all()
+    # 1 - p = exp(-margin), to float64's resolution near 1.
+    np.testing.assert_allclose(-np.log1p(-p[:4]), margins[:4], rtol=1e-6)
+    assert stack_probabilities(np.array([[0.5]]), {"coef": [1.0], "intercept": 30.0})[0] < 1.0
+
+
+# --- a stack's stacker, checked with the rest of model.json -------------------------------------
+
+_STACK = {"format": "pneumoscan-model", "format_version": 1, "kind": "stack",
+          "members": ["cvA", "cvB"], "image_size": 32, "class_names": ["NORMAL", "PNEUMONIA"],
+          "threshold": 0.5, "temperature": 1.0,
+          "stacker": {"coef": [1.2, 0.8], "intercept": -0.3}}
+
+
+def test_a_well_formed_stacker_passes():
+    assert validate_meta(dict(_STACK), "model.json") is not None
+
+
+@pytest.mark.parametrize("stacker, expected", [
+    (None, "a stack needs 'stacker'"),
+    ("1,1", "'stacker' has the wrong type"),
+    ({"intercept": 0.0}, "'coef': a list of 2 finite numbers"),
+    ({"coef": [1.0], "intercept": 0.0}, "'coef': a list of 2 finite numbers"),
+    ({"coef": [1.0, 1.0, 1.0], "intercept": 0.0}, "'coef': a list of 2 finite numbers"),
+    ({"coef": "1,1", "intercept": 0.0}, "'coef': a list of 2 finite numbers"),
+    ({"coef": ["1", "1"], "intercept": 0.0}, "'coef': a list of 2 finite numbers"),
+    ({"coef": [1.0, True], "intercept": 0.0}, "'coef': a list of 2 finite numbers"),
+    ({"coef": [1.0, float("nan")], "intercept": 0.0}, "'coef': a list of 2 finite numbers"),
+    ({"coef": [1.0, 1.0]}, "'intercept': a finite number"),
+    ({"coef": [1.0, 1.0], "intercept": "0"}, "'intercept': a finite number"),
+    ({"coef": [1.0, 1.0], "intercept": float("inf")}, "'intercept': a finite number"),
+])
+def test_a_stack_without_a_usable_stacker_is_refused_on_reading(tmp_path, stacker, expected):
+    """Before, these passed read_meta and ended predict or evaluate in a KeyError traceback."""
+    meta = {k: v for k, v in _STACK.items() if k != "stacker"}
+    if stacker is not None:
+        meta["stacker"] = stacker
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    message = _refusal(tmp_path)
+    assert message.startswith(f"{tmp_path / 'model.json'}: invalid model.json: ")
+    assert expected in message
+
+
+# --- weights and outputs that are not finite ----------------------------------------------------
+
+
+@pytest.fixture
+def nan_run(trained_run, tmp_path):
+    """A copy of the trained run with one NaN weight, as a diverged training run leaves."""
+    from safetensors.torch import load_file, save_file
+
+    run = shutil.copytree(trained_run, tmp_path / "nan-run")
+    weights = load_file(str(run / "model.safetensors"))
+    name = next(k for k, v in weights.items() if v.is_floating_point() and v.ndim == 4)
+    weights[name].view(-1)[0] = float("nan")
+    save_file(weights, str(run / "model.safetensors"))
+    return run
+
+
+def test_nan_weights_are_refused_on_loading(nan_run):
+    with pytest.raises(PneumoscanError) as e:
+        load_predictor(nan_run)
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith(f"{nan_run / 'model.safetensors'}: weights are not all finite")
+
+
+def test_predict_with_nan_weights_is_one_line_and_writes_nothing(nan_run, synthetic_data,
+                                                                 tmp_path, capsys):
+    image = next((synthetic_data / "test").rglob("*.png"))
+    out = tmp_path / "pred.json"
+    assert main(["predict", str(nan_run), str(image), "--output", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not all finite" in err[0]
+    assert not out.exists()
+
+
+def test_evaluate_refuses_non_finite_probabilities_in_one_line(trained_run, synthetic_data,
+                                                                monkeypatch, capsys):
+    """Finite weights can still overflow to NaN; evaluate said ValueError in a traceback."""
+    def nan_proba(self, images):
+        p = np.full(len(images), 0.5)
+        p[1] = np.nan
+        return p
+
+    monkeypatch.setattr(Predictor, "predict_proba", nan_proba)
+    assert main(["evaluate", str(trained_run), "--data", str(synthetic_data), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not finite" in err[0] and "for 1 of 30 images" in err[0], err

@@ -338,3 +338,68 @@ def test_a_missing_run_says_it_does_not_exist(synthetic_data, tmp_path, capsys):
     assert main(["predict", str(tmp_path / "nosuchrun"), str(files[0]), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].endswith("nosuchrun: not a run directory (does not exist)")
+
+
+@pytest.fixture
+def latin1_image(tmp_path, synthetic_data) -> Path:
+    """An image whose file name is Latin-1, not UTF-8: b"R\\xf6ntgen.png" (Röntgen)."""
+    folder = tmp_path / "latin"
+    folder.mkdir()
+    name = os.fsdecode(b"R\xf6ntgen.png")  # a lone surrogate stands for the byte 0xf6
+    try:
+        return Path(shutil.copy(_some_images(synthetic_data, 1)[0], folder / name))
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system takes only UTF-8 file names")
+
+
+def test_a_file_name_that_is_not_utf8_in_csv_json_and_table(trained_run, latin1_image,
+                                                            tmp_path, capsys):
+    raw = os.fsencode(latin1_image)
+    out = tmp_path / "pred.csv"
+    assert main(["predict", str(trained_run), str(latin1_image.parent), "--output", str(out),
+                 "--quiet"]) == 0
+    data = out.read_bytes()
+    assert raw in data  # the name's original bytes, so the row finds its file again
+    with open(out, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        (row,) = csv.DictReader(f)
+    assert Path(row["path"]) == latin1_image and row["label"] and not row["error"]
+
+    out = tmp_path / "pred.json"
+    assert main(["predict", str(trained_run), str(latin1_image), "--output", str(out),
+                 "--quiet"]) == 0
+    (record,) = json.loads(out.read_bytes().decode("ascii"))  # escaped: plain ASCII JSON
+    assert os.fsencode(record["path"]) == raw
+
+    capsys.readouterr()
+    assert main(["predict", str(trained_run), str(latin1_image), "--quiet"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()  # capsys' stdout is strict UTF-8
+    assert lines[1].endswith(os.path.join(str(latin1_image.parent), "R\\xf6ntgen.png"))
+
+
+def test_a_non_finite_probability_is_an_error_row(trained_run, synthetic_data, tmp_path,
+                                                  monkeypatch, capsys):
+    """A NaN probability printed as NORMAL, and as NaN made the JSON file invalid."""
+    from pneumoscan.model_io import Predictor
+    from pneumoscan.predict import NOT_FINITE
+
+    files = _some_images(synthetic_data, 3)
+    real_proba = Predictor.predict_proba
+
+    def one_nan(self, images):
+        p = real_proba(self, images)
+        p[1] = np.nan
+        return p
+
+    monkeypatch.setattr(Predictor, "predict_proba", one_nan)
+    out = tmp_path / "pred.json"
+    assert main(["predict", str(trained_run), *map(str, files), "--output", str(out),
+                 "--quiet"]) == 2
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    rows = json.loads(out.read_text(), parse_constant=refuse)
+    assert [r["error"] for r in rows] == ["", NOT_FINITE, ""]
+    assert rows[1]["probability"] is None and rows[1]["label"] == ""
+    err = [line for line in capsys.readouterr().err.splitlines() if NOT_FINITE in line]
+    assert len(err) == 1 and str(files[1]) in err[0]

@@ -103,6 +103,9 @@ def test_report_without_data_or_image_files_still_writes(trained_run, tmp_path):
     config = read_json(run / "config.json")
     config["data"] = str(tmp_path / "moved-away")
     (run / "config.json").write_text(json.dumps(config))
+    meta = read_json(run / "model.json")
+    meta["data_source"] = config["data"]
+    (run / "model.json").write_text(json.dumps(meta))
     for split in ("val", "test"):
         with np.load(run / f"{split}_predictions.npz") as z:
             saved = {k: z[k] for k in z.files}
@@ -115,6 +118,36 @@ def test_report_without_data_or_image_files_still_writes(trained_run, tmp_path):
     assert "not reachable" in _section(html, "data")
     assert "<td>test</td>" in _section(html, "data")  # counts from the saved predictions
     assert "no longer at the paths" in _section(html, "gradcam")
+
+
+def test_report_reads_the_runs_own_data_from_any_working_directory(
+    trained_run, synthetic_data, tmp_path, monkeypatch
+):
+    """config.json keeps --data as typed; the report reads the resolved source in model.json,
+    not a folder of the same name where it is made, and says when those images changed."""
+    from pneumoscan.data.synthetic import write_synthetic_dataset
+
+    run = _copy_run(trained_run, tmp_path / "run")
+    config = read_json(run / "config.json")
+    config["data"] = "xrays"  # as if trained with a relative --data
+    (run / "config.json").write_text(json.dumps(config))
+    elsewhere = tmp_path / "elsewhere"
+    write_synthetic_dataset(elsewhere / "xrays", n_train=20, n_test=4, size=32)  # a decoy
+    monkeypatch.chdir(elsewhere)
+    assert main(["report", str(run)]) == 0
+    data = _section((run / "report.html").read_text(encoding="utf-8"), "data")
+    assert str(Path(synthetic_data).resolve()) in data and "elsewhere" not in data
+    assert "not the ones the model was trained on" not in data
+
+    copy = shutil.copytree(synthetic_data, tmp_path / "copy")
+    png = sorted((copy / "train").rglob("*.png"))[0]
+    png.write_bytes(png.read_bytes() + b"\0")  # a file rewritten since training
+    meta = read_json(run / "model.json")
+    meta["data_source"] = str(copy)
+    (run / "model.json").write_text(json.dumps(meta))
+    assert main(["report", str(run)]) == 0
+    data = _section((run / "report.html").read_text(encoding="utf-8"), "data")
+    assert str(copy) in data and "not the ones the model was trained on" in data
 
 
 def test_report_of_an_ensemble_run(trained_run, tmp_path):

@@ -289,12 +289,12 @@ def test_every_epochs_random_streams_follow_from_seed_epoch_and_rank():
                 torch.rand(4))
 
     a = streams(0, 3, 0)
-    assert all(torch.equal(x, y) for x, y in zip(a, streams(0, 3, 0)))
+    assert all(torch.equal(x, y) for x, y in zip(a, streams(0, 3, 0), strict=True))
     rank1 = streams(0, 3, 1)
     assert torch.equal(a[0], rank1[0])  # the same shuffle on every rank: disjoint shards
     assert not torch.equal(a[1], rank1[1]) and not torch.equal(a[2], rank1[2])
     for other in (streams(0, 4, 0), streams(1, 3, 0)):
-        assert not any(torch.equal(x, y) for x, y in zip(a, other))
+        assert not any(torch.equal(x, y) for x, y in zip(a, other, strict=True))
 
 
 def test_a_diverged_training_stops_with_one_line(data_dir, tmp_path, capsys):

@@ -143,6 +143,27 @@ def test_truncated_image_422(client, image_file):
     assert response.json()["error"] == "cut.png: truncated PNG"
 
 
+@pytest.mark.parametrize("reason, status", [
+    ("pydicom is not installed: pip install pydicom", 500),
+    ("cannot decode DICOM transfer syntax JPEG 2000: install pylibjpeg-openjpeg or gdcm", 500),
+    ("internal decoder error (IndexError: boom)", 500),
+    ("not enough memory to decode the image", 503),
+    ("corrupt or unsupported compressed data", 422),
+])
+def test_a_problem_of_the_server_is_not_blamed_on_the_file(client, image_file, monkeypatch,
+                                                           reason, status):
+    from pneumoscan.data import decode
+    from pneumoscan.errors import UnreadableImage
+
+    def refuse(source, size=None, *, name=None):
+        raise UnreadableImage(name, reason)
+
+    monkeypatch.setattr(decode, "read_gray", refuse)
+    response = _post(client, image_file.read_bytes(), name="x.dcm")
+    assert response.status_code == status
+    assert response.json()["error"] == f"x.dcm: {reason}"
+
+
 def test_missing_field_422(client, image_file):
     response = _post(client, image_file.read_bytes(), field="image")
     assert response.status_code == 422 and "'file'" in response.json()["error"]

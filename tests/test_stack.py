@@ -116,6 +116,22 @@ def test_stack_refuses_runs_over_different_images(cv_runs, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "other images" in err
 
 
+@pytest.mark.parametrize("where", ["a run", "inside a run", "the runs' folder"])
+def test_stack_out_must_leave_the_runs_alone(where, cv_runs, tmp_path, capsys):
+    """The members are copied into --out under their folders' names: an --out holding a run
+    would have that run replaced by a copy of a few of its files."""
+    copies = [shutil.copytree(r, tmp_path / "runs" / r.name) for r in cv_runs]
+    before = {p: p.read_bytes() for p in (tmp_path / "runs").rglob("*") if p.is_file()}
+    out = {"a run": copies[0], "inside a run": copies[0] / "stack",
+           "the runs' folder": tmp_path / "runs"}[where]
+    assert main(["stack", *map(str, copies), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "must not be one of the runs" in err or "already holds a run" in err, err
+    after = {p: p.read_bytes() for p in (tmp_path / "runs").rglob("*") if p.is_file()}
+    assert after == before
+
+
 def test_stacked_run_is_self_contained_loads_and_predicts(cv_runs, tmp_path, capsys):
     copies = [shutil.copytree(r, tmp_path / "members" / r.name) for r in cv_runs]
     out = tmp_path / "stacked"

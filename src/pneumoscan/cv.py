@@ -205,7 +205,8 @@ def run_fold(
     device = next(result.model.parameters()).device
     logits = predict_logits(result.model, torch.from_numpy(held.images), fold_cfg, device).numpy()
     prob = probabilities(logits, float(meta["temperature"]))
-    metrics = evaluate_predictions(held.labels, prob, float(meta["threshold"]), seed=k)
+    metrics = evaluate_predictions(held.labels, prob, float(meta["threshold"]), seed=k,
+                                   groups=held.patients)
 
     # Free this fold's copies and tensors before the next fold allocates its own.
     del result, bundle, held, logits
@@ -227,7 +228,7 @@ def _pool_folds(cfg: TrainConfig, data: DataBundle, pool: Split, results: list[F
     assert (fold_of >= 0).all(), "every image is held out by exactly one fold"
 
     threshold = choose_threshold(pool.labels, prob, cfg.threshold_rule)
-    pooled = evaluate_predictions(pool.labels, prob, threshold)
+    pooled = evaluate_predictions(pool.labels, prob, threshold, groups=pool.patients)
     paths = _absolute_paths(pool.paths, cfg.data)
     save_oof(out / OOF_PREDICTIONS, pool.labels, prob, fold_of, paths, pool.patients)
     # The pooled out-of-fold predictions, in a single run's format: the threshold came from them.
@@ -274,7 +275,7 @@ def evaluate_ensemble_on_test(
     prob = predictor.predict_proba(test.images)
     z = log_odds(prob)
     logits = np.stack([np.zeros_like(z), z], axis=1).astype(np.float32)  # softmax -> prob
-    metrics = evaluate_predictions(test.labels, prob, threshold)
+    metrics = evaluate_predictions(test.labels, prob, threshold, groups=test.patients)
     _save_val_predictions(run_dir / TEST_PREDICTIONS, test.labels, prob, test.paths, logits)
     atomic_write_json(run_dir / TEST_METRICS, metrics)
     print(f"\ntest, ensemble of {len(predictor.members)} fold models (held out; nothing was "

@@ -204,79 +204,85 @@ def _divide(num: np.ndarray, den: np.ndarray | float) -> np.ndarray:
     return out
 
 
-def _previous_at_ends(cum: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """For each position, the running count at the previous distinct-score end (0 before any).
+def _weighted_rates(
+    p: np.ndarray, positive: np.ndarray, weights: np.ndarray, threshold: float
+) -> dict[str, np.ndarray]:
+    """Every RATE_KEYS figure for each row of ``weights`` (B, n): image i counted weights[b, i]
+    times, as in a bootstrap resample (NaN where undefined, as :func:`binary_metrics` has None).
 
-    Valid because the running counts never decrease along a row.
+    The scores never change between resamples, only how often each image is drawn, so one sort
+    serves every row.
     """
-    at_ends = np.maximum.accumulate(np.where(ends, cum, 0), axis=1)
-    return np.concatenate([np.zeros((cum.shape[0], 1)), at_ends[:, :-1]], axis=1)
-
-
-def _batch_ranking(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ROC AUC and average precision for each row of ``scores`` (B, n), labels ``positive`` (n,).
-
-    Same step/trapezoid definitions as sklearn's ``roc_auc_score`` and
-    ``average_precision_score`` (ties grouped at distinct scores), but one sort per row
-    instead of one sklearn call per resample.
-    """
-    n_pos = int(positive.sum())
-    n_neg = positive.size - n_pos
-    rows = scores.shape[0]
-    if n_pos == 0 or n_neg == 0:
-        return np.full(rows, np.nan), np.full(rows, np.nan)
-    order = np.argsort(-scores, axis=1, kind="stable")
-    sorted_scores = np.take_along_axis(scores, order, axis=1)
-    is_pos = positive[order]
-    tps = np.cumsum(is_pos, axis=1, dtype=np.float64)
-    fps = np.arange(1, positive.size + 1) - tps
-    ends = np.ones_like(is_pos)
-    ends[:, :-1] = sorted_scores[:, :-1] != sorted_scores[:, 1:]
-    prev_tps = _previous_at_ends(tps, ends)
-    prev_fps = _previous_at_ends(fps, ends)
-    trapezoids = (fps - prev_fps) * (tps + prev_tps) / 2.0
-    roc_auc = np.where(ends, trapezoids, 0.0).sum(axis=1) / (n_pos * n_neg)
-    precision = tps / np.arange(1, positive.size + 1)
-    ap = np.where(ends, (tps - prev_tps) * precision, 0.0).sum(axis=1) / n_pos
-    return roc_auc, ap
-
-
-def _batch_rates(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
-    """Every RATE_KEYS figure for each row of ``scores`` (B, n) against ``labels`` (n,).
-
-    NaN where undefined, matching :func:`binary_metrics` row by row.
-    """
-    positive = np.asarray(labels) == 1
-    n_pos = int(positive.sum())
-    n_neg = positive.size - n_pos
-    pred = scores >= threshold
-    tp = (pred & positive).sum(axis=1)
-    fp = (pred & ~positive).sum(axis=1)
-    fn = n_pos - tp
-    tn = n_neg - fp
-    roc_auc, pr_auc = _batch_ranking(scores, positive)
+    pred = p >= threshold
+    n_pos = weights @ positive
+    n_neg = weights @ ~positive
+    tp = weights @ (pred & positive)
+    fp = weights @ (pred & ~positive)
+    fn, tn = n_pos - tp, n_neg - fp
+    roc_auc, pr_auc = _weighted_ranking(p, positive, weights, n_pos, n_neg)
     return {
-        "accuracy": _divide(tp + tn, positive.size),
+        "accuracy": _divide(tp + tn, n_pos + n_neg),
         "sensitivity": _divide(tp, n_pos),
         "specificity": _divide(tn, n_neg),
         "precision": _divide(tp, tp + fp),
         "npv": _divide(tn, tn + fn),
-        "f1": _divide(2 * tp, 2 * tp + fp + fn) if n_pos else np.full(tp.shape, np.nan),
+        "f1": np.where(n_pos > 0, _divide(2 * tp, 2 * tp + fp + fn), np.nan),
         "roc_auc": roc_auc,
         "pr_auc": pr_auc,
     }
 
 
-def _stratified_resamples(
-    rng: np.random.Generator, pos: np.ndarray, neg: np.ndarray, rows: int
+def _weighted_ranking(
+    p: np.ndarray, positive: np.ndarray, weights: np.ndarray, n_pos: np.ndarray,
+    n_neg: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """ROC AUC and average precision per row of ``weights``: sklearn's step/trapezoid
+    definitions (ties grouped at distinct scores) on the images as each row counts them."""
+    order = np.argsort(-p, kind="stable")
+    sorted_p, is_pos = p[order], positive[order]
+    w = weights[:, order]
+    # Running counts at the last image of each distinct score (ties move together).
+    ends = np.flatnonzero(np.append(sorted_p[:-1] != sorted_p[1:], True))
+    tps = np.cumsum(w * is_pos, axis=1)[:, ends]
+    fps = np.cumsum(w * ~is_pos, axis=1)[:, ends]
+    zero = np.zeros((w.shape[0], 1))
+    prev_tps = np.concatenate([zero, tps[:, :-1]], axis=1)
+    prev_fps = np.concatenate([zero, fps[:, :-1]], axis=1)
+    roc_auc = _divide(((fps - prev_fps) * (tps + prev_tps) / 2.0).sum(axis=1), n_pos * n_neg)
+    precision = np.divide(tps, tps + fps, out=np.zeros_like(tps), where=tps + fps > 0)
+    pr_auc = _divide(((tps - prev_tps) * precision).sum(axis=1), n_pos)
+    # Undefined with one class only, as binary_metrics has it (sklearn would give AP 1).
+    return roc_auc, np.where((n_pos > 0) & (n_neg > 0), pr_auc, np.nan)
+
+
+def _resample_weights(
+    rng: np.random.Generator, groups: np.ndarray, group_strata: np.ndarray, rows: int
 ) -> np.ndarray:
-    """(rows, n_pos + n_neg) scores: positives first, each class resampled within itself."""
-    parts = [
-        group[rng.integers(0, group.size, size=(rows, group.size))]
-        for group in (pos, neg)
-        if group.size
-    ]
-    return np.concatenate(parts, axis=1)
+    """(rows, n) counts: each row a bootstrap resample of the groups (patients), drawn with
+    replacement within each stratum (class) and keeping its number of groups; an image counts
+    as often as its group was drawn."""
+    counts = np.zeros((rows, group_strata.size))
+    for stratum in np.unique(group_strata):
+        members = np.flatnonzero(group_strata == stratum)
+        k = members.size
+        counts[:, members] = rng.multinomial(k, np.full(k, 1.0 / k), size=rows)
+    return counts[:, groups]
+
+
+def _group_codes(groups: Any, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's group as 0..G-1, and each group's stratum: its class, or 2 for a group
+    holding both classes. Without groups every image is its own."""
+    if groups is None:
+        return np.arange(y.size), y.astype(np.int64)
+    groups = np.asarray(groups)
+    if groups.shape != y.shape:
+        raise ValueError(f"groups must have one entry per image: shapes {groups.shape} and "
+                         f"{y.shape}")
+    _, codes = np.unique(groups, return_inverse=True)
+    positives = np.bincount(codes, weights=y)
+    sizes = np.bincount(codes)
+    strata = np.where(positives == 0, 0, np.where(positives == sizes, 1, 2))
+    return codes, strata
 
 
 def _percentile_interval(values: np.ndarray, level: float) -> list[float] | None:
@@ -295,11 +301,14 @@ def bootstrap_ci(
     n_resamples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    groups: Any = None,
 ) -> dict[str, list[float] | None]:
     """Percentile intervals ``[low, high]`` for every RATE_KEYS figure.
 
-    Stratified bootstrap: positives and negatives are each resampled with replacement, keeping
-    their counts, so prevalence (and hence sensitivity/specificity denominators) is fixed.
+    Stratified bootstrap over ``groups`` (patient ids; default: each image its own): the
+    patients of each class are resampled with replacement, keeping their number, and each
+    brings all of their images. A patient's images are not independent of each other (the same
+    chest, often the same day), so resampling images alone would give intervals too narrow.
     Resamples in which a figure is undefined (e.g. no predicted positives for precision) are
     left out of its interval; ``None`` when it is undefined in all of them.
     """
@@ -309,13 +318,14 @@ def bootstrap_ci(
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples!r}")
     if not 0.0 < float(level) < 1.0:
         raise ValueError(f"level must be within (0, 1), got {level!r}")
+    codes, strata = _group_codes(groups, y)
     rng = np.random.default_rng(seed)
-    pos, neg = p[y == 1], p[y == 0]
-    labels = np.concatenate([np.ones(pos.size, np.int64), np.zeros(neg.size, np.int64)])
+    positive = y == 1
     chunks: list[dict[str, np.ndarray]] = []
     for start in range(0, int(n_resamples), _BOOTSTRAP_CHUNK):
         rows = min(_BOOTSTRAP_CHUNK, int(n_resamples) - start)
-        chunks.append(_batch_rates(_stratified_resamples(rng, pos, neg, rows), labels, t))
+        weights = _resample_weights(rng, codes, strata, rows)
+        chunks.append(_weighted_rates(p, positive, weights, t))
     return {
         key: _percentile_interval(np.concatenate([c[key] for c in chunks]), float(level))
         for key in RATE_KEYS
@@ -328,10 +338,13 @@ def evaluate_predictions(
     threshold: float = 0.5,
     n_resamples: int = 1000,
     seed: int = 0,
+    groups: Any = None,
 ) -> dict:
-    """:func:`binary_metrics` plus ``ci95``: 95% stratified-bootstrap intervals of RATE_KEYS."""
+    """:func:`binary_metrics` plus ``ci95``: 95% bootstrap intervals of RATE_KEYS, resampling
+    ``groups`` (patients) where given (:func:`bootstrap_ci`)."""
     metrics = binary_metrics(y_true, prob, threshold)
-    metrics["ci95"] = bootstrap_ci(y_true, prob, threshold, n_resamples, seed, level=0.95)
+    metrics["ci95"] = bootstrap_ci(y_true, prob, threshold, n_resamples, seed, level=0.95,
+                                   groups=groups)
     return metrics
 
 

@@ -5,8 +5,9 @@ itself, so a user only has to decode to gray and resize to ``image_size`` square
 aspect ratio not kept). Ensembles are exported whole: every member inside one graph, averaging
 their calibrated probabilities (or applying the stacker's logistic regression for a stack).
 
-The file is written under a temporary name, checked with onnxruntime against PyTorch on random
-inputs, and only then renamed into place; a mismatch fails loudly and leaves nothing behind.
+The file is written under a temporary name, checked with onnxruntime against PyTorch in log-odds
+on images the model does not saturate on (see ``verify``), and only then renamed into place; a
+mismatch fails loudly and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ from pneumoscan.model_io import EnsemblePredictor, Predictor, load_predictor, up
 OPSET = 18  # the torch.export-based exporter's default
 INPUT_NAME = "image"
 OUTPUT_NAME = "probability"
-TOLERANCE = 1e-4  # largest |onnxruntime - PyTorch| probability accepted
+TOLERANCE = 1e-3  # largest |onnxruntime - PyTorch| log-odds accepted, beyond float32 rounding
+LOGIT_LIMIT = 9.0  # log-odds compared up to +-this: P within ~1.2e-4 of 0 or 1
+FLOAT32_STEPS = 4  # rounding of the graph's float32 probability allowed for, in steps of 2**-24
+REAL_IMAGES = 8  # at most this many of the run's own images are compared, where they exist
+SMOOTH_IMAGES = 8
 
 
 class CalibratedNet(nn.Module):
@@ -44,36 +49,61 @@ class CalibratedNet(nn.Module):
         self.mean, self.std = float(intensity["mean"]), float(intensity["std"])
         self.temperature = float(predictor.temperature)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def log_odds(self, pixels: torch.Tensor) -> torch.Tensor:
         # The same arithmetic as preprocess.to_model_input, so the two agree to rounding.
         x = (pixels / 255.0 - self.mean) / self.std
         if self.in_chans > 1:
             x = x.expand(-1, self.in_chans, -1, -1)
-        logits = self.model(x) / self.temperature
-        return torch.softmax(logits, dim=1)[:, 1]
+        logits = self.model(x)
+        return (logits[:, 1] - logits[:, 0]) / self.temperature  # softmax(logits / T)[1]
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.log_odds(pixels))
 
 
 class CalibratedEnsemble(nn.Module):
-    """Members' calibrated probabilities, averaged or combined by the stacker's regression."""
+    """Members' calibrated probabilities, averaged or combined by the stacker's regression.
+
+    Members pass log-odds, not probabilities, between them: a float32 probability near 1 keeps
+    only a few significant digits of 1 - p, which put a stack over confident members 0.01 or more
+    off in log-odds, where model_io computes in float64.
+    """
 
     def __init__(self, predictor: EnsemblePredictor):
         super().__init__()
         self.members = nn.ModuleList(_wrap(m) for m in predictor.members)
-        stacker = predictor.meta.get("stacker") if predictor.meta["kind"] == "stack" else None
-        self.stacked = stacker is not None
+        # model_io.validate_meta has checked the stacker: one coefficient per member.
+        self.stacked = predictor.meta["kind"] == "stack"
         if self.stacked:
-            coef = torch.tensor(stacker["coef"], dtype=torch.float32)
-            if coef.numel() != len(predictor.members):
-                raise PneumoscanError("stacker coefficients do not match the number of members")
-            self.register_buffer("coef", coef)
+            stacker = predictor.meta["stacker"]
+            self.register_buffer("coef", torch.tensor(stacker["coef"], dtype=torch.float32))
             self.intercept = float(stacker["intercept"])
 
+    def log_odds(self, pixels: torch.Tensor) -> torch.Tensor:
+        z = torch.stack([m.log_odds(pixels) for m in self.members], dim=1)
+        if self.stacked:
+            # model_io.stack_probabilities clips P to [1e-6, 1 - 1e-6]: the same, in log-odds.
+            return z.clamp(-STACK_LOGIT_LIMIT, STACK_LOGIT_LIMIT) @ self.coef + self.intercept
+        # log-odds of the mean probability: log(mean P) - log(mean (1 - P)), in log space.
+        return _logsumexp(_log_sigmoid(z)) - _logsumexp(_log_sigmoid(-z))
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([m(pixels) for m in self.members], dim=1)
-        if not self.stacked:
-            return probs.mean(dim=1)
-        p = probs.clamp(1e-6, 1 - 1e-6)  # as model_io.stack_probabilities
-        return torch.sigmoid(torch.log(p / (1 - p)) @ self.coef + self.intercept)
+        return torch.sigmoid(self.log_odds(pixels))
+
+
+# log((1 - 1e-6) / 1e-6): model_io.stack_probabilities' clipping of P, as log-odds.
+STACK_LOGIT_LIMIT = float(np.log((1 - 1e-6) / 1e-6))
+
+
+def _log_sigmoid(z: torch.Tensor) -> torch.Tensor:
+    # Spelled out rather than F.logsigmoid, so every exporter emits these plain, stable ops.
+    return torch.minimum(z, torch.zeros_like(z)) - torch.log(1 + torch.exp(-z.abs()))
+
+
+def _logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """log(sum(exp(x))) over dim 1, shifted by the largest term so nothing underflows."""
+    top = x.max(dim=1, keepdim=True).values
+    return top[:, 0] + torch.log(torch.exp(x - top).sum(dim=1))
 
 
 def _wrap(predictor) -> nn.Module:
@@ -101,7 +131,8 @@ def preprocessing_note(image_size: int) -> str:
 def export_onnx(run_dir: str | Path, onnx_path: str | Path) -> dict:
     """Export a run to ``onnx_path``, verify it with onnxruntime, record it in model.json.
 
-    Returns the ``onnx`` entry written into model.json, plus the largest difference measured.
+    Returns the ``onnx`` entry written into model.json, plus the largest log-odds difference
+    measured (``max_abs_difference``) and what it was measured on (``compared``).
     """
     try:
         import onnx  # noqa: F401
@@ -126,21 +157,21 @@ def export_onnx(run_dir: str | Path, onnx_path: str | Path) -> dict:
         "threshold": predictor.threshold,
         "opset": OPSET,
     }
-    worst = 0.0
+    worst, compared = 0.0, ""
 
     def write(tmp: Path) -> None:
-        nonlocal worst
+        nonlocal worst, compared
         # Exported in a private folder: an exporter may write side files (external weights)
         # named after its output; the final file is one self-contained model.
         with tempfile.TemporaryDirectory(prefix="pneumoscan-onnx-") as work:
             raw = Path(work) / "model.onnx"
             _torch_export(wrapper, raw, size)
             _save_with_metadata(raw, tmp, entry, predictor)
-        worst = verify(tmp, predictor)
+        worst, compared = verify(tmp, predictor, name=onnx_path)
 
     atomic_write(onnx_path, write)
     update_meta(run_dir, onnx=entry)
-    return {**entry, "max_abs_difference": worst}
+    return {**entry, "max_abs_difference": worst, "compared": f"log-odds on {compared}"}
 
 
 def _check_member_sizes(predictor, size: int) -> None:
@@ -204,24 +235,140 @@ def _save_with_metadata(raw: Path, path: Path, entry: dict, predictor) -> None:
     onnx.save_model(model, str(path), save_as_external_data=False)
 
 
-def verify(path: str | Path, predictor, *, seed: int = 0) -> float:
-    """Largest |onnxruntime - PyTorch| probability over random images; raises above TOLERANCE."""
+def verify(
+    path: str | Path, predictor, *, seed: int = 0, name: str | Path | None = None
+) -> tuple[float, str]:
+    """Compare onnxruntime with PyTorch in log-odds; raise above TOLERANCE.
+
+    Returns the largest difference (beyond float32 rounding) and what it was measured on;
+    ``name`` is the file named in errors, when ``path`` is a temporary one.
+
+    Probabilities cannot show a wrong graph: on inputs that saturate the model (uniform noise
+    gives P ~ 1e-17) both are ~0, however wrong the graph. So the inputs are ones the model does
+    not saturate on (a few of the run's own validation or test images where they still exist, and
+    smooth images with the training intensity statistics), and the comparison is in log-odds,
+    where a graph that scales or shifts the input wrongly shows as it does on real X-rays.
+    """
     import onnxruntime as ort
 
-    size = predictor.image_size
+    name = path if name is None else name
+    images, compared = _check_images(predictor, np.random.default_rng(seed))
+    expected = _log_odds(predictor.predict_proba(images))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(seed)
     worst = 0.0
-    for batch in (1, 5):  # two batch sizes: the batch axis must really be dynamic
-        images = rng.integers(0, 256, size=(batch, size, size), dtype=np.uint8)
-        expected = predictor.predict_proba(images)
-        (got,) = session.run(None, {INPUT_NAME: images[:, None].astype(np.float32)})
-        if got.shape != (batch,):
-            raise PneumoscanError(f"{path}: ONNX output has shape {got.shape}, expected ({batch},)")
-        worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - expected))))
+    for batch in (images[:1], images):  # two batch sizes: the batch axis must really be dynamic
+        (got,) = session.run(None, {INPUT_NAME: batch[:, None].astype(np.float32)})
+        if got.shape != (len(batch),):
+            raise PneumoscanError(
+                f"{name}: ONNX output has shape {got.shape}, expected ({len(batch)},)"
+            )
+        excess = _log_odds_excess(got, expected[: len(batch)])
+        worst = max(worst, float(np.max(excess)))
     if not worst <= TOLERANCE:
         raise PneumoscanError(
-            f"{path}: ONNX probabilities differ from PyTorch by {worst:.2e} "
-            f"(more than {TOLERANCE:.0e}); the export is not written"
+            f"{name}: ONNX log-odds differ from PyTorch by {worst:.2e} (more than "
+            f"{TOLERANCE:.0e}) on {compared}; the export is not written"
         )
-    return worst
+    return worst, compared
+
+
+def _log_odds(prob: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)) in float64, limited to +-LOGIT_LIMIT.
+
+    Beyond the limit a float32 probability no longer resolves the log-odds (1 - p is a few
+    float32 steps below 1), so there both sides count as equally saturated.
+    """
+    p = np.asarray(prob, dtype=np.float64)
+    with np.errstate(divide="ignore"):  # p of exactly 0 or 1: +-inf, then clipped
+        z = np.log(p) - np.log1p(-p)
+    return np.clip(np.nan_to_num(z, nan=np.inf), -LOGIT_LIMIT, LOGIT_LIMIT)
+
+
+def _log_odds_excess(got: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """|ONNX - PyTorch| log-odds, less what float32 rounding of the ONNX probability explains.
+
+    The graph's output is a float32 probability, rounded by up to a few steps of 2**-24 near 1:
+    in log-odds that is about FLOAT32_STEPS * 2**-24 / (1 - p), up to ~1e-3 at LOGIT_LIMIT.
+    NaN from the graph counts as an infinite difference.
+    """
+    p = 1.0 / (1.0 + np.exp(-expected))
+    rounding = FLOAT32_STEPS * 2.0**-24 / (1.0 - p)
+    difference = np.abs(_log_odds(got) - expected)
+    return np.where(np.isfinite(got), np.maximum(difference - rounding, 0.0), np.inf)
+
+
+def _check_images(predictor, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """(N, S, S) uint8 images the model should not saturate on, and a phrase naming them."""
+    size = predictor.image_size
+    real = _run_images(predictor, size, REAL_IMAGES)
+    mean, std = _intensity(predictor)
+    smooth = _smooth_images(rng, SMOOTH_IMAGES, size, mean, std)
+    compared = f"{SMOOTH_IMAGES} smooth images at the training intensity mean and spread"
+    if len(real):
+        compared = f"{len(real)} of the run's validation/test images and {compared}"
+        return np.concatenate([real, smooth]), compared
+    return smooth, compared
+
+
+def _run_images(predictor, size: int, limit: int) -> np.ndarray:
+    """Up to ``limit`` images named in the run's saved predictions that can still be read.
+
+    Spread over the list (it is often sorted by class), from the run and then its members; none
+    when the files have moved, which only leaves the smooth images.
+    """
+    from pneumoscan.data.decode import read_gray
+    from pneumoscan.errors import UnreadableImage
+
+    found: list[np.ndarray] = []
+    for paths in _saved_prediction_paths(predictor):
+        existing = [p for p in paths if Path(p).is_file()]
+        if not existing:
+            continue
+        picks = np.unique(np.linspace(0, len(existing) - 1, min(limit, len(existing))).astype(int))
+        for i in picks:
+            try:
+                found.append(read_gray(existing[i], size))
+            except UnreadableImage:
+                continue  # damaged since training: the others serve
+        if len(found) >= limit:
+            break
+    return np.stack(found[:limit]) if found else np.zeros((0, size, size), np.uint8)
+
+
+def _saved_prediction_paths(predictor):
+    """The image paths of each predictions file a run (or one of its members) saved."""
+    import zipfile
+
+    from pneumoscan.run_folder import TEST_PREDICTIONS, VAL_PREDICTIONS
+
+    for name in (VAL_PREDICTIONS, TEST_PREDICTIONS):
+        try:
+            with np.load(predictor.run_dir / name, allow_pickle=False) as saved:
+                yield [str(p) for p in saved["paths"]]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            continue  # missing or unreadable: these images are optional
+    for member in getattr(predictor, "members", []):
+        yield from _saved_prediction_paths(member)
+
+
+def _intensity(predictor) -> tuple[float, float]:
+    """The training intensity mean and std (0..1 scale) of the run, or of its first model."""
+    while isinstance(predictor, EnsemblePredictor):
+        predictor = predictor.members[0]
+    intensity = predictor.meta["intensity"]
+    return float(intensity["mean"]), float(intensity["std"])
+
+
+def _smooth_images(rng: np.random.Generator, n: int, size: int, mean: float, std: float):
+    """Smooth random fields whose pixels have about the training mean and std.
+
+    Low-frequency like an X-ray, unlike uniform noise, and with a spread of brightness: images
+    all at the mean would hide a wrong std, which scales only the departure from the mean.
+    """
+    coarse = torch.from_numpy(rng.standard_normal((n, 1, 4, 4)))
+    field = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear",
+                                            align_corners=True)[:, 0].numpy()
+    field -= field.mean(axis=(1, 2), keepdims=True)
+    field /= field.std(axis=(1, 2), keepdims=True) + 1e-12
+    level = mean + std * np.linspace(-0.5, 0.5, n)[:, None, None]
+    return np.clip(np.rint(255.0 * (level + std * field)), 0, 255).astype(np.uint8)

@@ -92,7 +92,34 @@ def validate_meta(meta: Any, where: str) -> dict:
         if not members or not all(isinstance(m, str) and m not in ("", ".") and "/" not in m
                                   and "\\" not in m and ".." not in m for m in members):
             raise bad("an ensemble or stack needs 'members': sub-folder names of the run")
+        if meta["kind"] == "stack":
+            reason = _stacker_problem(meta.get("stacker"), len(members))
+            if reason:
+                raise bad(reason)
     return meta
+
+
+def _is_finite_number(value: Any) -> bool:
+    # bool is an int to Python, but true/false in model.json is no coefficient.
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _stacker_problem(stacker: Any, n_members: int) -> str:
+    """Why a stack's ``stacker`` cannot be applied to its members ("" when it can).
+
+    Checked here, once, so that predict, evaluate and export never meet a stacker they would
+    crash on (a KeyError or a shape mismatch deep in numpy).
+    """
+    if not isinstance(stacker, dict):
+        return "a stack needs 'stacker': {\"coef\": [...], \"intercept\": x}"
+    coef = stacker.get("coef")
+    if not (isinstance(coef, list) and len(coef) == n_members
+            and all(_is_finite_number(c) for c in coef)):
+        return f"'stacker' needs 'coef': a list of {n_members} finite numbers, one per member"
+    if not _is_finite_number(stacker.get("intercept")):
+        return "'stacker' needs 'intercept': a finite number"
+    return ""
 
 
 def save_model(run_dir: Path, model: nn.Module, meta: dict) -> None:
@@ -222,19 +249,25 @@ class EnsemblePredictor:
 
 
 def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Probability of class 1 from (N, 2) logits, after temperature scaling."""
+    """Probability of class 1 from (N, 2) logits, after temperature scaling, as float64.
+
+    Computed in float64 even for float32 logits: in float32 every margin above ~16.6 rounds to
+    exactly 1.0, so confident predictions would tie and distort ROC AUC, thresholds and log loss.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
     z = (logits[:, 1] - logits[:, 0]) / temperature
-    return _sigmoid(z).astype(np.float64)
+    return _sigmoid(z)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
-    """1 / (1 + exp(-z)) without a RuntimeWarning for very negative z.
+    """1 / (1 + exp(-z)) in float64, without a RuntimeWarning for very negative z.
 
-    exp(-z) overflows to inf only where the true value is below the smallest float, and
+    exp(-z) overflows to inf only where the true value is below the smallest float64, and
     1 / (1 + inf) is then exactly 0: the overflow gives the right answer, so it is silenced
-    rather than avoided. (scipy's expit does the same, but its float32 exp differs from numpy's
-    in the last bit, which would change every stored probability slightly.)
+    rather than avoided. float64 keeps probabilities below 1.0 up to z of ~36.7, where float32
+    stops at ~16.6.
     """
+    z = np.asarray(z, dtype=np.float64)
     with np.errstate(over="ignore"):
         return 1.0 / (1.0 + np.exp(-z))
 
@@ -285,9 +318,22 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise PneumoscanError(f"{path}: missing model weights")
     try:
-        return load_file(str(path))
+        weights = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise PneumoscanError(f"{path}: not a valid safetensors file ({e})") from None
+    _check_finite(path, weights)
+    return weights
+
+
+def _check_finite(path: Path, weights: dict[str, torch.Tensor]) -> None:
+    """Refuse NaN or infinite weights (a diverged or damaged run): they would predict NaN for
+    every image, which prints as a NORMAL label and cannot be written as JSON."""
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise PneumoscanError(
+                f"{path}: weights are not all finite (NaN or infinity in {name!r}); "
+                "the model cannot predict"
+            )
 
 
 def _autocast(device: torch.device):

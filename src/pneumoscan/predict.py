@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,7 @@ IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".dcm", ".dicom", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 )
 _GLOB_CHARS = frozenset("*?[")
+NOT_FINITE = "the model's probability is not finite (NaN or infinity)"
 _DECODE_THREADS = 4  # Pillow and pydicom release the GIL while decoding
 
 
@@ -139,9 +141,12 @@ def iter_predictions(
             if on_batch is not None and good:
                 on_batch([batch[i] for i in good])
             for i, path in enumerate(batch):
-                if i in by_index:
+                if i in by_index and math.isfinite(by_index[i]):
                     p = float(by_index[i])
                     yield Row(str(path), p, label_for(p, threshold), threshold, "")
+                elif i in by_index:
+                    # NaN would print as NORMAL and make the JSON output invalid: report it.
+                    yield Row(str(path), None, "", threshold, NOT_FINITE)
                 else:
                     yield Row(str(path), None, "", threshold, decoded[i])
             bar.update(len(batch))
@@ -180,7 +185,10 @@ def write_rows(path: str | Path, rows: Iterable[Row], *, cam: bool = False) -> i
 
     def write(tmp: Path) -> None:
         nonlocal count
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
+        # surrogateescape: a file name that is not UTF-8 (R\xf6ntgen.jpeg in Latin-1) arrives
+        # from os.fsdecode with lone surrogates; the CSV gets its original bytes back. JSON
+        # escapes them itself (json.loads and os.fsencode give the bytes back).
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
             count = (_write_csv if fmt == "csv" else _write_json)(f, rows, fields)
 
     atomic_write(path, write)
@@ -218,6 +226,22 @@ def table_header(cam: bool = False) -> str:
 
 def table_line(row: Row) -> str:
     if row.error:
-        return f"{'-':>11}  {'ERROR':<9}  {row.path}  ({row.error})"
-    overlay = f"  -> {row.cam}" if row.cam else ""
-    return f"{row.probability:>11.4f}  {row.label:<9}  {row.path}{overlay}"
+        line = f"{'-':>11}  {'ERROR':<9}  {row.path}  ({row.error})"
+    else:
+        overlay = f"  -> {row.cam}" if row.cam else ""
+        line = f"{row.probability:>11.4f}  {row.label:<9}  {row.path}{overlay}"
+    return printable(line)
+
+
+def printable(text: str) -> str:
+    """``text`` with the bytes of a file name that is not UTF-8 shown as \\xNN.
+
+    Such a name (R\\xf6ntgen.jpeg in Latin-1) comes from os.fsdecode with lone surrogates, which
+    a UTF-8 stdout refuses to encode (UnicodeEncodeError) unless the locale is C; escaped, the
+    line prints anywhere. Other text, non-ASCII included, is returned as it is.
+    """
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that no undecodable byte stands for
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")

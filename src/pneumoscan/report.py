@@ -160,7 +160,11 @@ def data_section(run_dir: Path, meta: dict, config: dict | None) -> Section:
     eda_dir = run_dir / "eda"
     if eda_dir.is_dir():
         return _data_from_eda(section, eda_dir)
-    spec = (config or {}).get("data")
+    # The run's own record of its data, resolved when it trained: a relative --data would
+    # otherwise be read from wherever the report is made.
+    spec = meta.get("data_source") or (config or {}).get("data")
+    if not spec or str(spec).startswith("PneumoniaMNIST"):
+        spec = (config or {}).get("data")
     if not spec:
         section.note("The run does not record its data source; the counts below are those of "
                      "the saved predictions.")
@@ -219,6 +223,10 @@ def _data_from_source(section: Section, spec: str, meta: dict, config: dict) -> 
     section.add(_counts_table(counts))
     for note in data.notes:
         section.note(note)
+    if meta.get("data_fingerprint") and data.fingerprint != meta["data_fingerprint"]:
+        section.add('<p class="warning">These images are not the ones the model was trained on: '
+                    "files were added, removed or changed since. The figures further down come "
+                    "from the predictions saved at training time.</p>")
     if meta.get("kind", "single") != "single":
         section.note("Cross-validated: every training image was held out once, and the "
                      "figures below come from the predictions made while it was held out.")

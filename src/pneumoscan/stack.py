@@ -89,7 +89,7 @@ def fit_stack(
         nested[held_idx] = stack_probabilities(member_prob[held_idx], stacker)
         fold_of[held_idx] = k
     threshold = choose_threshold(labels, nested, threshold_rule)
-    metrics = evaluate_predictions(labels, nested, threshold)
+    metrics = evaluate_predictions(labels, nested, threshold, groups=patients)
     return StackFit(fit_combiner(member_prob, labels), nested, fold_of, threshold, metrics)
 
 
@@ -149,8 +149,13 @@ def build_stack(
         raise PneumoscanError("stack needs at least two cross-validated runs")
     for run in runs:
         load_oof(run)  # a one-line refusal for anything that is not a cv output, before any work
-        if out.resolve() == run.resolve() or run.resolve() in out.resolve().parents:
-            raise PneumoscanError(f"--out {out}: must not be one of the runs or inside one")
+        # The members are copied into --out, each under its folder's name: an --out that holds
+        # a run would have that run replaced by its copy.
+        if out.resolve() == run.resolve() or run.resolve() in out.resolve().parents or (
+                out.resolve() in run.resolve().parents):
+            raise PneumoscanError(
+                f"--out {out}: must not be one of the runs, inside one, or a folder that holds "
+                f"one ({run}); choose a new folder for the stack")
     if len({r.resolve() for r in runs}) != len(runs):
         raise PneumoscanError("the same run is named twice")
     metas = [read_meta(run) for run in runs]
@@ -164,7 +169,8 @@ def build_stack(
         name: {
             "run": str(run.resolve()),
             "threshold": float(meta["threshold"]),
-            "oof": evaluate_predictions(labels, member_prob[:, i], float(meta["threshold"])),
+            "oof": evaluate_predictions(labels, member_prob[:, i], float(meta["threshold"]),
+                                        groups=patients),
         }
         for i, (name, run, meta) in enumerate(zip(names, runs, metas, strict=True))
     }

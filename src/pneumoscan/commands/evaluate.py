@@ -48,12 +48,28 @@ def run(args: argparse.Namespace) -> int:
               "test/ folder: these figures include its training and validation images and are "
               "optimistic", file=sys.stderr)
     prob = predictor.predict_proba(data.split.images)
+    _require_finite(prob, args.run)
     metrics = evaluate_predictions(data.split.labels, prob, threshold)
     print(f"{args.run} on {data.description}:")
     print(format_table(metrics))
     if args.json:
         atomic_write_json(args.json, metrics)
     return 0
+
+
+def _require_finite(prob, run: str) -> None:
+    """One line instead of a traceback from the metrics when the model's output is NaN or inf
+    (finite weights can still overflow)."""
+    import numpy as np
+
+    from pneumoscan.errors import PneumoscanError
+
+    bad = int(np.count_nonzero(~np.isfinite(prob)))
+    if bad:
+        raise PneumoscanError(
+            f"{run}: the model's probability is not finite (NaN or infinity) for {bad} of "
+            f"{len(prob)} images; its weights or its model.json are damaged"
+        )
 
 
 def _same_source(spec: str, trained_on: object) -> bool:

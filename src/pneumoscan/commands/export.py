@@ -15,6 +15,6 @@ def run(args: argparse.Namespace) -> int:
 
     entry = export_onnx(args.run, args.onnx)
     print(f"{args.run} -> {args.onnx} (onnxruntime matches PyTorch within "
-          f"{entry['max_abs_difference']:.1e})")
+          f"{entry['max_abs_difference']:.1e} in {entry['compared']})")
     print(f"input {entry['input']['name']}: {entry['preprocessing']}")
     return 0

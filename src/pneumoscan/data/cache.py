@@ -1,8 +1,10 @@
 """Decode a list of files once, in parallel, into a memory-mapped uint8 array kept on disk.
 
 A later run over the same files at the same size reads the array back instead of decoding again;
-any change to a file (size or modification time) or to the list gives a new fingerprint, so the
-cache is rebuilt rather than trusted.
+any change to a file (its size, times or inode), to the list or to the decoder gives a new
+fingerprint, so the cache is rebuilt rather than trusted. Only pixels are kept: files that failed
+are decoded again on every load, since most failures are fixed outside the file (pydicom or a
+codec installed, a permission granted) and a stored failure would outlive the fix.
 """
 
 from __future__ import annotations
@@ -17,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan.data.decode import read_gray
+from pneumoscan.data.decode import decoder_signature, read_gray
 from pneumoscan.errors import UnreadableImage
 from pneumoscan.fileio import atomic_write, atomic_write_json, read_json
 from pneumoscan.progress import progress_bar
 
-DECODER_VERSION = 2  # bump when decoding changes, so old caches are not reused
 _CHUNK = 64  # files per task: large enough to amortise process overhead
 
 
@@ -47,15 +48,22 @@ def default_cache_dir() -> Path:
 
 
 def fingerprint(paths: Sequence[Path], size: int) -> str:
-    """Changes whenever a file is added, removed, resized or touched, or the size changes."""
-    h = hashlib.sha256(f"v{DECODER_VERSION}:{size}".encode())
+    """Changes whenever a file is added, removed, replaced or touched, the size or the decoder."""
+    h = hashlib.sha256(f"{decoder_signature()}:{size}".encode())
     for path in paths:
-        try:
-            st = os.stat(path)
-            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{path}\0missing\n".encode())
+        # fsencode: a name that is not UTF-8 (a Latin-1 "R\xf6ntgen.jpeg") has no str encoding.
+        h.update(os.fsencode(path) + b"\0" + _file_identity(path) + b"\n")
     return h.hexdigest()[:24]
+
+
+def _file_identity(path: Path) -> bytes:
+    # Size and mtime alone miss a same-size file replaced with its mtime kept (cp -p, rsync -a,
+    # tar): the replacement has a new inode, or at least a new ctime, which no tool sets back.
+    try:
+        st = os.stat(path)
+    except OSError:
+        return b"missing"
+    return f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_ctime_ns}".encode()
 
 
 def decode_files(
@@ -74,28 +82,62 @@ def decode_files(
     array_path, meta_path = cache_dir / f"{fp}.npy", cache_dir / f"{fp}.json"
     if use_cache and array_path.exists() and meta_path.exists():
         try:
-            return _read_cache(array_path, meta_path, fp, len(paths), size)
-        except (OSError, ValueError, KeyError, EOFError):
+            cached = _read_cache(array_path, meta_path, fp, len(paths), size)
+        except (OSError, ValueError, KeyError, TypeError, EOFError):
             pass  # a damaged cache is rebuilt below
+        else:
+            return _retry_failed(cached, paths, size, workers, array_path, meta_path)
     decoded = _decode_all(paths, size, workers, progress)
     decoded.fingerprint = fp
-    if use_cache:
-        try:
-            _write_cache(decoded, array_path, meta_path)
-            return _read_cache(array_path, meta_path, fp, len(paths), size)
-        except OSError:
-            pass  # an unwritable cache folder only costs speed next time
-    return decoded
+    return _store(decoded, array_path, meta_path) if use_cache else decoded
+
+
+def _retry_failed(
+    cached: Decoded,
+    paths: list[Path],
+    size: int,
+    workers: int | None,
+    array_path: Path,
+    meta_path: Path,
+) -> Decoded:
+    """The cache with the files that failed decoded again: they are few, and the user may have
+    fixed the reason since (installed pydicom or a codec, granted a permission)."""
+    failed = np.flatnonzero(~cached.ok)
+    if not len(failed):
+        return cached
+    retried = _decode_all([paths[i] for i in failed], size, workers, progress=False)
+    cached.errors = retried.errors
+    if not retried.ok.any():
+        return cached
+    images = np.array(cached.images)  # copied out of the read-only map, to store the newcomers
+    images[failed] = retried.images
+    ok = cached.ok.copy()
+    ok[failed] = retried.ok
+    return _store(Decoded(images, ok, retried.errors, cached.fingerprint), array_path, meta_path)
+
+
+def _store(decoded: Decoded, array_path: Path, meta_path: Path) -> Decoded:
+    """``decoded`` written to the cache and read back memory-mapped, with its errors."""
+    try:
+        _write_cache(decoded, array_path, meta_path)
+        n, size = decoded.images.shape[:2]
+        stored = _read_cache(array_path, meta_path, decoded.fingerprint, n, size)
+    except OSError:
+        return decoded  # an unwritable cache folder only costs speed next time
+    stored.errors = decoded.errors
+    return stored
 
 
 def _read_cache(array_path: Path, meta_path: Path, fp: str, n: int, size: int) -> Decoded:
+    """The cached pixels and which files decoded; the others' errors are the caller's to find."""
     meta = read_json(meta_path)
     images = np.load(array_path, mmap_mode="r")
     if images.shape != (n, size, size) or images.dtype != np.uint8:
         raise ValueError("cache shape mismatch")
     ok = np.array(meta["ok"], dtype=bool)
-    errors = [tuple(e) for e in meta["errors"]]
-    return Decoded(images=images, ok=ok, errors=errors, fingerprint=fp)
+    if ok.shape != (n,):
+        raise ValueError("cache length mismatch")
+    return Decoded(images=images, ok=ok, fingerprint=fp)
 
 
 def _write_cache(decoded: Decoded, array_path: Path, meta_path: Path) -> None:
@@ -104,7 +146,8 @@ def _write_cache(decoded: Decoded, array_path: Path, meta_path: Path) -> None:
             np.save(f, decoded.images, allow_pickle=False)
 
     atomic_write(array_path, write)
-    atomic_write_json(meta_path, {"ok": decoded.ok.tolist(), "errors": decoded.errors})
+    # No errors: a failure is not stored, so that it is retried (see _retry_failed).
+    atomic_write_json(meta_path, {"ok": decoded.ok.tolist()})
 
 
 def _decode_all(paths: list[Path], size: int, workers: int | None, progress: bool) -> Decoded:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,9 +198,25 @@ def _load_folder(
             images=np.ascontiguousarray(decoded.images[keep]),
             labels=np.array([everything[i].label for i in keep], dtype=np.int64),
             patients=[everything[i].patient for i in keep],
-            paths=[str(everything[i].path) for i in keep],
+            # Absolute: the paths are saved with the run, and read later (the report's Grad-CAM
+            # gallery, predict on a run's own images) from any working directory.
+            paths=[os.path.abspath(everything[i].path) for i in keep],
         )
-    return splits, decoded.errors, decoded.fingerprint
+    return splits, decoded.errors, files_fingerprint(root, everything)
+
+
+def files_fingerprint(root: Path, samples: list[Sample]) -> str:
+    """The data's identity, recorded with each run: every file's path under ``root`` and its
+    size. A moved, copied or re-permissioned folder keeps it, and so does a new decoder; a file
+    added, removed or rewritten changes it. (The decode cache keys on far more: decode.py.)"""
+    h = hashlib.sha256()
+    for sample in sorted(samples, key=lambda s: os.fsencode(s.path)):
+        try:
+            size = os.stat(sample.path).st_size
+        except OSError:
+            size = -1
+        h.update(os.fsencode(os.path.relpath(sample.path, root)) + f"\0{size}\n".encode())
+    return h.hexdigest()[:24]
 
 
 def _load_medmnist(spec: str, image_size: int) -> tuple[dict[str, Split], str, str]:

@@ -7,12 +7,17 @@ Decisions worth knowing:
 
 * The format is sniffed from the content; file extensions are ignored.
 * Size limits are checked from the header, before any pixel is decoded.
+* The cache of decoded images is keyed on ``decoder_signature()``: a hash of this file and the
+  versions of Pillow and pydicom, so no edit here can leave old pixels in use.
 * 16-bit greyscale (PNG/TIFF) is scaled linearly to 0..255 from its significant bits: a PNG
   sBIT chunk's depth when present, else the smallest of 8, 10, 12, 14, 16 bits that holds the
   largest value, because many medical exporters store raw 10/12/14-bit values in 16-bit files
   (scaled from 16 bits they would come out nearly black). A file using the top bit decodes
   from the full 16-bit range. Values above the sBIT depth mean the encoder scaled
   them up to 16 bits as the PNG spec says, so the low ``16 - sbit`` bits are dropped instead.
+* 16-bit colour PNGs are read by Pillow as their high bytes only; those that hold raw detector
+  values (every high byte below 64) would come out nearly black and are refused, with the
+  advice to save them as 16-bit grayscale.
 * A JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale when that still leaves at least four
   times the target size (see ``DRAFT_FACTOR``), then resized like any other image: large files
   decode several times faster, and the pixels stay within a few grey levels of a full decode.
@@ -26,6 +31,8 @@ from __future__ import annotations
 
 import codecs
 import errno
+import functools
+import hashlib
 import os
 import re
 import stat
@@ -34,10 +41,11 @@ import warnings
 import zlib
 from io import BytesIO
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps
+import PIL
+from PIL import Image, ImageOps, features
 
 from pneumoscan.errors import UnreadableImage
 
@@ -72,6 +80,19 @@ DRAFT_FACTOR = 4
 
 DETECTOR_DEPTHS = (8, 10, 12, 14, 16)  # bits a sample of a 16-bit file holds, as exporters write
 
+# pydicom and the plugins it decodes compressed pixel data with: their versions are part of
+# decoder_signature(), since each may change the pixels a DICOM decodes to.
+_DICOM_DISTRIBUTIONS = (
+    "pydicom",
+    "pylibjpeg",
+    "pylibjpeg-libjpeg",
+    "pylibjpeg-openjpeg",
+    "pylibjpeg-rle",
+    "pyjpegls",
+    "python-gdcm",
+)
+_COLOUR_PNG_TYPES = {2: "RGB", 4: "grey+alpha", 6: "RGBA"}  # IHDR colour type -> name
+
 # What Pillow raises on malformed input besides its own exception types; its plugins are
 # parsers written in Python, so index and key errors are ordinary signs of a corrupt file.
 _PILLOW_ERRORS: tuple[type[BaseException], ...] = (
@@ -96,6 +117,39 @@ class _Refused(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+@functools.cache
+def decoder_signature() -> str:
+    """What decides the pixels a file decodes to: this module's code and its decoders' versions.
+
+    The decode cache is keyed on it, so no change to the decoder can serve pixels of an older
+    one (a hand-bumped version number was once forgotten). Computed once per process; pydicom
+    is not imported for its version, only its installed metadata read.
+    """
+    h = hashlib.sha256(_own_code())
+    h.update(f"\0Pillow {PIL.__version__} libjpeg {features.version_codec('jpg')}".encode())
+    for name in _DICOM_DISTRIBUTIONS:
+        h.update(f"\0{name} {_installed_version(name)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _own_code() -> bytes:
+    try:
+        return Path(__file__).read_bytes()  # the .pyc where only that is installed
+    except OSError:
+        # Which decoder this is cannot be told: a signature no other process shares, so that
+        # caches are rebuilt rather than trusted.
+        return os.urandom(16)
+
+
+def _installed_version(distribution: str) -> str:
+    import importlib.metadata  # here: an import of ~0.1 s that plain prediction never needs
+
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
 
 
 def sniff_kind(head: bytes) -> str | None:
@@ -283,7 +337,7 @@ def _first_line(e: BaseException) -> str:
 
 def _decode_pillow(data: bytes, kind: str, size: int | None) -> Image.Image:
     label = _LABELS[kind]
-    sbit = _scan_png(data) if kind == "png" else None
+    png = _scan_png(data) if kind == "png" else None
     try:
         with warnings.catch_warnings():
             # Pillow's own bomb warning fires below our limit; our header check decides.
@@ -291,7 +345,9 @@ def _decode_pillow(data: bytes, kind: str, size: int | None) -> Image.Image:
             # worst outcome is this filter outliving the block, which changes no result.)
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = _open_and_load(data, kind, size)
-        return _to_gray(image, sbit)
+        if png is not None:
+            _check_sixteen_bit_colour(image, png)
+        return _to_gray(image, png.gray_sbit() if png is not None else None)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise _Refused(_bomb_reason(e)) from e
     except _PILLOW_ERRORS as e:
@@ -327,10 +383,22 @@ def _pillow_reason(e: BaseException, label: str) -> str:
     return f"corrupt {label} ({_first_line(e)})"
 
 
-def _scan_png(data: bytes) -> int | None:
-    """Verify every PNG chunk's CRC (Pillow skips IDAT's); return sBIT's grey depth if any."""
+class _PngHeader(NamedTuple):
+    depth: int  # bits a sample, from IHDR
+    color_type: int
+    sbit: bytes  # the sBIT chunk: significant bits of each channel; empty without one
+
+    def gray_sbit(self) -> int | None:
+        """The grey channel's significant bits, for the 16-bit grey depth rule; None if unknown."""
+        if self.color_type not in (0, 4) or not self.sbit or not 1 <= self.sbit[0] <= 16:
+            return None
+        return self.sbit[0]
+
+
+def _scan_png(data: bytes) -> _PngHeader:
+    """Verify every PNG chunk's CRC (Pillow skips IDAT's); return what IHDR and sBIT say."""
     view = memoryview(data)
-    pos, color_type, sbit = len(_PNG_MAGIC), None, None
+    pos, depth, color_type, sbit = len(_PNG_MAGIC), 0, -1, b""
     while pos + 12 <= len(data):
         length = int.from_bytes(data[pos : pos + 4], "big")
         end = pos + 12 + length
@@ -340,13 +408,31 @@ def _scan_png(data: bytes) -> int | None:
         if zlib.crc32(body, zlib.crc32(chunk_type)) != int.from_bytes(view[end - 4 : end], "big"):
             raise _Refused("corrupt PNG (bad checksum)")
         if chunk_type == b"IHDR" and len(body) >= 10:
-            color_type = body[9]
-        elif chunk_type == b"sBIT" and body and color_type in (0, 4):
-            sbit = body[0]
+            depth, color_type = body[8], body[9]
+        elif chunk_type == b"sBIT":
+            sbit = bytes(body)
         elif chunk_type == b"IEND":
-            return sbit if sbit and 1 <= sbit <= 16 else None
+            return _PngHeader(depth, color_type, sbit)
         pos = end
     raise _Refused("truncated PNG")
+
+
+def _check_sixteen_bit_colour(image: Image.Image, png: _PngHeader) -> None:
+    """Refuse a 16-bit colour PNG of raw detector values, which would decode nearly black.
+
+    Pillow reads 16-bit RGB, RGBA and grey+alpha PNGs as 8 bits a channel, the high byte of
+    each sample, so the depth rules of 16-bit grey cannot be applied: raw 12-bit values keep
+    only their top 4 bits. Colour files that use the 16-bit range (as the PNG spec asks, sBIT
+    or not) lose nothing that matters and decode as before.
+    """
+    name = _COLOUR_PNG_TYPES.get(png.color_type)
+    if png.depth != 16 or name is None or image.mode not in ("RGB", "RGBA"):
+        return  # not such a file, or a Pillow that reads it whole
+    if max(high for _, high in image.getextrema()[:3]) < 64:  # every sample below 2**14
+        raise _Refused(
+            f"16-bit {name} PNG of raw values below 16384 is not supported: only the high "
+            "byte of each sample can be read; save it as 16-bit grayscale"
+        )
 
 
 def _to_gray(image: Image.Image, sbit: int | None) -> Image.Image:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import urllib.request
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +63,11 @@ def load_npz(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                     images = images[..., 0]
                 out[split] = (np.ascontiguousarray(images, dtype=np.uint8), labels)
             return out
-    except (OSError, ValueError, KeyError) as e:
-        raise PneumoscanError(f"{path}: not a readable MedMNIST file ({e})") from None
+    # A truncated or damaged file (an interrupted copy) fails in the zip reader or in zlib.
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, zlib.error) as e:
+        raise PneumoscanError(
+            f"{path}: not a readable MedMNIST file ({e}); delete it to download it again"
+        ) from None
 
 
 def fetch(size: int) -> Path:

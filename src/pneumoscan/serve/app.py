@@ -17,6 +17,9 @@ with the request itself (not multipart, malformed, no ``file`` field) is a sente
          format the decoder knows nor DICOM (``not an image (...)``)
     422  no ``file`` field, a malformed or incomplete body, an empty file (no content, so no
          type at all), or an image that cannot be decoded (truncated, corrupt, unsupported DICOM)
+    500  the server lacks what the file needs (pydicom, a DICOM codec: the reason says what to
+         install) or the decoder failed in a way it should not (``internal decoder error``)
+    503  the server had not enough memory to decode the image: a retry may succeed
 
 The server reads only the uploaded bytes, never a file a client names. Inference runs in
 FastAPI's thread pool under one lock: the model is shared, and Grad-CAM hooks it while it runs.
@@ -295,6 +298,10 @@ def _status(reason: str) -> int:
         return 413  # a header-declared size beyond MAX_PIXELS, like an oversized upload
     if reason.startswith("not an image"):
         return 415  # content of a type the service does not take
+    if reason.startswith(decode.INTERNAL_ERROR) or "install" in reason:
+        return 500  # the server's fault or its set-up's, not the file's
+    if reason.startswith("not enough memory"):
+        return 503
     return 422  # an empty file (no type at all), or an image that cannot be decoded
 
 
