@@ -47,7 +47,10 @@ def test_each_epoch_line_but_the_last_says_the_time_left(tmp_path, capsys, patie
     assert not lines[2].endswith("left")
 
 
-def test_a_gpu_recipe_on_a_cpu_says_it_takes_hours(tmp_path, capsys):
+def test_a_gpu_recipe_on_a_cpu_says_it_takes_hours(tmp_path, capsys, monkeypatch):
+    from pneumoscan import train
+
+    monkeypatch.setattr(train, "CPU_HOURS_WORK_224", 4)  # as if 4 images were a data set
     rng = np.random.default_rng(0)
     common = dict(model="seed_cnn", epochs=1, batch_size=4, device="cpu", out=str(tmp_path))
     # 224 px and the strong recipe: the note; the same recipe made small: none.
