@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from pneumoscan.cli import main
+from pneumoscan.data.dataset import FILES_FINGERPRINT as FILES
 from pneumoscan.data.dataset import Split
 from pneumoscan.data.synthetic import write_synthetic_dataset
 
@@ -252,7 +253,7 @@ def _checkpointed_run(tmp_path: Path, epochs: int = 2):
     cfg = TrainConfig(model="seed_cnn", image_size=32, epochs=epochs, batch_size=5,
                       device="cpu", early_stop_patience=0, out=str(tmp_path))
     fit(cfg, train, train, tmp_path, class_counts=np.array([6, 6]), progress=False,
-        data_fingerprint="abc")
+        data_fingerprint=FILES + "abc")
     return cfg
 
 
@@ -267,18 +268,21 @@ def test_resume_follows_the_run_folder_and_the_data_not_their_spelling(tmp_path)
     cfg = _checkpointed_run(tmp_path)
     moved = dataclasses.replace(cfg, out="elsewhere/run", data="/somewhere/else")
     # 12 images in batches of 5: 3 steps an epoch (the last one partial).
-    assert load_checkpoint(tmp_path / "checkpoint.pt", moved, "abc", 3)["epoch"] == 2
+    assert load_checkpoint(tmp_path / "checkpoint.pt", moved, FILES + "abc", 3)["epoch"] == 2
     with pytest.raises(PneumoscanError, match="other data"):
-        load_checkpoint(tmp_path / "checkpoint.pt", moved, "xyz", 3)
+        load_checkpoint(tmp_path / "checkpoint.pt", moved, FILES + "xyz", 3)
     # Compiled or CUDA-graphed, the partial batch is left out: 2 steps, and the one-cycle
     # schedule restored from the checkpoint would run past its end.
     with pytest.raises(PneumoscanError, match="2 steps an epoch where the run took 3"):
-        load_checkpoint(tmp_path / "checkpoint.pt", moved, "abc", 2)
+        load_checkpoint(tmp_path / "checkpoint.pt", moved, FILES + "abc", 2)
+    # Under torchrun with two processes each would train another shard.
+    with pytest.raises(PneumoscanError, match="in 2 process.* where the run had 1"):
+        load_checkpoint(tmp_path / "checkpoint.pt", moved, FILES + "abc", 3, processes=2)
 
 
 def test_every_epochs_random_streams_follow_from_seed_epoch_and_rank():
-    """Nothing random is carried between epochs: a resume on any device or rank count draws
-    what an uninterrupted run draws; the shuffle is shared by the ranks, augmentation is not."""
+    """Nothing random is carried between epochs: a resume draws what an uninterrupted run
+    draws; the shuffle is shared by the ranks, augmentation and dropout are not."""
     from pneumoscan.train import seed_epoch
 
     def streams(seed, epoch, rank):

@@ -145,7 +145,9 @@ def test_truncated_image_422(client, image_file):
 
 @pytest.mark.parametrize("reason, status", [
     ("pydicom is not installed: pip install pydicom", 500),
-    ("cannot decode DICOM transfer syntax JPEG 2000: install pylibjpeg-openjpeg or gdcm", 500),
+    ("cannot decode DICOM transfer syntax JPEG 2000 (install pylibjpeg-openjpeg or gdcm)", 500),
+    ("cannot decode DICOM transfer syntax JPEG 2000 (corrupt or unsupported compressed data)",
+     422),
     ("internal decoder error (IndexError: boom)", 500),
     ("not enough memory to decode the image", 503),
     ("corrupt or unsupported compressed data", 422),

@@ -207,7 +207,7 @@ def _data_from_eda(section: Section, eda_dir: Path) -> Section:
 
 def _data_from_source(section: Section, spec: str, meta: dict, config: dict) -> Section:
     from pneumoscan import plots
-    from pneumoscan.data.dataset import load_data
+    from pneumoscan.data.dataset import load_data, same_kind_of_fingerprint
 
     image_size = int(config.get("image_size") or meta["image_size"])
     data = load_data(
@@ -223,7 +223,8 @@ def _data_from_source(section: Section, spec: str, meta: dict, config: dict) -> 
     section.add(_counts_table(counts))
     for note in data.notes:
         section.note(note)
-    if meta.get("data_fingerprint") and data.fingerprint != meta["data_fingerprint"]:
+    if same_kind_of_fingerprint(meta.get("data_fingerprint"), data.fingerprint) and (
+            data.fingerprint != meta["data_fingerprint"]):
         section.add('<p class="warning">These images are not the ones the model was trained on: '
                     "files were added, removed or changed since. The figures further down come "
                     "from the predictions saved at training time.</p>")
@@ -341,7 +342,7 @@ def figures_section(run_dir: Path, meta: dict) -> Section:
         + (f" ({rule})" if rule else "")
         + f", chosen on {THRESHOLD_CHOSEN_ON.get(kind, 'validation data')}; the test split "
         "was never used to select anything. "
-        "Intervals: stratified bootstrap, 95%."
+        "Intervals: 95%, a bootstrap over patients."
     )
     if "test" not in columns:
         section.note("This run has no test split figures (test_metrics.json).")

@@ -30,7 +30,7 @@ from pneumoscan.config import (
     check_pretrained,
     describe_lr,
 )
-from pneumoscan.data.dataset import Split
+from pneumoscan.data.dataset import Split, same_kind_of_fingerprint
 from pneumoscan.distributed import DistInfo, all_reduce_sum, broadcast_object
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.fileio import atomic_write, atomic_write_text
@@ -346,7 +346,8 @@ def fit(
         if not (run_dir / CHECKPOINT).exists():
             print(f"--resume: no {CHECKPOINT} in {run_dir}; starting from epoch 1")
     if resume and (run_dir / CHECKPOINT).exists():
-        state = load_checkpoint(run_dir / CHECKPOINT, cfg, data_fingerprint, steps_per_epoch)
+        state = load_checkpoint(run_dir / CHECKPOINT, cfg, data_fingerprint, steps_per_epoch,
+                                dist_info.world_size)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
@@ -468,6 +469,7 @@ def fit(
                 save_checkpoint(
                     run_dir / CHECKPOINT, cfg, epoch, model, optimizer, scheduler, stopper,
                     best_state, history, data_fingerprint, steps_per_epoch,
+                    dist_info.world_size,
                 )
                 last_checkpoint = time.monotonic()
             write_metrics(run_dir, history)
@@ -491,6 +493,13 @@ def fit(
         release_cuda_graphs(model)
     if cfg.restore_best and best_state is not None:
         model.load_state_dict(best_state)
+    # The epoch's loss can still be finite when the last step alone diverged.
+    if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
+               if t.is_floating_point()):
+        raise PneumoscanError(
+            f"training diverged (the weights are not numbers after epoch {len(history)}); lower "
+            f"--lr (now {cfg.lr:g}) and train again into a new --out"
+        )
         if progress and dist_info.is_main and stopper.best_epoch != len(history):
             print(f"the model keeps the weights of epoch {stopper.best_epoch}, the lowest "
                   "validation loss")
@@ -541,7 +550,9 @@ def seed_epoch(seed: int, epoch: int, rank: int, shuffle_gen: torch.Generator,
 
     The shuffle is the same on every rank, so the ranks' shards are disjoint; augmentation and
     dropout differ between ranks. Nothing random carries over from one epoch to the next, so a
-    run resumed after any epoch, on any device, draws exactly what an uninterrupted one draws.
+    run resumed after any epoch, on the same kind of device and number of processes, draws
+    exactly what an uninterrupted one draws (a GPU's generators give other streams than a
+    CPU's for the same seed).
     """
     shuffle_gen.manual_seed(stream_seed(seed, epoch, 0))
     augment_gen.manual_seed(stream_seed(seed, epoch, 1, rank))
@@ -555,7 +566,7 @@ def stream_seed(seed: int, *key: int) -> int:
 
 def save_checkpoint(
     path, cfg, epoch, model, optimizer, scheduler, stopper, best_state, history,
-    data_fingerprint, steps_per_epoch,
+    data_fingerprint, steps_per_epoch, processes,
 ) -> None:
     """Everything needed to continue exactly where this epoch ended, written atomically."""
     state = {
@@ -568,6 +579,7 @@ def save_checkpoint(
         "history": json.dumps(history),
         "data_fingerprint": data_fingerprint,
         "steps_per_epoch": steps_per_epoch,
+        "processes": processes,
     }
     if best_state is not None:
         state["best_model"] = best_state
@@ -582,11 +594,12 @@ _FREE_ON_RESUME = ("out", "data", "device", "compile", "cuda_graphs", "low_memor
 
 
 def load_checkpoint(path: Path, cfg: TrainConfig, data_fingerprint: str = "",
-                    steps_per_epoch: int | None = None) -> dict:
+                    steps_per_epoch: int | None = None, processes: int = 1) -> dict:
     """Resume state, loaded with weights_only=True so a planted pickle cannot run code.
 
-    Refused when the run would go on differently: other settings, other data, or another number
-    of steps an epoch (compiled and graphed runs leave out the last partial batch).
+    Refused when the run would go on differently: other settings, other data, another number
+    of processes (each trains its own shard), or another number of steps an epoch (compiled
+    and graphed runs leave out the last partial batch).
     """
     import pickle
 
@@ -624,11 +637,17 @@ def load_checkpoint(path: Path, cfg: TrainConfig, data_fingerprint: str = "",
             f"{path}: --resume with different settings ({', '.join(changed)}); "
             "resume with the run's own config or start a new --out"
         )
-    if state.get("data_fingerprint") and data_fingerprint and (
+    if same_kind_of_fingerprint(state.get("data_fingerprint"), data_fingerprint) and (
             state["data_fingerprint"] != data_fingerprint):
         raise PneumoscanError(
             f"{path}: --resume on other data than the run started with (the images differ); "
             "resume with its own --data or start a new --out"
+        )
+    saved_processes = state.get("processes", 1)
+    if saved_processes != processes:
+        raise PneumoscanError(
+            f"{path}: --resume in {processes} process(es) where the run had {saved_processes}; "
+            "resume with the torchrun --nproc_per_node (and --nnodes) it started with"
         )
     saved_steps = state.get("steps_per_epoch")
     if steps_per_epoch is not None and saved_steps is not None and saved_steps != steps_per_epoch:

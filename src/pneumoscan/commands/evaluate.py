@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
               "optimistic", file=sys.stderr)
     prob = predictor.predict_proba(data.split.images)
     _require_finite(prob, args.run)
-    metrics = evaluate_predictions(data.split.labels, prob, threshold)
+    metrics = evaluate_predictions(data.split.labels, prob, threshold,
+                                   groups=data.split.patients)
     print(f"{args.run} on {data.description}:")
     print(format_table(metrics))
     if args.json:

@@ -205,10 +205,14 @@ def _load_folder(
     return splits, decoded.errors, files_fingerprint(root, everything)
 
 
+FILES_FINGERPRINT = "files-1:"  # names what a fingerprint is of: runs made earlier hold others
+
+
 def files_fingerprint(root: Path, samples: list[Sample]) -> str:
     """The data's identity, recorded with each run: every file's path under ``root`` and its
     size. A moved, copied or re-permissioned folder keeps it, and so does a new decoder; a file
-    added, removed or rewritten changes it. (The decode cache keys on far more: decode.py.)"""
+    added, removed or resized changes it (one rewritten at its very size does not: checking
+    contents would mean reading every file). The decode cache keys on far more (cache.py)."""
     h = hashlib.sha256()
     for sample in sorted(samples, key=lambda s: os.fsencode(s.path)):
         try:
@@ -216,7 +220,12 @@ def files_fingerprint(root: Path, samples: list[Sample]) -> str:
         except OSError:
             size = -1
         h.update(os.fsencode(os.path.relpath(sample.path, root)) + f"\0{size}\n".encode())
-    return h.hexdigest()[:24]
+    return FILES_FINGERPRINT + h.hexdigest()[:24]
+
+
+def same_kind_of_fingerprint(a: object, b: object) -> bool:
+    """Whether two data fingerprints can be compared: both of files, made the same way."""
+    return all(isinstance(x, str) and x.startswith(FILES_FINGERPRINT) for x in (a, b))
 
 
 def _load_medmnist(spec: str, image_size: int) -> tuple[dict[str, Split], str, str]:

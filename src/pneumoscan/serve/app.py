@@ -298,7 +298,8 @@ def _status(reason: str) -> int:
         return 413  # a header-declared size beyond MAX_PIXELS, like an oversized upload
     if reason.startswith("not an image"):
         return 415  # content of a type the service does not take
-    if reason.startswith(decode.INTERNAL_ERROR) or "install" in reason:
+    if reason.startswith((decode.INTERNAL_ERROR, "pydicom is not installed")) or (
+            reason.startswith("cannot decode DICOM transfer syntax") and "install " in reason):
         return 500  # the server's fault or its set-up's, not the file's
     if reason.startswith("not enough memory"):
         return 503
