@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,8 @@ def main() -> None:
     train_idx, test_idx = patient_split(labels, [s.patient for s in samples], args.fraction,
                                         args.seed)
     out = Path(args.out)
+    if out.exists() and any(out.iterdir()):  # links of another split would mix with these
+        sys.exit(f"holdout: {out} is not empty; delete it or give another --out")
     for split, idx in (("train", train_idx), ("test", test_idx)):
         for i in idx:
             s = samples[i]

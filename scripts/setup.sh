@@ -8,6 +8,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python=${PYTHON:-python3}
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "setup: $python is not Python 3.11 or newer, which requirements.lock needs (numpy, scipy);" \
+       "set PYTHON=/path/to/python3.11" >&2
+  exit 2
+fi
+if [ -d .venv ] && [ ! -L .venv ]; then
+  echo "setup: .venv is a folder of its own, not this script's link; move it away first" >&2
+  exit 2
+fi
 key=$(cat requirements.lock | sha256sum | cut -c1-16)
 root=${PNEUMOSCAN_VENVS:-${XDG_CACHE_HOME:-$HOME/.cache}/pneumoscan/venvs}
 venv="$root/$key"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,10 @@ import pytest
 from PIL import Image
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray_224"
+# Processes the tests start (python -m pneumoscan, torchrun) import this checkout's src/ too,
+# not the shared environment's editable install, which may point at another clone.
+SRC = Path(__file__).resolve().parents[1] / "src"
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(autouse=True)

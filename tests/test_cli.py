@@ -173,8 +173,9 @@ def _exit_status_and_err(argv, capsys):
 @pytest.mark.parametrize(
     "option, value, message",
     [
-        ("--image-size", "0", "--image-size: expected a whole number of at least 8, got '0'"),
-        ("--image-size", "-5", "--image-size: expected a whole number of at least 8"),
+        ("--image-size", "0", "--image-size: expected a whole number from 8 to 2048, got '0'"),
+        ("--image-size", "-5", "--image-size: expected a whole number from 8 to 2048"),
+        ("--image-size", "100000", "--image-size: expected a whole number from 8 to 2048"),
         ("--batch-size", "1", "--batch-size: expected a whole number of at least 2, got '1'"),
         ("--epochs", "0", "--epochs: expected a whole number of at least 1, got '0'"),
         ("--epochs", "two", "--epochs: expected a whole number of at least 1, got 'two'"),
@@ -191,6 +192,15 @@ def test_out_of_range_training_options_exit_2_in_one_line(command, option, value
     status, err = _exit_status_and_err(argv, capsys)
     assert status == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-4", "100000"])
+def test_eda_image_size_out_of_range_is_one_line(value, capsys, tmp_path):
+    # Before: "size must be positive" or numpy's "negative dimensions" as tracebacks.
+    argv = ["eda", "--data", "/nonexistent", "--out", str(tmp_path / "eda"), "--image-size", value]
+    status, err = _exit_status_and_err(argv, capsys)
+    assert status == 2 and "--image-size: expected a whole number from 8 to 2048" in err
+    assert "Traceback" not in err and not (tmp_path / "eda").exists()
 
 
 @pytest.mark.parametrize(

@@ -269,3 +269,44 @@ def test_explain_cli_writes_overlays_and_names_bad_files(blob_run, tmp_path, cap
                    "--device", "cpu"])
     assert status == 0
     assert main(["explain", str(tmp_path), str(bad), "--out", str(out)]) == 2  # not a run
+
+
+@pytest.mark.parametrize("architecture, size", [("vit_tiny_patch16_224", 224),
+                                                ("swin_tiny_patch4_window7_224", 224)])
+def test_models_without_a_channels_first_map_are_refused_not_misdrawn(architecture, size,
+                                                                       tmp_path, capsys):
+    """A ViT's layer gives tokens (N, L, C) and a Swin's a channels-last map (N, H, W, C):
+    Grad-CAM crashed on the first and drew noise for the second. Now explain and predict --cam
+    refuse in one line, and gradcam_problem says why (serve then answers without a heat map)."""
+    from pneumoscan.errors import PneumoscanError
+    from pneumoscan.explain import gradcam_problem
+    from pneumoscan.model_io import save_model
+
+    model = create_model(architecture, in_chans=1, image_size=size).eval()
+    meta = {"architecture": architecture, "image_size": size, "in_chans": 1,
+            "intensity": {"mean": 0.5, "std": 0.25}, "threshold": 0.5, "temperature": 1.0,
+            "class_names": ["NORMAL", "PNEUMONIA"]}
+    predictor = Predictor(tmp_path, meta, model, torch.device("cpu"))
+    problem = gradcam_problem(predictor)
+    assert problem.startswith(f"Grad-CAM is not available for {architecture}"), problem
+    images = np.zeros((1, size, size), dtype=np.uint8)
+    with pytest.raises(PneumoscanError, match="not a \\(channels, height, width\\) map"):
+        gradcam(predictor, images)
+    assert _hooks(model) == 0
+
+    save_model(tmp_path / "run", model, meta)
+    image = _write_png(tmp_path / "x.png", np.full((size, size), 128, np.uint8))
+    assert main(["predict", str(tmp_path / "run"), str(image), "--cam", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--cam: Grad-CAM is not available" in err, err
+
+
+def test_convolutional_models_have_no_gradcam_problem(blob_predictor, tmp_path):
+    from pneumoscan.explain import gradcam_problem
+
+    assert gradcam_problem(blob_predictor) == ""
+    assert gradcam_problem(_seed_cnn_predictor(tmp_path)) == ""
+    resnet = create_model("resnet10t", in_chans=1, image_size=64).eval()
+    meta = {"architecture": "resnet10t", "image_size": 64, "in_chans": 1,
+            "intensity": {"mean": 0.5, "std": 0.25}, "threshold": 0.5, "temperature": 1.0}
+    assert gradcam_problem(Predictor(tmp_path, meta, resnet, torch.device("cpu"))) == ""

@@ -154,3 +154,33 @@ def test_a_folder_with_epochs_but_no_checkpoint_is_not_offered_resume(synthetic_
     assert _train(synthetic_data, tmp_path / "run") == 2
     err = _one_line(capsys)
     assert "already holds a run (metrics.jsonl)" in err and "--resume" not in err
+
+
+def test_resume_without_a_checkpoint_leaves_a_finished_run_alone(trained_run, synthetic_data,
+                                                                 tmp_path, capsys):
+    """A cv output, or a run whose checkpoint is gone, has nothing to resume: --resume must not
+    train a new run into it (it used to, turning a cv ensemble into a mixed folder)."""
+    out = shutil.copytree(trained_run, tmp_path / "run")
+    (out / "checkpoint.pt").unlink()
+    before = _snapshot(out)
+    assert _train(synthetic_data, out, "--resume") == 2
+    assert "no checkpoint.pt to resume from" in _one_line(capsys)
+    assert _snapshot(out) == before
+
+
+def test_runs_started_together_without_out_take_different_folders(tmp_path):
+    from pneumoscan.run_folder import new_run_folder
+
+    made = [new_run_folder(tmp_path / "runs") for _ in range(3)]
+    assert [p.name for p in made] == ["run-1", "run-2", "run-3"]
+    assert all(p.is_dir() for p in made)  # claimed at once: a second run cannot take it
+
+
+def test_a_refused_run_without_out_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", str(tmp_path / "missing"), "--quiet"]) == 2
+    assert "missing" in _one_line(capsys)
+    assert not (tmp_path / "runs" / "run-1").exists()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun the processes need one --out
+    assert main(["train", "--data", str(tmp_path / "missing"), "--quiet"]) == 2
+    assert "under torchrun, give --out" in _one_line(capsys)

@@ -3,7 +3,13 @@
 The map is computed by captum's ``LayerGradCam`` on the layer each model names as its
 ``gradcam_layer``. captum registers its hooks for one call and removes them itself, so a model
 is left exactly as it was; the tests check that. Everything else here is the few lines that turn
-the layer attribution into a picture: upsample to the image size, ReLU, scale to [0, 1].
+the layer attribution into a picture: ReLU (as Grad-CAM defines it, on the layer's own grid),
+upsample to the image size, scale to [0, 1].
+
+Grad-CAM needs a layer that gives a (channels, height, width) map. Some timm families give
+tokens (ViT, DeiT, Mixer) or channels-last maps (Swin): for those ``gradcam_problem`` says why
+not, so that ``explain`` and ``predict --cam`` refuse in one line and ``serve`` answers without
+a heat map, instead of crashing or drawing a meaningless one.
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ def gradcam(predictor, images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 (N, H, W), got {images.dtype} {images.shape}")
+    problem = gradcam_problem(predictor)
+    if problem:
+        raise PneumoscanError(problem)
     members = getattr(predictor, "members", None)
     if members is not None:
         maps = np.stack([gradcam(member, images) for member in members])
@@ -72,14 +81,62 @@ def _gradcam_batch(predictor, images: np.ndarray, size: tuple[int, int]) -> np.n
             x = predictor.model_input(torch.from_numpy(np.ascontiguousarray(images)))
             x = x.float().contiguous().requires_grad_(True)
             cam = LayerGradCam(model, gradcam_module(model))
-            attr = cam.attribute(x, target=TARGET_CLASS)  # (N, 1, h, w) at the layer's size
+            # (N, 1, h, w) at the layer's size, ReLU'd there: regions of negative evidence
+            # must not bleed into their positive neighbours when upsampled.
+            attr = cam.attribute(x, target=TARGET_CLASS, relu_attributions=True)
             attr = LayerAttribution.interpolate(attr.detach(), size, interpolate_mode="bilinear")
     finally:
         model.train(was_training)
-    maps = torch.relu(attr[:, 0].float())
+    maps = torch.relu(attr[:, 0].float())  # bilinear interpolation of non-negatives: a no-op
     peak = maps.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
     maps = torch.where(peak > 1e-12, maps / peak, torch.zeros_like(maps))
     return maps.clamp_(0.0, 1.0).cpu().numpy().astype(np.float32)
+
+
+def gradcam_problem(predictor) -> str:
+    """Why Grad-CAM cannot explain this predictor's model ("" when it can).
+
+    Found once per model by one forward pass of a blank image with a hook on the Grad-CAM
+    layer: its output must be (N, C, h, w) with a square grid, as square inputs give.
+    """
+    members = getattr(predictor, "members", None)
+    if members is not None:
+        return next((p for p in map(gradcam_problem, members) if p), "")
+    model: nn.Module = predictor.model
+    cached = getattr(model, "_pneumoscan_gradcam_problem", None)
+    if cached is None:
+        cached = _probe_gradcam_layer(predictor)
+        model._pneumoscan_gradcam_problem = cached
+    return cached
+
+
+def _probe_gradcam_layer(predictor) -> str:
+    from pneumoscan.models import gradcam_module
+
+    model: nn.Module = predictor.model
+    name = getattr(predictor, "name", type(model).__name__)
+    try:
+        layer = gradcam_module(model)
+    except (AttributeError, KeyError) as e:
+        return f"Grad-CAM is not available for {name}: no layer {e} to look at"
+    seen: list = []
+    hook = layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    was_training = model.training
+    model.eval()
+    try:
+        size = predictor.image_size
+        with torch.no_grad():
+            model(predictor.model_input(torch.zeros((1, size, size), dtype=torch.uint8)).float())
+    finally:
+        hook.remove()
+        model.train(was_training)
+    out = seen[0] if seen else None
+    if isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[2] == out.shape[3] and (
+            out.shape[1] != out.shape[2]):
+        return ""
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    return (f"Grad-CAM is not available for {name}: its layer {model.gradcam_layer} gives "
+            f"{shape}, not a (channels, height, width) map (token or channels-last models)")
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = DEFAULT_ALPHA) -> np.ndarray:

@@ -23,11 +23,19 @@ SUB_RUNS = ("seed-*", "fold-*")  # the per-seed runs of train --seeds, the folds
 
 
 def new_run_folder(parent: Path = Path("runs")) -> Path:
-    """The first runs/run-N that does not exist yet: the folder of a run given no --out."""
+    """The first runs/run-N that did not exist, made now: the folder of a run given no --out.
+
+    Made here rather than once the data has loaded, so that two runs started together cannot
+    both take it (``mkdir`` fails for the second).
+    """
+    parent.mkdir(parents=True, exist_ok=True)
     n = 1
-    while (parent / f"run-{n}").exists():
-        n += 1
-    return parent / f"run-{n}"
+    while True:
+        try:
+            (parent / f"run-{n}").mkdir()
+            return parent / f"run-{n}"
+        except FileExistsError:
+            n += 1
 
 
 def earlier_run_file(out: Path) -> Path | None:
@@ -42,6 +50,11 @@ def earlier_run_file(out: Path) -> Path | None:
     return None
 
 
+def _has_checkpoint(out: Path) -> bool:
+    """A resume state in ``out`` or in its seed-N folders (train --seeds)."""
+    return (out / CHECKPOINT).is_file() or any(out.glob(f"seed-*/{CHECKPOINT}"))
+
+
 def check_out_folder(out: str | Path, *, resume: bool | None = None) -> None:
     """Refuse, in one line, an output folder that cannot take a new run.
 
@@ -51,7 +64,14 @@ def check_out_folder(out: str | Path, *, resume: bool | None = None) -> None:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PneumoscanError(f"--out {out}: exists and is not a folder")
-    if not resume and (found := earlier_run_file(out)):
+    found = earlier_run_file(out)
+    if resume and found and not _has_checkpoint(out):
+        raise PneumoscanError(
+            f"--out {out}: holds a run ({found.relative_to(out)}) but no {CHECKPOINT} to resume "
+            "from (a cv or stack output, or a run whose checkpoint was deleted); choose another "
+            "--out"
+        )
+    if not resume and found:
         resumable = resume is False and (found.parent / CHECKPOINT).is_file()
         hint = "continue it with --resume, " if resumable else ""
         raise PneumoscanError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +52,10 @@ def load_split_predictions(run_dir: str | Path, split: str) -> SplitPredictions 
             prob = np.asarray(z["prob"], dtype=np.float64)
             logits = np.asarray(z["logits"], dtype=np.float64) if "logits" in z.files else None
             paths = [str(p) for p in z["paths"]] if "paths" in z.files else []
-    except (OSError, ValueError, KeyError) as e:
-        print(f"warning: {path}: unreadable predictions ({e})", file=sys.stderr)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        # A truncated or empty .npz raises the zip module's errors, not OSError.
+        print(f"warning: {path}: unreadable predictions ({e or type(e).__name__})",
+              file=sys.stderr)
         return None
     if len(prob) != len(labels) or (logits is not None and logits.shape != (len(labels), 2)):
         print(f"warning: {path}: inconsistent predictions, ignored", file=sys.stderr)

@@ -5,17 +5,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pneumoscan.commands.train_options import int_at_least
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="folder for the data, run and figures")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int_at_least(1), default=8)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
 def run(args: argparse.Namespace) -> int:
     from pneumoscan.cli import COMMANDS, main
     from pneumoscan.data.synthetic import SYNTHETIC_NOTE, write_synthetic_dataset
+    from pneumoscan.train import resolve_device
 
+    resolve_device(args.device)  # "--device cuda" without a GPU: refused before anything changes
     out = Path(args.out)
     data = out / "data"
     if not (data / "SYNTHETIC.txt").exists():

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pneumoscan.commands.train_options import IMAGE_SIZE
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="pneumoniamnist", help="folder or pneumoniamnist[:SIZE]")
     p.add_argument("--out", required=True, help="folder for the PNGs, eda.json and eda.txt")
-    p.add_argument("--image-size", type=int, default=224, help="decoding size for the statistics")
+    p.add_argument("--image-size", type=IMAGE_SIZE, default=224,
+                   help="decoding size for the statistics")
     p.add_argument("--quiet", action="store_true")
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from pneumoscan.commands.train_options import int_at_least
+from pneumoscan.commands.train_options import IMAGE_SIZE, int_at_least
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image-size", type=int_at_least(8), default=224)
+    p.add_argument("--image-size", type=IMAGE_SIZE, default=224)
     p.add_argument(
         "--in-chans",
         type=int_at_least(1),

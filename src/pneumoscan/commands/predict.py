@@ -46,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
     if args.cam:
         _require_gradcam()
     predictor = load_predictor(args.run, resolve_device(args.device))
+    if args.cam:
+        from pneumoscan.explain import gradcam_problem
+
+        if problem := gradcam_problem(predictor):
+            raise PneumoscanError(f"--cam: {problem}")
     inputs = expand_paths(args.paths)
     if not inputs.files and not inputs.missing:
         raise PneumoscanError(f"no image files found in {' '.join(args.paths)}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -26,18 +25,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pneumoscan.config import check_batch_per_process
-    from pneumoscan.distributed import env_world_size, process_group
-    from pneumoscan.pipeline import train_run
-    from pneumoscan.run_folder import check_out_folder, new_run_folder
-    from pneumoscan.train import resolve_device
+    from pneumoscan.distributed import env_world_size
+    from pneumoscan.run_folder import new_run_folder
 
     if args.out is None:  # each run its own folder: none is written over
         if args.resume:
             raise PneumoscanError("--resume: give --out, the folder of the run to continue")
-        args.out = str(new_run_folder())
-        if os.environ.get("RANK", "0") == "0":  # under torchrun the other processes write nothing
-            print(f"run directory: {args.out} (--out chooses another)")
+        if env_world_size() > 1:  # the processes could not agree on a new folder's name
+            raise PneumoscanError("under torchrun, give --out: the run's folder")
+        made = new_run_folder()
+        print(f"run directory: {made} (--out chooses another)")
+        args.out = str(made)
+        try:
+            return _train(args)
+        except BaseException:
+            if not any(made.iterdir()):  # refused before it wrote anything: leave no folder
+                made.rmdir()
+            raise
+    return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pneumoscan.config import check_batch_per_process
+    from pneumoscan.distributed import env_world_size, process_group
+    from pneumoscan.pipeline import train_run
+    from pneumoscan.run_folder import check_out_folder
+    from pneumoscan.train import resolve_device
+
     cfg = config_from_args(args)
     check_out_folder(cfg.out, resume=args.resume)
     # Under torchrun the batch is split across the processes: each needs two images or more.

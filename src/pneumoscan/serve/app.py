@@ -249,13 +249,19 @@ class _Service:
         self.predictor = predictor
         self.lock = threading.Lock()
         self.decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
-        # Grad-CAM needs captum, an optional dependency: without it predictions still work,
-        # and answers carry "gradcam_png": null.
+        # Grad-CAM needs captum, an optional dependency, and a model whose layer gives a map
+        # (not a ViT's tokens): without them predictions still work, and answers carry
+        # "gradcam_png": null.
         self.explain = None
         if importlib.util.find_spec("captum") is not None:
             from pneumoscan import explain
 
-            self.explain = explain
+            problem = explain.gradcam_problem(predictor)
+            if problem:
+                logging.getLogger("pneumoscan.serve").warning("%s: answers carry no heat map",
+                                                              problem)
+            else:
+                self.explain = explain
 
     def _gradcam(self, image: np.ndarray) -> np.ndarray | None:
         if self.explain is None:
