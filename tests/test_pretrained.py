@@ -53,3 +53,23 @@ def test_seed_cnn_refuses_pretrained(tmp_path, synthetic_data, capsys):
                    "--model", "seed_cnn", "--pretrained", "x.pth", "--quiet"])
     assert status == 2
     assert "timm backbones" in capsys.readouterr().err
+
+
+def test_a_run_started_from_pretrained_weights_resumes_without_them(tmp_path, synthetic_data,
+                                                                    capsys):
+    """The checkpoint holds the weights: a resume needs neither the file (deleted since) nor the
+    network, and may leave --pretrained out."""
+    from safetensors.torch import save_file
+
+    from pneumoscan.cli import main
+
+    source = timm.create_model("resnet10t", pretrained=False)
+    weights = tmp_path / "resnet10t.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(weights))
+    run = tmp_path / "run"
+    common = ["train", "--data", str(synthetic_data), "--out", str(run), "--recipe", "quick",
+              "--image-size", "32", "--epochs", "1", "--quiet"]
+    assert main([*common, "--pretrained", str(weights)]) == 0
+    weights.unlink()
+    for extra in ([], ["--pretrained", str(weights)]):
+        assert main([*common, "--resume", *extra]) == 0, capsys.readouterr().err

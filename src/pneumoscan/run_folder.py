@@ -50,7 +50,7 @@ def earlier_run_file(out: Path) -> Path | None:
     return None
 
 
-def _has_checkpoint(out: Path) -> bool:
+def has_checkpoint(out: Path) -> bool:
     """A resume state in ``out`` or in its seed-N folders (train --seeds)."""
     return (out / CHECKPOINT).is_file() or any(out.glob(f"seed-*/{CHECKPOINT}"))
 
@@ -65,7 +65,7 @@ def check_out_folder(out: str | Path, *, resume: bool | None = None) -> None:
     if out.exists() and not out.is_dir():
         raise PneumoscanError(f"--out {out}: exists and is not a folder")
     found = earlier_run_file(out)
-    if resume and found and not _has_checkpoint(out):
+    if resume and found and not has_checkpoint(out):
         raise PneumoscanError(
             f"--out {out}: holds a run ({found.relative_to(out)}) but no {CHECKPOINT} to resume "
             "from (a cv or stack output, or a run whose checkpoint was deleted); choose another "

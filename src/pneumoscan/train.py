@@ -8,6 +8,7 @@ and optimizer, the step, evaluation, early stopping and checkpoint, log.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -314,7 +315,10 @@ def fit(
     val_images = torch.from_numpy(np.ascontiguousarray(val.images))
     val_labels = torch.from_numpy(val.labels)
 
-    model = build_model(cfg).to(device)  # same initial weights on every rank
+    # Same initial weights on every rank; a resumed run's come from its checkpoint, so the
+    # pretrained ones (a file that may be gone, a download) are not needed.
+    resuming = resume and (run_dir / CHECKPOINT).exists()
+    model = build_model(dataclasses.replace(cfg, pretrained="") if resuming else cfg).to(device)
     # channels_last is the layout of GPU tensor cores and of oneDNN's CPU kernels: 1.1 to 1.9
     # times faster on a CPU than the default layout for these models (the larger the image).
     model = model.to(memory_format=torch.channels_last)
@@ -590,7 +594,8 @@ _CHECKPOINT_KEYS = ("config", "epoch", "model", "optimizer", "scheduler", "early
                     "history")
 # Settings a run may resume with changed: where it runs and how fast, not what it computes.
 # The data are compared by their fingerprint, so a moved folder or another spelling resumes.
-_FREE_ON_RESUME = ("out", "data", "device", "compile", "cuda_graphs", "low_memory")
+# --pretrained only decides the weights before epoch 1: a resume takes them from the checkpoint.
+_FREE_ON_RESUME = ("out", "data", "device", "compile", "cuda_graphs", "low_memory", "pretrained")
 
 
 def load_checkpoint(path: Path, cfg: TrainConfig, data_fingerprint: str = "",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 from pneumoscan.config import (
     AUGMENTATIONS,
@@ -14,6 +15,7 @@ from pneumoscan.config import (
     check_pretrained,
 )
 from pneumoscan.errors import PneumoscanError
+from pneumoscan.run_folder import has_checkpoint
 from pneumoscan.threshold_rules import parse_threshold_rule
 
 
@@ -158,6 +160,9 @@ def config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
     # Before any image is decoded: what cannot train fails at once.
     if cfg.cuda_graphs and (device_type != "cuda" or env_world_size() > 1):
         raise PneumoscanError(CUDA_GRAPHS_REFUSED)
-    check_pretrained(cfg.model, cfg.pretrained, source=True)
+    # A run resumed from its checkpoint takes its weights from there, not from --pretrained.
+    resuming = getattr(args, "resume", False) and args.out is not None and has_checkpoint(
+        Path(args.out))
+    check_pretrained(cfg.model, cfg.pretrained, source=not resuming)
     check_input_size(cfg.model, in_chans=cfg.in_chans, image_size=cfg.image_size)
     return cfg
