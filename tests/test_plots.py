@@ -127,3 +127,28 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         plots.score_histograms(y, prob, 0.5, tmp_path / "h.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_ensembles_reliability_diagram_has_one_curve_not_two_alike(monkeypatch, tmp_path):
+    """An ensemble's (or stack's) saved logits are its calibrated log-odds: "before" and "after"
+    scaling would be the same curve, the second hiding the first."""
+    from pneumoscan import run_plots
+
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 2
+    prob = rng.uniform(0.05, 0.95, 40)
+    z = np.log(prob / (1 - prob))
+    seen = {}
+    monkeypatch.setattr(plots, "reliability_diagram",
+                        lambda y, before, after, p: seen.update(after=after))
+
+    def draw(name, make):
+        if name.startswith("reliability"):
+            make(tmp_path / name)
+
+    calibrated = np.stack([np.zeros_like(z), z], axis=1)
+    run_plots._draw_split(draw, "test", run_plots.SplitPredictions(y, prob, calibrated, []), 0.5)
+    assert seen["after"] is None
+    sharper = np.stack([np.zeros_like(z), 2 * z], axis=1)  # a single model, temperature 2
+    run_plots._draw_split(draw, "test", run_plots.SplitPredictions(y, prob, sharper, []), 0.5)
+    assert seen["after"] is prob

@@ -204,7 +204,8 @@ def reliability_diagram(
     fig = Figure(figsize=SINGLE)
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfect")
-    _reliability_line(ax, y, before, n_bins, "before scaling", COLORS["train"])
+    first = "before scaling" if prob_after is not None else "model output"
+    _reliability_line(ax, y, before, n_bins, first, COLORS["train"])
     if prob_after is not None:
         _, after = validate_predictions(y, prob_after)
         _reliability_line(ax, y, after, n_bins, "after scaling", COLORS["val"])
