@@ -358,7 +358,8 @@ def test_learns_the_real_signal(tmp_path):
 
 
 def test_evaluate_warns_when_the_data_is_the_run_own_training_data(synthetic_data, tmp_path,
-                                                                     capsys, monkeypatch):
+                                                                     capsys, monkeypatch,
+                                                                     trained_run):
     import shutil
 
     data = Path(shutil.copytree(synthetic_data / "train", tmp_path / "xrays"))  # no test/
@@ -370,13 +371,20 @@ def test_evaluate_warns_when_the_data_is_the_run_own_training_data(synthetic_dat
     monkeypatch.chdir(tmp_path)
     assert main(["evaluate", str(run), "--data", "xrays", "--quiet"]) == 0
     err = capsys.readouterr().err
-    assert "is the very data" in err and "optimistic" in err
+    assert "holds the images" in err and "optimistic" in err
     # Other data, or a source whose test/ split is what gets evaluated: no warning.
     other = shutil.copytree(data, tmp_path / "other")
     assert main(["evaluate", str(run), "--data", str(other), "--quiet"]) == 0
-    assert "very data" not in capsys.readouterr().err
+    assert "holds the images" not in capsys.readouterr().err
     assert main(["evaluate", str(run), "--data", str(synthetic_data), "--quiet"]) == 0
-    assert "very data" not in capsys.readouterr().err
+    assert "holds the images" not in capsys.readouterr().err
+    # A run trained on DATA (train/ and test/): DATA/train is its training data, DATA/test not.
+    assert main(["evaluate", str(trained_run), "--data", str(synthetic_data / "train"),
+                 "--quiet"]) == 0
+    assert "holds the images" in capsys.readouterr().err
+    assert main(["evaluate", str(trained_run), "--data", str(synthetic_data / "test"),
+                 "--quiet"]) == 0
+    assert "holds the images" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, unbuffered", [

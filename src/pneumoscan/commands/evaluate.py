@@ -43,10 +43,9 @@ def run(args: argparse.Namespace) -> int:
             )
         threshold = float(args.threshold.split(":", 1)[1])
     data = load_eval_split(args.data, predictor.image_size, progress=not args.quiet)
-    if not data.held_out and _same_source(args.data, predictor.meta.get("data_source")):
-        print(f"warning: {args.data} is the very data {args.run} was trained on and has no "
-              "test/ folder: these figures include its training and validation images and are "
-              "optimistic", file=sys.stderr)
+    if _trained_on(args.data, data.held_out, predictor.meta.get("data_source")):
+        print(f"warning: {args.data} holds the images {args.run} was trained and validated on: "
+              "these figures are optimistic", file=sys.stderr)
     prob = predictor.predict_proba(data.split.images)
     _require_finite(prob, args.run)
     metrics = evaluate_predictions(data.split.labels, prob, threshold,
@@ -73,10 +72,15 @@ def _require_finite(prob, run: str) -> None:
         )
 
 
-def _same_source(spec: str, trained_on: object) -> bool:
-    """Whether the folder ``spec`` is the one a run recorded as its training data."""
+def _trained_on(spec: str, held_out: bool, trained_on: object) -> bool:
+    """Whether evaluating ``spec`` means scoring the run's own training images: its training
+    folder when that has no test/ (then every image is evaluated), or its train/ or val/."""
     from pathlib import Path
 
     if not isinstance(trained_on, str) or spec.lower().startswith("pneumoniamnist"):
         return False
-    return Path(spec).resolve() == Path(trained_on)
+    folder, source = Path(spec).resolve(), Path(trained_on)
+    if folder == source:
+        return not held_out  # with a test/, only that is evaluated: held out
+    inside = source in folder.parents
+    return inside and folder.relative_to(source).parts[0].lower() in ("train", "val")
