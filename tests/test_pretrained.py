@@ -73,3 +73,17 @@ def test_a_run_started_from_pretrained_weights_resumes_without_them(tmp_path, sy
     weights.unlink()
     for extra in ([], ["--pretrained", str(weights)]):
         assert main([*common, "--resume", *extra]) == 0, capsys.readouterr().err
+
+
+def test_weights_of_another_network_say_what_does_not_fit(tmp_path):
+    from safetensors.torch import save_file
+
+    source = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    with pytest.raises(PneumoscanError) as e:
+        create_model("resnet10t", in_chans=1, pretrained=str(path))
+    message = str(e.value)
+    # Before: "...: Error(s) in loading state_dict for ResNet:" and nothing more.
+    assert message.startswith(f"{path}: cannot load pretrained weights for 'resnet10t'")
+    assert "does not fit this network (size mismatch for " in message and "\n" not in message

@@ -76,8 +76,10 @@ def create_timm_model(
     except Exception as e:  # unreadable or mismatched weight files raise many types
         if not kwargs.get("pretrained"):
             raise
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise PneumoscanError(f"cannot load pretrained weights for {arch!r}: {reason}") from None
+        source = kwargs.get("pretrained_cfg_overlay", {}).get("file")
+        where = f"{source}: " if source else ""
+        raise PneumoscanError(
+            f"{where}cannot load pretrained weights for {arch!r}: {_load_reason(e)}") from None
     model.gradcam_layer = model.feature_info[-1]["module"]
     return model
 
@@ -111,3 +113,18 @@ def _standard(arch: str):
 
 for _arch in STANDARD_BACKBONES:
     register_model(_standard(_arch))
+
+
+def _load_reason(e: Exception) -> str:
+    """One line on why weights did not load. torch's state-dict errors open with a header line
+    ("Error(s) in loading state_dict for ResNet:") and give the reason below it: the first
+    missing or unexpected key, or the first shape that does not fit, is the telling part."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    if lines[0].startswith("Error(s) in loading state_dict") and len(lines) > 1:
+        detail = lines[1]
+        if len(detail) > 200:
+            detail = detail[:200].rsplit(" ", 1)[0] + " ..."
+        return f"the file does not fit this network ({detail})"
+    return lines[0]
