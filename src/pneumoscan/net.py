@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import threading
+import urllib.parse
+import urllib.request
 
 from pneumoscan.errors import PneumoscanError
 
@@ -10,12 +14,43 @@ CONNECT_TIMEOUT_S = 3.0
 
 
 def require_network(host: str, *, what: str, instead: str, port: int = 443) -> None:
-    """Raise a one-line PneumoscanError unless ``host`` accepts a TCP connection quickly."""
-    try:
-        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
-            return
-    except OSError as e:
-        raise PneumoscanError(
-            f"cannot reach {host} to download {what} ({e.__class__.__name__}); "
-            f"offline, pass {instead} instead"
-        ) from None
+    """Raise a one-line PneumoscanError unless ``host`` accepts a TCP connection quickly.
+
+    Where the download would go through an HTTPS proxy (``HTTPS_PROXY``) or a Hugging Face
+    mirror (``HF_ENDPOINT``), that is the host checked. The whole check, name lookup included
+    (which a socket timeout does not bound), ends within a few seconds.
+    """
+    target = _where_it_connects(host, port)
+    outcome: list[BaseException | None] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection(target, timeout=CONNECT_TIMEOUT_S):
+                outcome.append(None)
+        except OSError as e:
+            outcome.append(e)
+
+    # A daemon thread: a resolver that never answers is left behind, not waited for.
+    checker = threading.Thread(target=connect, daemon=True)
+    checker.start()
+    checker.join(CONNECT_TIMEOUT_S + 1.0)
+    if outcome and outcome[0] is None:
+        return
+    why = type(outcome[0]).__name__ if outcome else "no answer in time"
+    via = f" through {target[0]}" if target[0] != host else ""
+    raise PneumoscanError(
+        f"cannot reach {host}{via} to download {what} ({why}); offline, pass {instead} instead"
+    )
+
+
+def _where_it_connects(host: str, port: int) -> tuple[str, int]:
+    if host == "huggingface.co" and (mirror := os.environ.get("HF_ENDPOINT")):
+        parsed = urllib.parse.urlsplit(mirror)
+        if parsed.hostname:
+            host, port = parsed.hostname, parsed.port or (80 if parsed.scheme == "http" else 443)
+    proxy = urllib.request.getproxies().get("https")
+    if proxy and not urllib.request.proxy_bypass(host):
+        parsed = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if parsed.hostname:
+            return parsed.hostname, parsed.port or 80
+    return host, port
