@@ -346,3 +346,15 @@ def test_the_datas_fingerprint_follows_its_files_not_where_they_lie(tmp_path):
     png = sorted((copy / "train").rglob("*.png"))[0]
     png.write_bytes(png.read_bytes() + b"\0")  # the same pixels, another file
     assert load_data(str(copy), 32, progress=False).fingerprint != fingerprint
+
+
+def test_eda_intensity_statistics_by_chunks_equal_the_whole():
+    """eda's statistics a chunk at a time (a float64 copy of a class at 224 px is 1.5 GB)."""
+    from pneumoscan.eda import _intensity
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (300, 40, 40), dtype=np.uint8)
+    idx = np.arange(0, 300, 2)
+    mean, std = _intensity(images, idx, chunk=7)
+    assert mean == pytest.approx(images[idx].reshape(len(idx), -1).mean(axis=1).mean())
+    assert std == pytest.approx(images[idx].std(dtype=np.float64))
