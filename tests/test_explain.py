@@ -310,3 +310,38 @@ def test_convolutional_models_have_no_gradcam_problem(blob_predictor, tmp_path):
     meta = {"architecture": "resnet10t", "image_size": 64, "in_chans": 1,
             "intensity": {"mean": 0.5, "std": 0.25}, "threshold": 0.5, "temperature": 1.0}
     assert gradcam_problem(Predictor(tmp_path, meta, resnet, torch.device("cpu"))) == ""
+
+
+class _Halves(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left = torch.zeros_like(x)
+        half = x.shape[-1] // 2
+        left[..., :half] = 1.0
+        return torch.cat([x * left, x * (1 - left)], dim=1)  # channel 0: left, 1: right
+
+
+class _SharedEvidenceNet(nn.Module):
+    """The left half of the image raises both logits alike; the right half PNEUMONIA's alone."""
+
+    gradcam_layer = "features"
+
+    def __init__(self):
+        super().__init__()
+        self.features = _Halves()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left, right = self.features(x).mean((2, 3)).unbind(1)
+        return torch.stack([left, left + right], dim=1)
+
+
+def test_gradcam_shows_the_evidence_for_the_log_odds_not_for_one_logit(tmp_path):
+    """P(PNEUMONIA) depends on z1 - z0 only: the left half, which moves both logits alike, is no
+    evidence, and must stay dark; Grad-CAM of z1 alone lit it up as much as the right."""
+    model = _SharedEvidenceNet().eval()
+    meta = {"architecture": "shared", "image_size": SIZE, "in_chans": 1,
+            "intensity": {"mean": 0.0, "std": 1.0}, "threshold": 0.5, "temperature": 1.0}
+    predictor = Predictor(tmp_path, meta, model, torch.device("cpu"))
+    cam = gradcam(predictor, np.full((1, SIZE, SIZE), 200, np.uint8))[0]
+    half = SIZE // 2
+    assert cam[:, half + 1 :].min() > 0.5  # the right half: the evidence
+    assert cam[:, : half - 1].max() < 0.05  # the left half: none

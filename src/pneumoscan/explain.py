@@ -1,10 +1,11 @@
 """Grad-CAM heat maps: where in an X-ray the evidence for PNEUMONIA lies, as the model sees it.
 
 The map is computed by captum's ``LayerGradCam`` on the layer each model names as its
-``gradcam_layer``. captum registers its hooks for one call and removes them itself, so a model
-is left exactly as it was; the tests check that. Everything else here is the few lines that turn
-the layer attribution into a picture: ReLU (as Grad-CAM defines it, on the layer's own grid),
-upsample to the image size, scale to [0, 1].
+``gradcam_layer``, for the log-odds of PNEUMONIA (what the probability depends on). captum
+registers its hooks for one call and removes them itself, so a model is left exactly as it was;
+the tests check that. Everything else here is the few lines that turn the layer attribution
+into a picture: ReLU (as Grad-CAM defines it, on the layer's own grid), upsample to the image
+size, scale to [0, 1].
 
 Grad-CAM needs a layer that gives a (channels, height, width) map. Some timm families give
 tokens (ViT, DeiT, Mixer) or channels-last maps (Swin): for those ``gradcam_problem`` says why
@@ -80,10 +81,10 @@ def _gradcam_batch(predictor, images: np.ndarray, size: tuple[int, int]) -> np.n
         with torch.enable_grad():
             x = predictor.model_input(torch.from_numpy(np.ascontiguousarray(images)))
             x = x.float().contiguous().requires_grad_(True)
-            cam = LayerGradCam(model, gradcam_module(model))
+            cam = LayerGradCam(_LogOdds(model), gradcam_module(model))
             # (N, 1, h, w) at the layer's size, ReLU'd there: regions of negative evidence
             # must not bleed into their positive neighbours when upsampled.
-            attr = cam.attribute(x, target=TARGET_CLASS, relu_attributions=True)
+            attr = cam.attribute(x, target=0, relu_attributions=True)
             attr = LayerAttribution.interpolate(attr.detach(), size, interpolate_mode="bilinear")
     finally:
         model.train(was_training)
@@ -91,6 +92,19 @@ def _gradcam_batch(predictor, images: np.ndarray, size: tuple[int, int]) -> np.n
     peak = maps.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
     maps = torch.where(peak > 1e-12, maps / peak, torch.zeros_like(maps))
     return maps.clamp_(0.0, 1.0).cpu().numpy().astype(np.float32)
+
+
+class _LogOdds(nn.Module):
+    """The model's log-odds of PNEUMONIA, z1 - z0, as one output: the probability depends on
+    the difference alone, so evidence both logits share is no evidence for PNEUMONIA."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.model(x)
+        return (z[:, TARGET_CLASS] - z[:, 1 - TARGET_CLASS])[:, None]
 
 
 def gradcam_problem(predictor) -> str:
