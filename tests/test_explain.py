@@ -156,7 +156,8 @@ def test_gradcam_empty_batch_and_bad_input(blob_predictor):
         gradcam(blob_predictor, np.zeros((2, SIZE, SIZE), np.float32))
 
 
-def test_gradcam_of_an_ensemble_is_the_mean_of_its_members(blob_predictor, blob_run):
+def test_gradcam_of_an_ensemble_is_the_members_mean_and_of_a_stack_weighted(blob_predictor,
+                                                                           blob_run):
     images, _, _ = blob_images(2, seed=4)
     single = gradcam(blob_predictor, images)
     flat = Predictor(blob_run, blob_predictor.meta, BlobNet().eval(), torch.device("cpu"))
@@ -167,6 +168,12 @@ def test_gradcam_of_an_ensemble_is_the_mean_of_its_members(blob_predictor, blob_
     ensemble = EnsemblePredictor(blob_run, {**blob_predictor.meta, "kind": "ensemble"},
                                  [blob_predictor, flat])
     np.testing.assert_allclose(gradcam(ensemble, images), single / 2, atol=1e-6)
+    # A stack weighs each member's map by its coefficient; a negative one is left out.
+    for coef, share in (([3.0, 1.0], 0.75), ([1.0, -2.0], 1.0), ([-1.0, -1.0], 0.5)):
+        stack = EnsemblePredictor(blob_run, {**blob_predictor.meta, "kind": "stack",
+                                             "stacker": {"coef": coef, "intercept": 0.0}},
+                                  [blob_predictor, flat])
+        np.testing.assert_allclose(gradcam(stack, images), single * share, atol=1e-6)
 
 
 def test_overlay_shapes_dtypes_and_blend():

@@ -53,7 +53,8 @@ def gradcam(predictor, images: np.ndarray) -> np.ndarray:
     members = getattr(predictor, "members", None)
     if members is not None:
         maps = np.stack([gradcam(member, images) for member in members])
-        return maps.mean(axis=0).astype(np.float32)
+        weights = member_weights(predictor)
+        return np.tensordot(weights, maps, axes=1).astype(np.float32)
     size = images.shape[1:]
     out = [
         _gradcam_batch(predictor, images[start : start + BATCH_SIZE], size)
@@ -92,6 +93,21 @@ def _gradcam_batch(predictor, images: np.ndarray, size: tuple[int, int]) -> np.n
     peak = maps.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
     maps = torch.where(peak > 1e-12, maps / peak, torch.zeros_like(maps))
     return maps.clamp_(0.0, 1.0).cpu().numpy().astype(np.float32)
+
+
+def member_weights(predictor) -> np.ndarray:
+    """How much each member's map counts in an ensemble's: equally in a mean of probabilities;
+    in a stack, by its coefficient on the members' log-odds. A member weighed negatively says
+    the opposite of its own map, which a heat map of evidence for PNEUMONIA cannot show, so it
+    is left out (all equal if every coefficient is negative or zero)."""
+    n = len(predictor.members)
+    stacker = predictor.meta.get("stacker") if predictor.meta.get("kind") == "stack" else None
+    weights = np.ones(n)
+    if stacker is not None:
+        weights = np.clip(np.asarray(stacker["coef"], dtype=np.float64), 0.0, None)
+    if weights.sum() <= 0:
+        weights = np.ones(n)
+    return weights / weights.sum()
 
 
 class _LogOdds(nn.Module):
