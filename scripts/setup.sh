@@ -23,16 +23,21 @@ venv="$root/$key"
 
 if [ ! -f "$venv/.complete" ]; then
   echo "setting up $venv (once per lock file; a few minutes)"
-  rm -rf "$venv.partial"
+  partial="$venv.partial.$$"  # this process's own: two setups at once do not share one
+  rm -rf "$partial"
   mkdir -p "$root"
-  "$python" -m venv "$venv.partial"
-  "$venv.partial/bin/python" -m pip install -q --disable-pip-version-check -r requirements.lock \
+  "$python" -m venv "$partial"
+  "$partial/bin/python" -m pip install -q --disable-pip-version-check -r requirements.lock \
     2> >(grep -v "is ignored: it is neither" >&2)
-  rm -rf "$venv"
-  mv "$venv.partial" "$venv"
   # venv scripts name their interpreter by absolute path: rewrite them for the final folder.
-  grep -rlI --exclude-dir=__pycache__ "$venv.partial" "$venv/bin" | xargs -r sed -i "s#$venv.partial#$venv#g"
-  touch "$venv/.complete"
+  grep -rlI --exclude-dir=__pycache__ "$partial" "$partial/bin" | xargs -r sed -i "s#$partial#$venv#g"
+  touch "$partial/.complete"
+  if [ -f "$venv/.complete" ]; then
+    rm -rf "$partial"  # another setup finished first: use its environment
+  else
+    rm -rf "$venv"
+    mv "$partial" "$venv"
+  fi
 fi
 # The project itself, editable, pointing at this checkout (quick: no dependencies resolved).
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
