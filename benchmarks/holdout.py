@@ -34,7 +34,7 @@ def main() -> None:
     train_idx, test_idx = patient_split(labels, [s.patient for s in samples], args.fraction,
                                         args.seed)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):  # links of another split would mix with these
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # splits would mix
         sys.exit(f"holdout: {out} is not empty; delete it or give another --out")
     for split, idx in (("train", train_idx), ("test", test_idx)):
         for i in idx:

@@ -24,6 +24,7 @@ venv="$root/$key"
 if [ ! -f "$venv/.complete" ]; then
   echo "setting up $venv (once per lock file; a few minutes)"
   partial="$venv.partial.$$"  # this process's own: two setups at once do not share one
+  trap 'rm -rf "$partial"' EXIT  # a failed or interrupted setup leaves nothing behind
   rm -rf "$partial"
   mkdir -p "$root"
   "$python" -m venv "$partial"
@@ -36,8 +37,9 @@ if [ ! -f "$venv/.complete" ]; then
     rm -rf "$partial"  # another setup finished first: use its environment
   else
     rm -rf "$venv"
-    mv "$partial" "$venv"
+    mv -T "$partial" "$venv" 2>/dev/null || rm -rf "$partial"  # -T: never into another's
   fi
+  trap - EXIT
 fi
 # The project itself, editable, pointing at this checkout (quick: no dependencies resolved).
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .

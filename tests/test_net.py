@@ -55,3 +55,16 @@ def test_the_host_checked_is_the_one_the_download_would_reach(monkeypatch, env, 
     monkeypatch.setattr(socket, "create_connection", connect)
     net.require_network("huggingface.co", what="weights", instead="--pretrained PATH")
     assert asked == [expected]
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"HTTPS_PROXY": "http://proxy.example:abc"}, ("huggingface.co", 443)),  # mistyped port
+    ({"HF_ENDPOINT": "https://hf-mirror.example:99999"}, ("huggingface.co", 443)),
+    ({"HTTPS_PROXY": "https://proxy.example"}, ("proxy.example", 443)),  # https's own port
+])
+def test_a_mistyped_variable_costs_the_check_not_a_crash(monkeypatch, env, expected):
+    for name in ("HF_ENDPOINT", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert net._where_it_connects("huggingface.co", 443) == expected

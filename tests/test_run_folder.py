@@ -184,3 +184,13 @@ def test_a_refused_run_without_out_leaves_no_folder(tmp_path, monkeypatch, capsy
     monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun the processes need one --out
     assert main(["train", "--data", str(tmp_path / "missing"), "--quiet"]) == 2
     assert "under torchrun, give --out" in _one_line(capsys)
+
+
+def test_resume_of_an_interrupted_run_without_a_checkpoint_yet_starts_over(synthetic_data,
+                                                                           tmp_path, capsys):
+    # On a GPU a checkpoint is written every 30 s: a run killed before has epochs and no
+    # checkpoint, and --resume starts it from epoch 1 rather than refusing the folder.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    assert _train(synthetic_data, tmp_path / "run", "--resume") == 0
+    assert "starting from epoch 1" in capsys.readouterr().out

@@ -33,7 +33,7 @@ def require_network(host: str, *, what: str, instead: str, port: int = 443) -> N
     # A daemon thread: a resolver that never answers is left behind, not waited for.
     checker = threading.Thread(target=connect, daemon=True)
     checker.start()
-    checker.join(CONNECT_TIMEOUT_S + 1.0)
+    checker.join(2 * CONNECT_TIMEOUT_S + 1.0)  # time for a second address (IPv6, then IPv4)
     if outcome and outcome[0] is None:
         return
     why = type(outcome[0]).__name__ if outcome else "no answer in time"
@@ -45,12 +45,19 @@ def require_network(host: str, *, what: str, instead: str, port: int = 443) -> N
 
 def _where_it_connects(host: str, port: int) -> tuple[str, int]:
     if host == "huggingface.co" and (mirror := os.environ.get("HF_ENDPOINT")):
-        parsed = urllib.parse.urlsplit(mirror)
-        if parsed.hostname:
-            host, port = parsed.hostname, parsed.port or (80 if parsed.scheme == "http" else 443)
+        host, port = _host_and_port(mirror, (host, port))
     proxy = urllib.request.getproxies().get("https")
     if proxy and not urllib.request.proxy_bypass(host):
-        parsed = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-        if parsed.hostname:
-            return parsed.hostname, parsed.port or 80
+        return _host_and_port(proxy if "://" in proxy else f"http://{proxy}", (host, port))
     return host, port
+
+
+def _host_and_port(url: str, otherwise: tuple[str, int]) -> tuple[str, int]:
+    """A URL's host and port (the scheme's default without one); ``otherwise`` when the URL
+    names no usable host or port, so that a mistyped variable costs the check, not a crash."""
+    parsed = urllib.parse.urlsplit(url)
+    try:
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    except ValueError:  # "proxy:abc", or a port above 65535
+        return otherwise
+    return (parsed.hostname, port) if parsed.hostname else otherwise

@@ -50,6 +50,14 @@ def earlier_run_file(out: Path) -> Path | None:
     return None
 
 
+def _finished_run(out: Path) -> Path | None:
+    """The model.json of a finished run in ``out`` or its seed-N / fold-K folders; else None."""
+    if not out.is_dir():
+        return None
+    folders = [out] + sorted(p for pattern in SUB_RUNS for p in out.glob(pattern) if p.is_dir())
+    return next((f / "model.json" for f in folders if (f / "model.json").is_file()), None)
+
+
 def has_checkpoint(out: Path) -> bool:
     """A resume state in ``out`` or in its seed-N folders (train --seeds)."""
     return (out / CHECKPOINT).is_file() or any(out.glob(f"seed-*/{CHECKPOINT}"))
@@ -65,11 +73,15 @@ def check_out_folder(out: str | Path, *, resume: bool | None = None) -> None:
     if out.exists() and not out.is_dir():
         raise PneumoscanError(f"--out {out}: exists and is not a folder")
     found = earlier_run_file(out)
-    if resume and found and not has_checkpoint(out):
+    # A finished run without a checkpoint (a cv or stack output, a deleted checkpoint) has
+    # nothing to resume. An interrupted one may have epochs and no checkpoint yet (on a GPU one
+    # is written every 30 s): resuming it starts from epoch 1, as fit() says.
+    finished = _finished_run(out)
+    if resume and finished and not has_checkpoint(out):
         raise PneumoscanError(
-            f"--out {out}: holds a run ({found.relative_to(out)}) but no {CHECKPOINT} to resume "
-            "from (a cv or stack output, or a run whose checkpoint was deleted); choose another "
-            "--out"
+            f"--out {out}: holds a finished run ({finished.relative_to(out)}) but no "
+            f"{CHECKPOINT} to resume from (a cv or stack output, or a run whose checkpoint was "
+            "deleted); choose another --out"
         )
     if not resume and found:
         resumable = resume is False and (found.parent / CHECKPOINT).is_file()
