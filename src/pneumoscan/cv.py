@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +42,12 @@ from pneumoscan.evaluate import (
     format_table,
 )
 from pneumoscan.fileio import atomic_write, atomic_write_json
-from pneumoscan.model_io import load_predictor, probabilities, read_meta, save_meta
+from pneumoscan.model_io import load_predictor, log_odds, probabilities, read_meta, save_meta
 from pneumoscan.run_folder import TEST_METRICS, TEST_PREDICTIONS, VAL_PREDICTIONS
 from pneumoscan.threshold_rules import format_threshold
 
 OOF_PREDICTIONS = "oof_predictions.npz"
 CV_METRICS = "cv_metrics.json"
-LOGIT_EPS = 1e-6  # probabilities are clipped to [eps, 1 - eps] before taking log-odds
 
 THRESHOLD_NOTE = (
     "threshold chosen on the pooled out-of-fold probabilities, each from one fold model; the "
@@ -69,12 +67,6 @@ class FoldResult:
 
 def fold_name(k: int) -> str:
     return f"fold-{k}"
-
-
-def log_odds(prob: np.ndarray) -> np.ndarray:
-    """log(p / (1 - p)), clipped as ``model_io.stack_probabilities`` clips its inputs."""
-    p = np.clip(np.asarray(prob, dtype=np.float64), LOGIT_EPS, 1 - LOGIT_EPS)
-    return np.log(p / (1 - p))
 
 
 def make_folds(pool: Split, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -229,7 +221,7 @@ def _pool_folds(cfg: TrainConfig, data: DataBundle, pool: Split, results: list[F
 
     threshold = choose_threshold(pool.labels, prob, cfg.threshold_rule)
     pooled = evaluate_predictions(pool.labels, prob, threshold, groups=pool.patients)
-    paths = _absolute_paths(pool.paths, cfg.data)
+    paths = pool.paths  # absolute (dataset.py): stack matches cv runs started from other folders
     save_oof(out / OOF_PREDICTIONS, pool.labels, prob, fold_of, paths, pool.patients)
     # The pooled out-of-fold predictions, in a single run's format: the threshold came from them.
     _save_val_predictions(out / VAL_PREDICTIONS, pool.labels, prob, paths)
@@ -342,13 +334,6 @@ def _describe(data: DataBundle, n_folds: int) -> None:
         print(f"  test: {len(data.test)} images, evaluated once at the end")
     for note in data.notes:
         print(f"  {note}")
-
-
-def _absolute_paths(paths: list[str], spec: str) -> list[str]:
-    # Absolute, so that `stack` matches two cv runs over the same files started from other folders.
-    if spec.lower().startswith("pneumoniamnist"):
-        return list(paths)
-    return [os.path.abspath(p) for p in paths]
 
 
 def _save_val_predictions(

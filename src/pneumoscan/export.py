@@ -26,7 +26,13 @@ from pneumoscan import CLASS_NAMES
 from pneumoscan.data.decode import DRAFT_FACTOR
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.fileio import atomic_write
-from pneumoscan.model_io import EnsemblePredictor, Predictor, load_predictor, update_meta
+from pneumoscan.model_io import (
+    EnsemblePredictor,
+    Predictor,
+    load_predictor,
+    log_odds,
+    update_meta,
+)
 
 OPSET = 18  # the torch.export-based exporter's default
 INPUT_NAME = "image"
@@ -82,7 +88,7 @@ class CalibratedEnsemble(nn.Module):
     def log_odds(self, pixels: torch.Tensor) -> torch.Tensor:
         z = torch.stack([m.log_odds(pixels) for m in self.members], dim=1)
         if self.stacked:
-            # model_io.stack_probabilities clips P to [1e-6, 1 - 1e-6]: the same, in log-odds.
+            # model_io.log_odds clips P to [LOGIT_EPS, 1 - LOGIT_EPS]: the same, in log-odds.
             return z.clamp(-STACK_LOGIT_LIMIT, STACK_LOGIT_LIMIT) @ self.coef + self.intercept
         # log-odds of the mean probability: log(mean P) - log(mean (1 - P)), in log space.
         return _logsumexp(_log_sigmoid(z)) - _logsumexp(_log_sigmoid(-z))
@@ -91,8 +97,8 @@ class CalibratedEnsemble(nn.Module):
         return torch.sigmoid(self.log_odds(pixels))
 
 
-# log((1 - 1e-6) / 1e-6): model_io.stack_probabilities' clipping of P, as log-odds.
-STACK_LOGIT_LIMIT = float(np.log((1 - 1e-6) / 1e-6))
+# model_io.log_odds' clipping of P, as log-odds.
+STACK_LOGIT_LIMIT = float(log_odds(np.array([1.0]))[0])
 
 
 def _log_sigmoid(z: torch.Tensor) -> torch.Tensor:
@@ -337,16 +343,12 @@ def _run_images(predictor, size: int, limit: int) -> np.ndarray:
 
 def _saved_prediction_paths(predictor):
     """The image paths of each predictions file a run (or one of its members) saved."""
-    import zipfile
+    from pneumoscan.run_plots import SPLITS, load_split_predictions
 
-    from pneumoscan.run_folder import TEST_PREDICTIONS, VAL_PREDICTIONS
-
-    for name in (VAL_PREDICTIONS, TEST_PREDICTIONS):
-        try:
-            with np.load(predictor.run_dir / name, allow_pickle=False) as saved:
-                yield [str(p) for p in saved["paths"]]
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-            continue  # missing or unreadable: these images are optional
+    for split in SPLITS:
+        saved = load_split_predictions(predictor.run_dir, split)  # None: missing or unreadable
+        if saved is not None:
+            yield saved.paths
     for member in getattr(predictor, "members", []):
         yield from _saved_prediction_paths(member)
 

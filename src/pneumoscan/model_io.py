@@ -272,12 +272,20 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-z))
 
 
+LOGIT_EPS = 1e-6  # probabilities are clipped to [eps, 1 - eps] before taking log-odds
+
+
+def log_odds(prob: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)) in float64, P clipped to [LOGIT_EPS, 1 - LOGIT_EPS] first: the stack's
+    features, at fitting (stack.py) and at prediction alike."""
+    p = np.clip(np.asarray(prob, dtype=np.float64), LOGIT_EPS, 1 - LOGIT_EPS)
+    return np.log(p / (1 - p))
+
+
 def stack_probabilities(member_probs: np.ndarray, stacker: dict) -> np.ndarray:
     """A logistic regression over the members' log-odds (its coefficients live in model.json)."""
-    eps = 1e-6
-    p = np.clip(member_probs, eps, 1 - eps)
-    features = np.log(p / (1 - p))
-    z = features @ np.asarray(stacker["coef"], dtype=np.float64) + float(stacker["intercept"])
+    coef = np.asarray(stacker["coef"], dtype=np.float64)
+    z = log_odds(member_probs) @ coef + float(stacker["intercept"])
     return _sigmoid(z)
 
 

@@ -162,9 +162,9 @@ def data_section(run_dir: Path, meta: dict, config: dict | None) -> Section:
         return _data_from_eda(section, eda_dir)
     # The run's own record of its data, resolved when it trained: a relative --data would
     # otherwise be read from wherever the report is made.
-    spec = meta.get("data_source") or (config or {}).get("data")
-    if not spec or str(spec).startswith("PneumoniaMNIST"):
-        spec = (config or {}).get("data")
+    source = meta.get("data_source")
+    folder = isinstance(source, str) and not source.startswith("PneumoniaMNIST")
+    spec = source if folder else (config or {}).get("data")
     if not spec:
         section.note("The run does not record its data source; the counts below are those of "
                      "the saved predictions.")
@@ -207,7 +207,7 @@ def _data_from_eda(section: Section, eda_dir: Path) -> Section:
 
 def _data_from_source(section: Section, spec: str, meta: dict, config: dict) -> Section:
     from pneumoscan import plots
-    from pneumoscan.data.dataset import load_data, same_kind_of_fingerprint
+    from pneumoscan.data.dataset import data_changed, load_data
 
     image_size = int(config.get("image_size") or meta["image_size"])
     data = load_data(
@@ -223,8 +223,7 @@ def _data_from_source(section: Section, spec: str, meta: dict, config: dict) -> 
     section.add(_counts_table(counts))
     for note in data.notes:
         section.note(note)
-    if same_kind_of_fingerprint(meta.get("data_fingerprint"), data.fingerprint) and (
-            data.fingerprint != meta["data_fingerprint"]):
+    if data_changed(meta.get("data_fingerprint"), data.fingerprint):
         section.add('<p class="warning">These images are not the ones the model was trained on: '
                     "files were added, removed or changed since. The figures further down come "
                     "from the predictions saved at training time.</p>")

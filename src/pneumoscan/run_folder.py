@@ -38,24 +38,17 @@ def new_run_folder(parent: Path = Path("runs")) -> Path:
             n += 1
 
 
-def earlier_run_file(out: Path) -> Path | None:
-    """A file showing that ``out`` already holds a run, or seed or fold runs; else None."""
+def earlier_run_file(out: Path, names: tuple[str, ...] = RUN_FILES) -> Path | None:
+    """A file of ``names`` showing that ``out`` already holds a run, or seed or fold runs (by
+    default any run, finished or not; ("model.json",): a finished one); else None."""
     if not out.is_dir():
         return None
     folders = [out] + sorted(p for pattern in SUB_RUNS for p in out.glob(pattern) if p.is_dir())
     for folder in folders:
-        for name in RUN_FILES:
+        for name in names:
             if (folder / name).is_file():
                 return folder / name
     return None
-
-
-def _finished_run(out: Path) -> Path | None:
-    """The model.json of a finished run in ``out`` or its seed-N / fold-K folders; else None."""
-    if not out.is_dir():
-        return None
-    folders = [out] + sorted(p for pattern in SUB_RUNS for p in out.glob(pattern) if p.is_dir())
-    return next((f / "model.json" for f in folders if (f / "model.json").is_file()), None)
 
 
 def has_checkpoint(out: Path) -> bool:
@@ -76,7 +69,7 @@ def check_out_folder(out: str | Path, *, resume: bool | None = None) -> None:
     # A finished run without a checkpoint (a cv or stack output, a deleted checkpoint) has
     # nothing to resume. An interrupted one may have epochs and no checkpoint yet (on a GPU one
     # is written every 30 s): resuming it starts from epoch 1, as fit() says.
-    finished = _finished_run(out)
+    finished = earlier_run_file(out, ("model.json",))
     if resume and finished and not has_checkpoint(out):
         raise PneumoscanError(
             f"--out {out}: holds a finished run ({finished.relative_to(out)}) but no "

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscan import CLASS_NAMES, __version__
-from pneumoscan.cv import CV_METRICS, OOF_PREDICTIONS, load_oof, log_odds
+from pneumoscan.cv import CV_METRICS, OOF_PREDICTIONS, load_oof
 from pneumoscan.data.split import SplitError, patient_folds
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.evaluate import (
@@ -34,7 +34,7 @@ from pneumoscan.evaluate import (
     format_table,
 )
 from pneumoscan.fileio import atomic_write, atomic_write_json
-from pneumoscan.model_io import read_meta, save_meta, stack_probabilities
+from pneumoscan.model_io import log_odds, read_meta, save_meta, stack_probabilities
 from pneumoscan.run_folder import CHECKPOINT, VAL_PREDICTIONS
 from pneumoscan.threshold_rules import format_threshold
 

@@ -31,7 +31,7 @@ from pneumoscan.config import (
     check_pretrained,
     describe_lr,
 )
-from pneumoscan.data.dataset import Split, same_kind_of_fingerprint
+from pneumoscan.data.dataset import Split, data_changed
 from pneumoscan.distributed import DistInfo, all_reduce_sum, broadcast_object
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.fileio import atomic_write, atomic_write_text
@@ -349,7 +349,7 @@ def fit(
             stray.unlink(missing_ok=True)
         if not (run_dir / CHECKPOINT).exists():
             print(f"--resume: no {CHECKPOINT} in {run_dir}; starting from epoch 1")
-    if resume and (run_dir / CHECKPOINT).exists():
+    if resuming:
         state = load_checkpoint(run_dir / CHECKPOINT, cfg, data_fingerprint, steps_per_epoch,
                                 dist_info.world_size)
         model.load_state_dict(state["model"])
@@ -432,10 +432,7 @@ def fit(
         totals = all_reduce_sum(torch.stack([loss_sum, correct.float()]), dist_info)
         seen_total = seen * dist_info.world_size
         if not torch.isfinite(totals[0]):  # the same reduced value on every rank: all stop
-            raise PneumoscanError(
-                f"training diverged in epoch {epoch} (the loss is not a number); lower --lr "
-                f"(now {cfg.lr:g}) and train again into a new --out"
-            )
+            raise _diverged(f"in epoch {epoch} (the loss is not a number)", cfg)
 
         # ---- evaluation on the validation split (rank 0 sees every image exactly once)
         row = {
@@ -500,10 +497,7 @@ def fit(
     # The epoch's loss can still be finite when the last step alone diverged.
     if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
                if t.is_floating_point()):
-        raise PneumoscanError(
-            f"training diverged (the weights are not numbers after epoch {len(history)}); lower "
-            f"--lr (now {cfg.lr:g}) and train again into a new --out"
-        )
+        raise _diverged(f"(the weights are not numbers after epoch {len(history)})", cfg)
         if progress and dist_info.is_main and stopper.best_epoch != len(history):
             print(f"the model keeps the weights of epoch {stopper.best_epoch}, the lowest "
                   "validation loss")
@@ -546,6 +540,11 @@ def validation_figures(model, images, labels, cfg, device) -> dict:
 
 def write_metrics(run_dir: Path, history: list[dict]) -> None:
     atomic_write_text(run_dir / METRICS, "".join(json.dumps(row) + "\n" for row in history))
+
+
+def _diverged(how: str, cfg: TrainConfig) -> PneumoscanError:
+    return PneumoscanError(f"training diverged {how}; lower --lr (now {cfg.lr:g}) and train "
+                           "again into a new --out")
 
 
 def seed_epoch(seed: int, epoch: int, rank: int, shuffle_gen: torch.Generator,
@@ -642,8 +641,7 @@ def load_checkpoint(path: Path, cfg: TrainConfig, data_fingerprint: str = "",
             f"{path}: --resume with different settings ({', '.join(changed)}); "
             "resume with the run's own config or start a new --out"
         )
-    if same_kind_of_fingerprint(state.get("data_fingerprint"), data_fingerprint) and (
-            state["data_fingerprint"] != data_fingerprint):
+    if data_changed(state.get("data_fingerprint"), data_fingerprint):
         raise PneumoscanError(
             f"{path}: --resume on other data than the run started with (the images differ); "
             "resume with its own --data or start a new --out"

@@ -223,9 +223,12 @@ def files_fingerprint(root: Path, samples: list[Sample]) -> str:
     return FILES_FINGERPRINT + h.hexdigest()[:24]
 
 
-def same_kind_of_fingerprint(a: object, b: object) -> bool:
-    """Whether two data fingerprints can be compared: both of files, made the same way."""
-    return all(isinstance(x, str) and x.startswith(FILES_FINGERPRINT) for x in (a, b))
+def data_changed(recorded: object, current: object) -> bool:
+    """Whether a run's recorded data fingerprint says its files differ from ``current``'s.
+    False where the two cannot be compared: a run made before fingerprints were of files."""
+    comparable = all(isinstance(x, str) and x.startswith(FILES_FINGERPRINT)
+                     for x in (recorded, current))
+    return comparable and recorded != current
 
 
 def _load_medmnist(spec: str, image_size: int) -> tuple[dict[str, Split], str, str]:
