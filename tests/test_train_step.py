@@ -176,7 +176,7 @@ def _expected_best_epoch(val_losses: list[float], min_delta: float) -> int:
     return best_epoch
 
 
-def test_fit_early_stops_and_restores_best_weights(tmp_path, monkeypatch):
+def test_fit_early_stops_and_restores_best_weights(tmp_path, monkeypatch, capsys):
     # Random labels and a high learning rate: validation loss bounces, so patience 1 stops early
     # and the best epoch is not the last one. BatchNorm statistics are left as the best epoch
     # had them (a run this short would have them measured again: test_batchnorm.py).
@@ -184,12 +184,14 @@ def test_fit_early_stops_and_restores_best_weights(tmp_path, monkeypatch):
     cfg = _config(epochs=6, batch_size=8, lr=0.01, early_stop_patience=1,
                   early_stop_min_delta=0.001, restore_best=True, augment=AugmentConfig())
     train, val = _random_split(32, 32, seed=1), _random_split(16, 32, seed=2)
-    result = fit(cfg, train, val, tmp_path, class_counts=np.array([11, 21]), progress=False)
+    result = fit(cfg, train, val, tmp_path, class_counts=np.array([11, 21]), progress=True)
 
     rows = [json.loads(line) for line in (tmp_path / METRICS).read_text().splitlines()]
     assert rows == result.history and [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))
     val_losses = [r["val_loss"] for r in rows]
     assert result.stopped_early and len(rows) < cfg.epochs
+    out = capsys.readouterr().out
+    assert f"the model keeps the weights of epoch {result.best_epoch}, the lowest" in out
     assert result.best_epoch == _expected_best_epoch(val_losses, cfg.early_stop_min_delta)
     assert result.best_epoch == int(np.argmin(val_losses)) + 1
     assert result.best_epoch < len(rows)

@@ -494,13 +494,13 @@ def fit(
         release_cuda_graphs(model)
     if cfg.restore_best and best_state is not None:
         model.load_state_dict(best_state)
+        if progress and dist_info.is_main and stopper.best_epoch != len(history):
+            print(f"the model keeps the weights of epoch {stopper.best_epoch}, the lowest "
+                  "validation loss")
     # The epoch's loss can still be finite when the last step alone diverged.
     if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
                if t.is_floating_point()):
         raise _diverged(f"(the weights are not numbers after epoch {len(history)})", cfg)
-        if progress and dist_info.is_main and stopper.best_epoch != len(history):
-            print(f"the model keeps the weights of epoch {stopper.best_epoch}, the lowest "
-                  "validation loss")
     # Batches drawn across the training rows (which often come sorted by class), the same ones
     # in the same order on every rank, so the replicas stay identical.
     order = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))
