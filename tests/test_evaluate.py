@@ -11,7 +11,6 @@ from sklearn.metrics import roc_auc_score
 from pneumoscan.evaluate import (
     RATE_KEYS,
     _weighted_rates,
-    apply_temperature,
     binary_metrics,
     bootstrap_ci,
     choose_threshold,
@@ -21,6 +20,7 @@ from pneumoscan.evaluate import (
     format_table,
     summarize_runs,
 )
+from pneumoscan.model_io import probabilities
 from pneumoscan.threshold_rules import parse_threshold_rule
 
 # 10 predictions, threshold 0.5:
@@ -258,8 +258,8 @@ def test_temperature_scaling_fixes_overconfidence():
     logits, y = overconfident_logits()
     t = fit_temperature(logits, y)
     assert 4.0 < t < 6.5
-    before = binary_metrics(y, apply_temperature(logits, 1.0))
-    after = binary_metrics(y, apply_temperature(logits, t))
+    before = binary_metrics(y, probabilities(logits, 1.0))
+    after = binary_metrics(y, probabilities(logits, t))
     assert after["loss"] < before["loss"]
     assert after["ece"] < before["ece"]
 
@@ -268,9 +268,9 @@ def test_temperature_returns_one_when_nothing_to_gain():
     assert fit_temperature(np.zeros((6, 2)), np.array([0, 1, 0, 1, 0, 1])) == 1.0
 
 
-def test_apply_temperature_is_softmax():
+def test_probabilities_are_the_tempered_softmax():
     logits = np.array([[0.0, 0.0], [1.0, 3.0], [1000.0, -1000.0]])
-    p = apply_temperature(logits, 2.0)
+    p = probabilities(logits, 2.0)
     shifted = logits / 2.0 - (logits / 2.0).max(axis=1, keepdims=True)
     softmax = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
     np.testing.assert_allclose(p, softmax[:, 1])
@@ -279,12 +279,10 @@ def test_apply_temperature_is_softmax():
 @pytest.mark.parametrize("shape", [(5,), (5, 3), (0, 2)])
 def test_logit_shape_errors_name_shape(shape):
     with pytest.raises(ValueError, match=r"\(N, 2\).*got shape " + re.escape(str(shape))):
-        apply_temperature(np.zeros(shape), 1.0)
+        fit_temperature(np.zeros(shape), np.zeros(shape[0], dtype=int))
 
 
 def test_temperature_argument_errors():
-    with pytest.raises(ValueError, match="temperature must be finite and > 0, got 0"):
-        apply_temperature(np.zeros((2, 2)), 0)
     with pytest.raises(ValueError, match=r"shape \(2,\) to match logits \(2, 2\), got \(3,\)"):
         fit_temperature(np.zeros((2, 2)), np.zeros(3))
 

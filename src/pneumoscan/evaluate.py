@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.special import expit
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
@@ -378,16 +377,6 @@ def choose_threshold(y_true: np.ndarray, prob: np.ndarray, rule: str = "youden")
 
 
 # --------------------------------------------------------------------------- temperature
-
-
-def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """Probability of class 1 from two-class ``logits`` (N, 2): ``softmax(logits / T)[:, 1]``."""
-    z = _check_logits(logits)
-    t = float(temperature)
-    if not (math.isfinite(t) and t > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
-    # a two-class softmax is the sigmoid of the logit difference; expit never overflows
-    return expit((z[:, 1] - z[:, 0]) / t)
 
 
 def _nll(margin: np.ndarray, sign: np.ndarray, temperature: float) -> float:
