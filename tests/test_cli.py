@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import REAL_DATA
 from pneumoscan.cli import main
@@ -62,6 +64,11 @@ def test_train_writes_a_complete_run_directory(trained_run):
     assert meta["epochs_trained"] == meta["weights_from_epoch"] == 2  # last weights (cpu recipe)
     config = json.loads((trained_run / "config.json").read_text())
     assert config["recipe"] == "cpu" and config["epochs"] == 2
+    # What the run was made with, so that its figures can be traced to a machine and versions.
+    env = config["environment"]
+    assert env["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert env["python"] == platform.python_version() and env["processes"] == 1
+    assert env["device"].endswith(f"{torch.get_num_threads()} threads")
 
 
 def test_evaluate_json_has_the_documented_keys(trained_run, synthetic_data, tmp_path, capsys):

@@ -163,6 +163,8 @@ def test_torchrun_succeeds_with_one_set_of_outputs(runs):
     # Exactly the files a single-process run writes: no per-rank copies.
     assert _files(runs["ddp"]) == _files(runs["single"])
     assert {"model.safetensors", "model.json", "config.json", METRICS} <= _files(runs["ddp"])
+    config = json.loads((runs["ddp"] / "config.json").read_text())
+    assert config["environment"]["processes"] == 2
     rows = _metrics(runs["ddp"])
     assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
     # Only rank 0 speaks.

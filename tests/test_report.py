@@ -57,6 +57,7 @@ def test_report_has_every_section_and_embeds_everything(report_run):
     # each section has its content, not only a note
     assert "NORMAL" in _section(html, "data") and "data:image/png" in _section(html, "data")
     assert "<td>image_size</td>" in _section(html, "config")
+    assert "<td>environment.torch</td>" in _section(html, "config")  # what the run ran on
     assert "data:image/png" in _section(html, "learning")
     figures = _section(html, "figures")
     assert "95% interval" in figures and "sensitivity" in figures and "validation" in figures

@@ -29,11 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumoscan import CLASS_NAMES, __version__
+from pneumoscan import CLASS_NAMES
 from pneumoscan.allocator import low_memory_mode
 from pneumoscan.config import TrainConfig
 from pneumoscan.data.dataset import DataBundle, Split, load_data
 from pneumoscan.data.split import SplitError, patient_folds, patient_split
+from pneumoscan.environment import run_config
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.evaluate import (
     choose_threshold,
@@ -127,9 +128,9 @@ def cross_validate(
     inner = [inner_split(pool, train_idx, cfg.val_fraction, cfg.seed + k)
              for k, (train_idx, _) in enumerate(folds)]
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", {
-        "pneumoscan": __version__, "cv": {"folds": n_folds, "seed": cfg.seed}, **cfg.to_dict(),
-    })
+    device = resolve_device(cfg.device)
+    atomic_write_json(out / "config.json", run_config(
+        {"cv": {"folds": n_folds, "seed": cfg.seed}, **cfg.to_dict()}, device.type))
     _describe(data, n_folds)
 
     results: list[FoldResult] = []
@@ -142,7 +143,6 @@ def cross_validate(
             after_fold(result)
 
     summary = _pool_folds(cfg, data, pool, results)
-    device = resolve_device(cfg.device)
     if data.test is not None:
         summary["test"] = evaluate_ensemble_on_test(out, data.test, float(summary["threshold"]),
                                                     device)
@@ -163,15 +163,14 @@ def run_fold(
     ``inner`` is the fold's (fit_idx, val_idx): its training folds split by ``inner_split``.
     """
     from pneumoscan.pipeline import finish_run
-    from pneumoscan.train import CHECKPOINT, fit, predict_logits
+    from pneumoscan.train import CHECKPOINT, fit, predict_logits, resolve_device
 
     pool = data.train
     fold_dir = Path(cfg.out) / fold_name(k)
     fold_cfg = dataclasses.replace(cfg, out=str(fold_dir), seed=cfg.seed + k)
     fold_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(fold_dir / "config.json", {
-        "pneumoscan": __version__, "cv": {"fold": k}, **fold_cfg.to_dict(),
-    })
+    atomic_write_json(fold_dir / "config.json", run_config(
+        {"cv": {"fold": k}, **fold_cfg.to_dict()}, resolve_device(cfg.device).type))
     fit_idx, val_idx = inner
     # The fold trains on its rows of the pool (fit_idx), not on a copy of them: with the
     # pool itself that would be two training sets in memory. finish_run() reads val and test only.

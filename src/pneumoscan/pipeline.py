@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumoscan import CLASS_NAMES, __version__
+from pneumoscan import CLASS_NAMES
 from pneumoscan.allocator import low_memory_mode
 from pneumoscan.config import TrainConfig
 from pneumoscan.data.dataset import DataBundle, Split, load_data
 from pneumoscan.distributed import DistInfo, barrier, process_group
+from pneumoscan.environment import run_config
 from pneumoscan.evaluate import (
     choose_threshold,
     evaluate_predictions,
@@ -41,12 +42,12 @@ def train_run(
     device = resolve_device(cfg.device)
     low_memory_mode(cfg.low_memory)  # before anything large is allocated
     with process_group(device.type) as dist_info:
-        return _train_run(cfg, dist_info, resume=resume, progress=progress,
+        return _train_run(cfg, dist_info, device.type, resume=resume, progress=progress,
                           process_started=process_started)
 
 
 def _train_run(
-    cfg: TrainConfig, dist_info: DistInfo, *, resume: bool, progress: bool,
+    cfg: TrainConfig, dist_info: DistInfo, device_type: str, *, resume: bool, progress: bool,
     process_started: float | None,
 ) -> dict:
     run_dir = Path(cfg.out)
@@ -61,7 +62,8 @@ def _train_run(
         # A run resumed from its checkpoint keeps its own: fit() refuses other settings there.
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (resume and (run_dir / CHECKPOINT).exists() and (run_dir / "config.json").exists()):
-            atomic_write_json(run_dir / "config.json", {"pneumoscan": __version__, **cfg.to_dict()})
+            atomic_write_json(run_dir / "config.json",
+                              run_config(cfg.to_dict(), device_type, dist_info.world_size))
         describe_data(data)
     t_data = time.perf_counter()
     result = fit(
@@ -154,7 +156,7 @@ def finish_run(
         print("test (held out; nothing was selected on it):")
         print(format_table(test_metrics))
         summary["test"] = test_metrics
-    write_run_plots(run_dir, history)
+    write_run_plots(run_dir)
     if data.skipped:
         summary["skipped"] = len(data.skipped)
     return summary
@@ -171,10 +173,10 @@ def save_predictions(path: Path, split: Split, logits: np.ndarray, prob: np.ndar
     atomic_write(path, write)
 
 
-def write_run_plots(run_dir: Path, history: list[dict]) -> None:
+def write_run_plots(run_dir: Path) -> None:
     from pneumoscan.run_plots import write_evaluation_plots
 
     try:
-        write_evaluation_plots(run_dir)  # reads metrics.jsonl, which holds ``history``
+        write_evaluation_plots(run_dir)  # the learning curves come from metrics.jsonl
     except Exception as e:  # a plot must never cost the trained model
         print(f"warning: run plots failed: {e}", file=sys.stderr)

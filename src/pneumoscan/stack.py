@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan import CLASS_NAMES, __version__
+from pneumoscan import CLASS_NAMES
 from pneumoscan.cv import CV_METRICS, OOF_PREDICTIONS, load_oof
 from pneumoscan.data.split import SplitError, patient_folds
+from pneumoscan.environment import run_config
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.evaluate import (
     choose_threshold,
@@ -191,11 +192,10 @@ def build_stack(
     for name, run in zip(names, runs, strict=True):
         copy_member(run, out / name)
     _save_nested(out / NESTED_PREDICTIONS, labels, fitted, paths, patients)
-    atomic_write_json(out / "config.json", {
-        "pneumoscan": __version__,
+    atomic_write_json(out / "config.json", run_config({
         "stack": {"runs": [str(r.resolve()) for r in runs], "members": names,
                   "nested_folds": n_folds, "seed": seed, "threshold_rule": rule},
-    })
+    }))
     atomic_write_json(out / STACK_METRICS, summary)
     save_meta(out, {  # last: a crash before this leaves no half-made run behind a model.json
         "kind": "stack",
