@@ -30,9 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pneumoscan.data.decode import read_gray
+    from pneumoscan.device import resolve_device
     from pneumoscan.model_io import load_predictor
     from pneumoscan.predict import expand_paths, iter_predictions
-    from pneumoscan.train import resolve_device
 
     predictor = load_predictor(args.run, resolve_device(args.device))
     files = expand_paths([args.data]).files

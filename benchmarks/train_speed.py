@@ -44,16 +44,18 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout
 
 from pneumoscan.config import RECIPES, TrainConfig, build_config  # noqa: E402
+from pneumoscan.device import (  # noqa: E402
+    capture_cuda_graphs,
+    configure_device,
+    resolve_device,
+)
 from pneumoscan.train import (  # noqa: E402
     TrainStep,
     balanced_class_weights,
     build_model,
-    capture_cuda_graphs,
-    configure_device,
     make_optimizer,
     make_scheduler,
     model_input,
-    resolve_device,
 )
 
 

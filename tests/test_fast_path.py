@@ -22,11 +22,10 @@ from pneumoscan.data.dataset import Split
 from pneumoscan.distributed import DistInfo
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.preprocess import EVAL_PIXELS_PER_BATCH, GPU_EVAL_FACTOR, eval_batch_size
+from pneumoscan.device import should_compile, should_graph
 from pneumoscan.train import (
     CHECKPOINT,
     METRICS,
-    _should_compile,
-    _should_graph,
     fit,
     make_optimizer,
     make_scheduler,
@@ -89,29 +88,29 @@ def test_constant_schedule_warm_up_is_linear_then_flat():
 
 def test_compile_only_pays_for_long_runs():
     strong = build_config("strong", "cuda", {})
-    assert not _should_compile(strong, CUDA, 4_694)  # 30 epochs: warm-up would dominate
-    assert _should_compile(dataclasses.replace(strong, epochs=500), CUDA, 4_694)
-    assert not _should_compile(dataclasses.replace(strong, epochs=500), CPU, 4_694)
+    assert not should_compile(strong, CUDA, 4_694)  # 30 epochs: warm-up would dominate
+    assert should_compile(dataclasses.replace(strong, epochs=500), CUDA, 4_694)
+    assert not should_compile(dataclasses.replace(strong, epochs=500), CPU, 4_694)
     # Smaller images are less work per image.
     small = dataclasses.replace(strong, epochs=500, image_size=64)
-    assert not _should_compile(small, CUDA, 4_694)
-    assert _should_compile(dataclasses.replace(strong, compile=True), CPU, 10)
+    assert not should_compile(small, CUDA, 4_694)
+    assert should_compile(dataclasses.replace(strong, compile=True), CPU, 10)
 
 
 def test_cuda_graphs_only_for_uncompiled_single_process_gpu_runs():
     cfg = TrainConfig()
     single, ddp = DistInfo(), DistInfo(rank=0, local_rank=0, world_size=2)
     assert ddp.enabled and not single.enabled
-    assert _should_graph(cfg, CUDA, single, False, 64, 4_000)
-    assert not _should_graph(cfg, CPU, single, False, 64, 4_000)
-    assert not _should_graph(cfg, CUDA, single, True, 64, 4_000)  # compiled
-    assert not _should_graph(cfg, CUDA, ddp, False, 64, 4_000)
-    assert not _should_graph(cfg, CUDA, single, False, 64, 40)  # not one full batch
-    assert not _should_graph(dataclasses.replace(cfg, cuda_graphs=False), CUDA, single, False,
+    assert should_graph(cfg, CUDA, single, False, 64, 4_000)
+    assert not should_graph(cfg, CPU, single, False, 64, 4_000)
+    assert not should_graph(cfg, CUDA, single, True, 64, 4_000)  # compiled
+    assert not should_graph(cfg, CUDA, ddp, False, 64, 4_000)
+    assert not should_graph(cfg, CUDA, single, False, 64, 40)  # not one full batch
+    assert not should_graph(dataclasses.replace(cfg, cuda_graphs=False), CUDA, single, False,
                              64, 4_000)
     for device, dist in ((CPU, single), (CUDA, ddp)):
         with pytest.raises(PneumoscanError, match="--cuda-graphs needs a CUDA GPU"):
-            _should_graph(dataclasses.replace(cfg, cuda_graphs=True), device, dist, False, 64,
+            should_graph(dataclasses.replace(cfg, cuda_graphs=True), device, dist, False, 64,
                           4_000)
 
 
@@ -253,7 +252,7 @@ def test_schedule_is_laid_out_over_the_steps_fit_takes():
 def test_one_cycle_ends_annealed_when_partial_batches_are_left_out(tmp_path, monkeypatch):
     # As on a GPU with CUDA graphs: fit() leaves the partial batch out, and the one-cycle
     # schedule must still reach its end (else the last epochs train at a higher rate).
-    monkeypatch.setattr(train_module, "_should_compile", lambda *a: True)
+    monkeypatch.setattr(train_module, "should_compile", lambda *a: True)
     monkeypatch.setattr(torch, "compile", lambda model, **kw: model)  # the decision, not inductor
     cfg = TrainConfig(model="seed_cnn", image_size=32, epochs=2, batch_size=8, device="cpu",
                       augment=AugmentConfig(0, 0, 0), schedule="onecycle", optimizer="adamw",

@@ -263,7 +263,7 @@ def test_resume_follows_the_run_folder_and_the_data_not_their_spelling(tmp_path)
     import dataclasses
 
     from pneumoscan.errors import PneumoscanError
-    from pneumoscan.train import load_checkpoint
+    from pneumoscan.checkpoint import load_checkpoint
 
     cfg = _checkpointed_run(tmp_path)
     moved = dataclasses.replace(cfg, out="elsewhere/run", data="/somewhere/else")

@@ -34,6 +34,7 @@ from pneumoscan.allocator import low_memory_mode
 from pneumoscan.config import TrainConfig
 from pneumoscan.data.dataset import DataBundle, Split, load_data
 from pneumoscan.data.split import SplitError, patient_folds, patient_split
+from pneumoscan.device import resolve_device
 from pneumoscan.environment import run_config
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.evaluate import (
@@ -114,8 +115,6 @@ def cross_validate(
     ``after_fold`` is called with each finished fold (the memory benchmark measures there).
     Returns the contents of cv_metrics.json, plus "test" when the data has a test split.
     """
-    from pneumoscan.train import resolve_device
-
     out = Path(cfg.out)
     if n_folds < 2:  # before decoding anything
         raise PneumoscanError(f"--folds {n_folds}: cross-validation needs at least 2 folds")
@@ -163,7 +162,7 @@ def run_fold(
     ``inner`` is the fold's (fit_idx, val_idx): its training folds split by ``inner_split``.
     """
     from pneumoscan.pipeline import finish_run
-    from pneumoscan.train import CHECKPOINT, fit, predict_logits, resolve_device
+    from pneumoscan.train import CHECKPOINT, fit, predict_logits
 
     pool = data.train
     fold_dir = Path(cfg.out) / fold_name(k)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pneumoscan import CLASS_NAMES
+from pneumoscan.device import autocast
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.fileio import atomic_write, atomic_write_json, read_json
 from pneumoscan.models import create_model
@@ -213,7 +214,7 @@ class Predictor:
         for start in range(0, len(images), batch_size):
             x = self.model_input(images[start : start + batch_size])
             x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(self.device):
+            with autocast(self.device):
                 out.append(self.model(x).float().cpu())
         if not out:
             return np.zeros((0, 2), dtype=np.float32)
@@ -342,9 +343,3 @@ def _check_finite(path: Path, weights: dict[str, torch.Tensor]) -> None:
                 f"{path}: weights are not all finite (NaN or infinity in {name!r}); "
                 "the model cannot predict"
             )
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)

@@ -14,6 +14,7 @@ from pneumoscan import CLASS_NAMES
 from pneumoscan.allocator import low_memory_mode
 from pneumoscan.config import TrainConfig
 from pneumoscan.data.dataset import DataBundle, Split, load_data
+from pneumoscan.device import resolve_device
 from pneumoscan.distributed import DistInfo, barrier, process_group
 from pneumoscan.environment import run_config
 from pneumoscan.evaluate import (
@@ -27,7 +28,7 @@ from pneumoscan.fileio import atomic_write_json
 from pneumoscan.model_io import probabilities, save_model
 from pneumoscan.run_folder import TEST_METRICS, TEST_PREDICTIONS, VAL_PREDICTIONS
 from pneumoscan.threshold_rules import format_threshold
-from pneumoscan.train import CHECKPOINT, describe_fit_timings, fit, predict_logits, resolve_device
+from pneumoscan.train import CHECKPOINT, describe_fit_timings, fit, predict_logits
 
 
 def train_run(

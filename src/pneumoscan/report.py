@@ -418,10 +418,10 @@ def gradcam_section(run_dir: Path, meta: dict, device: str) -> Section:
 
 def _gallery_cards(run_dir: Path, meta: dict, pred, device: str) -> dict[str, list[str]] | None:
     from pneumoscan.data.decode import read_gray
+    from pneumoscan.device import resolve_device
     from pneumoscan.errors import UnreadableImage
     from pneumoscan.explain import gradcam, overlay_png
     from pneumoscan.model_io import load_predictor
-    from pneumoscan.train import resolve_device
 
     predictor = load_predictor(run_dir, resolve_device(device))
     picks = gallery_picks(pred.labels, pred.prob, float(meta["threshold"]))

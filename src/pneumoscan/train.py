@@ -7,12 +7,10 @@ and optimizer, the step, evaluation, early stopping and checkpoint, log.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,38 +21,34 @@ from torch import nn
 
 from pneumoscan.augment import augment_batch
 from pneumoscan.batchnorm import settle_batchnorm
+from pneumoscan.checkpoint import CHECKPOINT_INTERVAL_S, load_checkpoint, save_checkpoint
 from pneumoscan.config import (
-    CUDA_GRAPHS_REFUSED,
     GPU_RECIPES,
     TrainConfig,
     check_batch_per_process,
     check_pretrained,
     describe_lr,
 )
-from pneumoscan.data.dataset import Split, data_changed
+from pneumoscan.data.dataset import Split
+from pneumoscan.device import (
+    CPU_HOURS_WORK_224,
+    autocast,
+    capture_cuda_graphs,
+    configure_device,
+    release_cuda_graphs,
+    resolve_device,
+    should_compile,
+    should_graph,
+    sync,
+    work_224,
+)
 from pneumoscan.distributed import DistInfo, all_reduce_sum, broadcast_object
 from pneumoscan.errors import PneumoscanError
-from pneumoscan.fileio import atomic_write, atomic_write_text
+from pneumoscan.fileio import atomic_write_text
 from pneumoscan.models import create_model
 from pneumoscan.preprocess import eval_batch_size, to_model_input
 from pneumoscan.progress import format_duration, progress_bar, time_left
 from pneumoscan.run_folder import CHECKPOINT, METRICS
-
-# Seconds between checkpoints. On a GPU an epoch of these data sets takes under a second while
-# writing ResNet-18 with its optimizer state (135 MB, flushed to disk) takes longer: there a
-# checkpoint is written once this many seconds have passed, and after the last epoch. On the CPU,
-# where an epoch takes far longer than its checkpoint, after every epoch.
-CHECKPOINT_INTERVAL_S = {"cpu": 0.0, "cuda": 30.0}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PneumoscanError("--device cuda: no CUDA GPU is available here; use --device cpu")
-    if name not in ("cpu", "cuda"):
-        raise PneumoscanError(f"unknown device {name!r}: choose auto, cpu or cuda")
-    return torch.device(name)
 
 
 def balanced_class_weights(counts: np.ndarray) -> torch.Tensor:
@@ -71,46 +65,6 @@ def build_model(cfg: TrainConfig) -> nn.Module:
 
 def model_input(images_u8: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     return to_model_input(images_u8, in_chans=cfg.in_chans, mean=cfg.mean, std=cfg.std)
-
-
-def configure_device(device: torch.device) -> None:
-    """Let cuDNN pick the fastest convolution for each shape (the shapes never change)."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-
-def autocast(device: torch.device):
-    if device.type == "cuda":
-        # No cast cache: CUDA-graphed models need none (and CNN weights are cast once anyway).
-        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
-    return contextlib.nullcontext()
-
-
-def capture_cuda_graphs(model: nn.Module, sample: torch.Tensor) -> None:
-    """Capture the model's training forward and backward as CUDA graphs, in place.
-
-    In training mode ``model(x)`` then replays the graphs (one launch instead of hundreds: the
-    step stops waiting on Python at small batches); in eval mode it runs as before. A graph
-    holds one input shape, so the caller feeds full batches only. The capture runs three
-    warm-up passes, which would move BatchNorm's running statistics: they are put back.
-    """
-    buffers = [b.detach().clone() for b in model.buffers()]
-    # The capture warms up on a side stream, then every step's backward runs on the main one:
-    # torch warns once about each (no current context for cuBLAS in the warm-up thread; the
-    # gradient accumulators made on the side stream). Both are expected here and harmless.
-    quiet = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
-    if quiet is not None:
-        quiet(False)
-    with autocast(sample.device), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*no current CUDA context")
-        torch.cuda.make_graphed_callables(model, (sample,))
-    with torch.no_grad():
-        for live, saved in zip(model.buffers(), buffers, strict=True):
-            live.copy_(saved)
-
-
-def release_cuda_graphs(model: nn.Module) -> None:
-    model.__dict__.pop("forward", None)  # the class's own forward again
 
 
 def weighted_loss(
@@ -329,8 +283,8 @@ def fit(
     # ---- learning rate and optimizer; the global batch is split across ranks
     per_rank_batch = check_batch_per_process(cfg.batch_size, dist_info.world_size)
     shard = n_train // dist_info.world_size
-    compiled = _should_compile(cfg, device, n_train)
-    graphed = _should_graph(cfg, device, dist_info, compiled, per_rank_batch, shard)
+    compiled = should_compile(cfg, device, n_train)
+    graphed = should_graph(cfg, device, dist_info, compiled, per_rank_batch, shard)
     # Compiled and graphed models take full batches only (one shape): the last one is left out,
     # unless it is the only one (a data set smaller than the batch).
     full_batches_only = graphed or (compiled and shard >= per_rank_batch)
@@ -352,13 +306,7 @@ def fit(
     if resuming:
         state = load_checkpoint(run_dir / CHECKPOINT, cfg, data_fingerprint, steps_per_epoch,
                                 dist_info.world_size)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        stopper = EarlyStopping(**json.loads(state["early_stopping"]))
-        best_state = state.get("best_model")
-        history = json.loads(state["history"])
+        stopper, best_state, history = _restore(state, model, optimizer, scheduler)
         start_epoch = int(state["epoch"]) + 1
         # A run that had already stopped early must not train one epoch more on resume.
         already_stopped = stopper.should_stop
@@ -386,7 +334,7 @@ def fit(
         how = " (compiled)" if compiled else " (CUDA graphs)" if graphed else ""
         print(f"training {cfg.model} at {cfg.image_size} px on {device}{how}: {describe_lr(cfg)}")
         if device.type == "cpu" and cfg.recipe in GPU_RECIPES and (
-                _work_224(cfg, n_train) >= CPU_HOURS_WORK_224):
+                work_224(cfg, n_train) >= CPU_HOURS_WORK_224):
             print(f"note: the {cfg.recipe} recipe is sized for a GPU; on a CPU it takes hours "
                   "(--recipe cpu trains in minutes)")
         if dist_info.enabled:
@@ -397,7 +345,7 @@ def fit(
                   f"{' a process' if dist_info.enabled else ''}: every step takes all of them, "
                   "one step an epoch")
     last_checkpoint = time.monotonic()
-    _sync(device)
+    sync(device)
     timings["set-up"] = time.perf_counter() - t_setup
 
     stopped_early = already_stopped
@@ -412,7 +360,7 @@ def fit(
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         epoch_lr = optimizer.param_groups[0]["lr"]  # as the epoch starts (one-cycle moves it)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         # The first steps_per_epoch batches: a left-out batch is only ever the last one.
         batches = range(0, steps_per_epoch * per_rank_batch, per_rank_batch)
@@ -425,7 +373,7 @@ def fit(
             seen += len(idx)
             bar.update(1)
         bar.close()
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - t0
         timings["epochs"] += seconds
         timings.setdefault("first epoch", seconds)
@@ -501,31 +449,50 @@ def fit(
     if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
                if t.is_floating_point()):
         raise _diverged(f"(the weights are not numbers after epoch {len(history)})", cfg)
-    # Batches drawn across the training rows (which often come sorted by class), the same ones
-    # in the same order on every rank, so the replicas stay identical.
-    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))
-    settle_rows = rows_on_device[order.to(device)]
-    settle_batch = min(per_rank_batch, n_train)  # a data set smaller than the batch: all of it
-    settle = (
-        model_input(train_images[settle_rows[i : i + settle_batch]], cfg).contiguous(
-            memory_format=torch.channels_last)
-        for i in range(0, n_train - settle_batch + 1, settle_batch)
-    ) if settle_batch >= 2 else iter(())
     t_settle = time.perf_counter()
-    # Dropout while re-measuring draws from a stream of its own (epoch 0 is never trained), the
-    # same on every rank: the replicas stay identical, and a resumed run ends as an
-    # uninterrupted one.
-    torch.manual_seed(stream_seed(cfg.seed, 0, 2, 0))
-    with autocast(device):
-        settled = settle_batchnorm(model, settle)
+    settled = _settle_batchnorm(model, train_images, rows_on_device, per_rank_batch, cfg, device)
     if settled:
-        _sync(device)
+        sync(device)
         timings["BatchNorm"] = time.perf_counter() - t_settle
     if settled and progress and dist_info.is_main:
         print(f"BatchNorm statistics measured again on {settled} training images: their running "
               "averages had not settled (batchnorm.py)")
     best_epoch = stopper.best_epoch if cfg.restore_best else len(history)
     return FitResult(model, history, best_epoch, stopped_early, timings)
+
+
+def _restore(state: dict, model, optimizer, scheduler) -> tuple[EarlyStopping, dict | None,
+                                                                  list[dict]]:
+    """Put a checkpoint's weights and optimizer and schedule state back; return its early
+    stopping state, best weights (when kept) and history."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    stopper = EarlyStopping(**json.loads(state["early_stopping"]))
+    return stopper, state.get("best_model"), json.loads(state["history"])
+
+
+def _settle_batchnorm(model, train_images, rows, batch, cfg, device) -> int:
+    """Re-measure BatchNorm's running statistics on the training ``rows`` where they had not
+    settled (batchnorm.py); returns the images that took, 0 when none were needed."""
+    n = len(rows)
+    # Batches drawn across the training rows (which often come sorted by class), the same ones
+    # in the same order on every rank, so the replicas stay identical.
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    rows = rows[order.to(rows.device)]
+    batch = min(batch, n)  # a data set smaller than the batch: all of it
+    batches = (
+        model_input(train_images[rows[i : i + batch]], cfg).contiguous(
+            memory_format=torch.channels_last)
+        for i in range(0, n - batch + 1, batch)
+    ) if batch >= 2 else iter(())
+    # Dropout while re-measuring draws from a stream of its own (epoch 0 is never trained), the
+    # same on every rank: the replicas stay identical, and a resumed run ends as an
+    # uninterrupted one.
+    torch.manual_seed(stream_seed(cfg.seed, 0, 2, 0))
+    with autocast(device):
+        return settle_batchnorm(model, batches)
 
 
 def validation_figures(model, images, labels, cfg, device) -> dict:
@@ -565,140 +532,6 @@ def seed_epoch(seed: int, epoch: int, rank: int, shuffle_gen: torch.Generator,
 def stream_seed(seed: int, *key: int) -> int:
     """A seed for the random stream named by ``key``, independent of every other key's."""
     return int(np.random.SeedSequence([seed, *key]).generate_state(1, np.uint64)[0])
-
-
-def save_checkpoint(
-    path, cfg, epoch, model, optimizer, scheduler, stopper, best_state, history,
-    data_fingerprint, steps_per_epoch, processes,
-) -> None:
-    """Everything needed to continue exactly where this epoch ended, written atomically."""
-    state = {
-        "config": json.dumps(cfg.to_dict(), sort_keys=True),
-        "epoch": epoch,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else {},
-        "early_stopping": json.dumps(stopper.__dict__),
-        "history": json.dumps(history),
-        "data_fingerprint": data_fingerprint,
-        "steps_per_epoch": steps_per_epoch,
-        "processes": processes,
-    }
-    if best_state is not None:
-        state["best_model"] = best_state
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-_CHECKPOINT_KEYS = ("config", "epoch", "model", "optimizer", "scheduler", "early_stopping",
-                    "history")
-# Settings a run may resume with changed: where it runs and how fast, not what it computes.
-# The data are compared by their fingerprint, so a moved folder or another spelling resumes.
-# --pretrained only decides the weights before epoch 1: a resume takes them from the checkpoint.
-_FREE_ON_RESUME = ("out", "data", "device", "compile", "cuda_graphs", "low_memory", "pretrained")
-
-
-def load_checkpoint(path: Path, cfg: TrainConfig, data_fingerprint: str = "",
-                    steps_per_epoch: int | None = None, processes: int = 1) -> dict:
-    """Resume state, loaded with weights_only=True so a planted pickle cannot run code.
-
-    Refused when the run would go on differently: other settings, other data, another number
-    of processes (each trains its own shard), or another number of steps an epoch (compiled
-    and graphed runs leave out the last partial batch).
-    """
-    import pickle
-
-    try:
-        with warnings.catch_warnings():  # e.g. "pickle protocol 4": noise for a user
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # torch's messages advise weights_only=False: not for users
-        raise PneumoscanError(
-            f"{path}: refused to load checkpoint: corrupt, or holds Python objects other than "
-            "tensors and plain data (which could run code); delete it or use a new --out"
-        ) from None
-    except Exception as e:  # unpickling errors come in many types; none may run code
-        reason = (str(e).strip().splitlines() or [""])[0][:120]
-        raise PneumoscanError(
-            f"{path}: not a readable checkpoint ({type(e).__name__}{': ' if reason else ''}"
-            f"{reason}); delete it or use a new --out"
-        ) from None
-    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
-    try:
-        saved = json.loads(state["config"]) if not missing else None
-    except (TypeError, ValueError):
-        saved = None
-    if not isinstance(saved, dict):
-        raise PneumoscanError(
-            f"{path}: not a pneumoscan checkpoint (missing or bad "
-            f"{', '.join(missing) or 'config'}); delete it or use a new --out"
-        )
-    current = cfg.to_dict()
-    defaults = TrainConfig().to_dict()  # a field newer than the checkpoint had its default
-    changed = [k for k in current if k not in _FREE_ON_RESUME
-               and saved.get(k, defaults[k]) != current[k]]
-    if changed:
-        raise PneumoscanError(
-            f"{path}: --resume with different settings ({', '.join(changed)}); "
-            "resume with the run's own config or start a new --out"
-        )
-    if data_changed(state.get("data_fingerprint"), data_fingerprint):
-        raise PneumoscanError(
-            f"{path}: --resume on other data than the run started with (the images differ); "
-            "resume with its own --data or start a new --out"
-        )
-    saved_processes = state.get("processes", 1)
-    if saved_processes != processes:
-        raise PneumoscanError(
-            f"{path}: --resume in {processes} process(es) where the run had {saved_processes}; "
-            "resume with the torchrun --nproc_per_node (and --nnodes) it started with"
-        )
-    saved_steps = state.get("steps_per_epoch")
-    if steps_per_epoch is not None and saved_steps is not None and saved_steps != steps_per_epoch:
-        raise PneumoscanError(
-            f"{path}: --resume would take {steps_per_epoch} steps an epoch where the run took "
-            f"{saved_steps} (compiled and CUDA-graphed runs leave out the last partial batch); "
-            "resume with the --device, --compile and --cuda-graphs it started with"
-        )
-    return state
-
-
-# Compilation costs 30-50 s on a GPU and saves at most a third of the step time, so it pays
-# only for runs of about three minutes or more of eager training: about this many images at
-# 224 px (ResNet-18 trains some 12,000 images/s eager on an H200-class GPU).
-COMPILE_MIN_IMAGES_224 = 2_000_000
-
-
-# Images at 224 px (smaller ones counted by their area) that take a 2-core CPU about an hour
-# or more: ResNet-18 trains some 7 images/s there, the report's CNN some 23.
-CPU_HOURS_WORK_224 = 50_000
-
-
-def _work_224(cfg: TrainConfig, train_images: int) -> float:
-    """The images a run trains on, counted as 224 px images by their area."""
-    return cfg.epochs * train_images * (cfg.image_size / 224) ** 2
-
-
-def _should_compile(cfg: TrainConfig, device: torch.device, train_images: int) -> bool:
-    if cfg.compile is not None:
-        return cfg.compile
-    return device.type == "cuda" and _work_224(cfg, train_images) >= COMPILE_MIN_IMAGES_224
-
-
-def _should_graph(cfg, device, dist_info, compiled, batch, shard) -> bool:
-    """CUDA graphs for uncompiled single-process GPU runs.
-
-    Not with torch.compile (its own graphs are its business) nor under torchrun, where
-    DistributedDataParallel's gradient hooks must run between the graphed passes.
-    """
-    if cfg.cuda_graphs and (device.type != "cuda" or dist_info.enabled):
-        raise PneumoscanError(CUDA_GRAPHS_REFUSED)
-    wanted = device.type == "cuda" if cfg.cuda_graphs is None else cfg.cuda_graphs
-    return wanted and not compiled and not dist_info.enabled and shard >= batch
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _bar(total: int, desc: str, enabled: bool):

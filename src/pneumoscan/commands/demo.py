@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pneumoscan.cli import COMMANDS, main
     from pneumoscan.data.synthetic import SYNTHETIC_NOTE, write_synthetic_dataset
-    from pneumoscan.train import resolve_device
+    from pneumoscan.device import resolve_device
 
     resolve_device(args.device)  # "--device cuda" without a GPU: refused before anything changes
     out = Path(args.out)

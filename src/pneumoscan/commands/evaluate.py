@@ -28,11 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pneumoscan.data.dataset import load_eval_split
+    from pneumoscan.device import resolve_device
     from pneumoscan.errors import PneumoscanError
     from pneumoscan.evaluate import evaluate_predictions, format_table
     from pneumoscan.fileio import atomic_write_json
     from pneumoscan.model_io import load_predictor
-    from pneumoscan.train import resolve_device
 
     predictor = load_predictor(args.run, resolve_device(args.device))
     threshold = predictor.threshold

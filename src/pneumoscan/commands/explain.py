@@ -19,11 +19,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pneumoscan.device import resolve_device
     from pneumoscan.errors import PneumoscanError
     from pneumoscan.explain import write_overlays
     from pneumoscan.model_io import load_predictor
     from pneumoscan.predict import expand_paths
-    from pneumoscan.train import resolve_device
 
     predictor = load_predictor(args.run, resolve_device(args.device))
     inputs = expand_paths(args.paths)

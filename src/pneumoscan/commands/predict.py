@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from pneumoscan.device import resolve_device
     from pneumoscan.errors import PneumoscanError
     from pneumoscan.model_io import load_predictor
     from pneumoscan.predict import (
@@ -37,7 +38,6 @@ def run(args: argparse.Namespace) -> int:
         table_line,
         write_rows,
     )
-    from pneumoscan.train import resolve_device
 
     if args.output:
         output_format(args.output)  # refuse a bad extension before any work

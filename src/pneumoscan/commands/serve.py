@@ -15,9 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pneumoscan.device import resolve_device
     from pneumoscan.errors import PneumoscanError
     from pneumoscan.serve.app import create_app
-    from pneumoscan.train import resolve_device
 
     if not 0 <= args.port <= 65535:
         raise PneumoscanError(f"--port {args.port}: expected 0..65535")

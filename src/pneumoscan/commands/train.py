@@ -47,10 +47,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from pneumoscan.config import check_batch_per_process
+    from pneumoscan.device import resolve_device
     from pneumoscan.distributed import env_world_size, process_group
     from pneumoscan.pipeline import train_run
     from pneumoscan.run_folder import check_out_folder
-    from pneumoscan.train import resolve_device
 
     cfg = config_from_args(args)
     check_out_folder(cfg.out, resume=args.resume)

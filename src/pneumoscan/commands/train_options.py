@@ -132,9 +132,9 @@ def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> N
 
 def config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
     # Imported here, not at the top: building the parser (and --help) must not wait for torch.
+    from pneumoscan.device import resolve_device
     from pneumoscan.distributed import env_world_size
     from pneumoscan.models import check_input_size
-    from pneumoscan.train import resolve_device
 
     device_type = resolve_device(args.device).type
     overrides = {
