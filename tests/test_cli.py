@@ -95,7 +95,11 @@ def test_evaluate_json_has_the_documented_keys(trained_run, synthetic_data, tmp_
     assert figures["threshold"] == read_meta(trained_run)["threshold"]
     low, high = figures["ci95"]["accuracy"]
     assert low <= figures["accuracy"] <= high
-    assert "sensitivity" in capsys.readouterr().out
+    # The synthetic files are named as Kermany's are: 10 bacterial and 10 viral of 30.
+    by_kind = figures["sensitivity_by_kind"]
+    assert {k: v["n"] for k, v in by_kind.items()} == {"bacterial": 10, "viral": 10}
+    out = capsys.readouterr().out
+    assert "sensitivity" in out and "viral (10)" in out
 
 
 def test_evaluate_takes_a_folder_with_only_a_test_split(trained_run, synthetic_data, tmp_path,

@@ -17,7 +17,7 @@ from conftest import REAL_DATA, write_image
 from pneumoscan.data import cache, decode
 from pneumoscan.data.cache import decode_files
 from pneumoscan.data.dataset import load_data
-from pneumoscan.data.discover import discover, patient_id
+from pneumoscan.data.discover import discover, patient_id, pneumonia_kind
 from pneumoscan.data.split import SplitError, patient_folds, patient_split
 from pneumoscan.errors import PneumoscanError, UnreadableImage
 
@@ -39,6 +39,20 @@ def _gray(seed: int, size: int = 40) -> np.ndarray:
 def test_patient_ids_from_kermany_names(name, patient):
     root = Path("/data")
     assert patient_id(root / "train" / "NORMAL" / name, root) == patient
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("person1000_bacteria_2931.jpeg", "bacterial"),
+        ("PERSON1_VIRUS_6.JPEG", "viral"),
+        ("IM-0115-0001.jpeg", ""),
+        ("scan_bacteria_1.png", ""),  # only Kermany's pattern says the kind
+        ("person3_synthetic_4.png", ""),
+    ],
+)
+def test_pneumonia_kind_from_kermany_names(name, kind):
+    assert pneumonia_kind(Path("/data/train/PNEUMONIA") / name) == kind
 
 
 def test_discover_class_folders_any_case_and_by_content(tmp_path):
@@ -283,6 +297,8 @@ def test_real_kermany_layout_and_patients():
     assert len(samples) == 5216
     assert sum(s.label for s in samples) == 3875
     assert len({s.patient for s in samples}) < len(samples)  # several images share a patient
+    kinds = [pneumonia_kind(s.path) for s in samples if s.label == 1]
+    assert kinds.count("bacterial") == 2530 and kinds.count("viral") == 1345  # every one named
 
 
 @pytest.mark.parametrize("fraction, folds", [(0.1, 10), (0.2, 5), (0.4, 3), (0.45, 2)])

@@ -18,6 +18,7 @@ from pneumoscan.evaluate import (
     expected_calibration_error,
     fit_temperature,
     format_table,
+    sensitivity_by_kind,
     summarize_runs,
 )
 from pneumoscan.model_io import probabilities
@@ -383,3 +384,32 @@ def test_a_temperature_at_the_end_of_its_range_is_flagged():
     backwards = np.array([[0.0, 1.0], [1.0, 0.0]] * 10)  # every margin wrong
     assert temperature_at_limit(fit_temperature(backwards, np.array([0, 1] * 10)))
     assert not temperature_at_limit(1.0) and not temperature_at_limit(0.1)
+
+
+def test_sensitivity_by_kind_finds_the_kind_a_model_misses():
+    # Every bacterial case found, most viral ones missed: one sensitivity (0.6) hides that.
+    y = np.array([1] * 10 + [0] * 5)
+    kinds = ["bacterial"] * 6 + ["viral"] * 4 + [""] * 5
+    prob = np.array([0.9] * 6 + [0.8, 0.2, 0.1, 0.3] + [0.1] * 5)
+    patients = [f"p{i // 2}" for i in range(15)]
+    figures = sensitivity_by_kind(y, prob, 0.5, kinds, groups=patients, n_resamples=200)
+    assert list(figures) == ["bacterial", "viral"]
+    assert figures["bacterial"]["n"] == 6 and figures["bacterial"]["sensitivity"] == 1.0
+    assert figures["viral"]["n"] == 4 and figures["viral"]["sensitivity"] == 0.25
+    low, high = figures["viral"]["ci95"]
+    assert 0.0 <= low <= 0.25 <= high <= 1.0 and low < high
+    assert figures["bacterial"]["ci95"] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="one entry per image"):
+        sensitivity_by_kind(y, prob, 0.5, kinds[:-1])
+
+
+def test_figures_by_kind_only_where_the_names_say_it():
+    y, prob = np.array([1, 1, 0, 0]), np.array([0.9, 0.2, 0.1, 0.3])
+    named = ["/x/person1_bacteria_1.jpeg", "/x/person2_virus_2.jpeg", "/x/IM-0001-0001.jpeg",
+             "/x/IM-0002-0001.jpeg"]
+    metrics = evaluate_predictions(y, prob, 0.5, n_resamples=20, paths=named)
+    assert metrics["sensitivity_by_kind"]["viral"]["sensitivity"] == 0.0
+    text = format_table(metrics)
+    assert "sensitivity by kind of pneumonia" in text and "viral (1)" in text
+    plain = evaluate_predictions(y, prob, 0.5, n_resamples=20, paths=["a.png"] * 4)
+    assert "sensitivity_by_kind" not in plain and "by kind" not in format_table(plain)

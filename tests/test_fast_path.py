@@ -19,10 +19,10 @@ from pneumoscan import train as train_module
 from pneumoscan.cli import main
 from pneumoscan.config import RECIPES, AugmentConfig, TrainConfig, build_config, describe_lr
 from pneumoscan.data.dataset import Split
+from pneumoscan.device import should_compile, should_graph
 from pneumoscan.distributed import DistInfo
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.preprocess import EVAL_PIXELS_PER_BATCH, GPU_EVAL_FACTOR, eval_batch_size
-from pneumoscan.device import should_compile, should_graph
 from pneumoscan.train import (
     CHECKPOINT,
     METRICS,

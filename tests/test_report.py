@@ -61,6 +61,7 @@ def test_report_has_every_section_and_embeds_everything(report_run):
     assert "data:image/png" in _section(html, "learning")
     figures = _section(html, "figures")
     assert "95% interval" in figures and "sensitivity" in figures and "validation" in figures
+    assert "sensitivity, viral" in figures and "sensitivity, bacterial" in figures
     assert re.search(r"<td>\[0\.\d{3}, [01]\.\d{3}\]</td>", figures)
     assert _section(html, "plots").count("data:image/png") >= 8
     gallery = _section(html, "gradcam")

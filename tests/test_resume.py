@@ -262,8 +262,8 @@ def test_resume_follows_the_run_folder_and_the_data_not_their_spelling(tmp_path)
     what is refused is other images, or another number of steps an epoch."""
     import dataclasses
 
-    from pneumoscan.errors import PneumoscanError
     from pneumoscan.checkpoint import load_checkpoint
+    from pneumoscan.errors import PneumoscanError
 
     cfg = _checkpointed_run(tmp_path)
     moved = dataclasses.replace(cfg, out="elsewhere/run", data="/somewhere/else")

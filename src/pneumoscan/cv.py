@@ -218,7 +218,8 @@ def _pool_folds(cfg: TrainConfig, data: DataBundle, pool: Split, results: list[F
     assert (fold_of >= 0).all(), "every image is held out by exactly one fold"
 
     threshold = choose_threshold(pool.labels, prob, cfg.threshold_rule)
-    pooled = evaluate_predictions(pool.labels, prob, threshold, groups=pool.patients)
+    pooled = evaluate_predictions(pool.labels, prob, threshold, groups=pool.patients,
+                                  paths=pool.paths)
     paths = pool.paths  # absolute (dataset.py): stack matches cv runs started from other folders
     save_oof(out / OOF_PREDICTIONS, pool.labels, prob, fold_of, paths, pool.patients)
     # The pooled out-of-fold predictions, in a single run's format: the threshold came from them.
@@ -265,7 +266,8 @@ def evaluate_ensemble_on_test(
     prob = predictor.predict_proba(test.images)
     z = log_odds(prob)
     logits = np.stack([np.zeros_like(z), z], axis=1).astype(np.float32)  # softmax -> prob
-    metrics = evaluate_predictions(test.labels, prob, threshold, groups=test.patients)
+    metrics = evaluate_predictions(test.labels, prob, threshold, groups=test.patients,
+                                   paths=test.paths)
     _save_val_predictions(run_dir / TEST_PREDICTIONS, test.labels, prob, test.paths, logits)
     atomic_write_json(run_dir / TEST_METRICS, metrics)
     print(f"\ntest, ensemble of {len(predictor.members)} fold models (held out; nothing was "

@@ -27,6 +27,7 @@ from sklearn.metrics import (
 )
 
 from pneumoscan import CLASS_NAMES
+from pneumoscan.data.discover import pneumonia_kind
 from pneumoscan.threshold_rules import format_threshold, split_threshold_rule
 
 RATE_KEYS = (
@@ -338,13 +339,46 @@ def evaluate_predictions(
     n_resamples: int = 1000,
     seed: int = 0,
     groups: Any = None,
+    paths: Sequence[str] | None = None,
 ) -> dict:
     """:func:`binary_metrics` plus ``ci95``: 95% bootstrap intervals of RATE_KEYS, resampling
-    ``groups`` (patients) where given (:func:`bootstrap_ci`)."""
+    ``groups`` (patients) where given (:func:`bootstrap_ci`); with the images' ``paths``, also
+    ``sensitivity_by_kind`` where their names say the kind of pneumonia."""
     metrics = binary_metrics(y_true, prob, threshold)
     metrics["ci95"] = bootstrap_ci(y_true, prob, threshold, n_resamples, seed, level=0.95,
                                    groups=groups)
+    if paths is not None:
+        by_kind = sensitivity_by_kind(y_true, prob, threshold, [pneumonia_kind(p) for p in paths],
+                                      groups, n_resamples, seed)
+        if by_kind:
+            metrics["sensitivity_by_kind"] = by_kind
     return metrics
+
+
+def sensitivity_by_kind(
+    y_true: Any, prob: Any, threshold: float, kinds: Sequence[str], groups: Any = None,
+    n_resamples: int = 1000, seed: int = 0,
+) -> dict[str, dict]:
+    """Sensitivity within each kind of pneumonia (``kinds``: one per image, '' where unknown),
+    with its 95% interval by the same patient bootstrap: ``{kind: {n, sensitivity, ci95}}``.
+
+    Viral pneumonia is often subtler on an X-ray than bacterial: one sensitivity over both can
+    hide a model that misses most of the rarer kind.
+    """
+    y, p = validate_predictions(y_true, prob)
+    kinds = np.asarray(kinds, dtype=str)
+    if kinds.shape != y.shape:
+        raise ValueError(f"kinds must have one entry per image: shapes {kinds.shape} and "
+                         f"{y.shape}")
+    result = {}
+    for kind in sorted(set(kinds[y == 1]) - {""}):
+        rows = (y == 1) & (kinds == kind)
+        ci = bootstrap_ci(y[rows], p[rows], threshold, n_resamples, seed, level=0.95,
+                          groups=None if groups is None else np.asarray(groups)[rows])
+        result[kind] = {"n": int(rows.sum()),
+                        "sensitivity": float(np.mean(p[rows] >= threshold)),
+                        "ci95": ci["sensitivity"]}
+    return result
 
 
 # --------------------------------------------------------------------------- thresholds
@@ -460,6 +494,15 @@ def format_table(metrics: dict) -> str:
         lines += _confusion_lines(metrics["confusion"])
     if "threshold" in metrics:
         lines += ["", f"{'threshold':<{width}}{format_threshold(metrics['threshold']):>8}"]
+    by_kind = metrics.get("sensitivity_by_kind") or {}
+    if by_kind:
+        lines += ["", "sensitivity by kind of pneumonia (from the file names):"]
+        for kind, figures in by_kind.items():
+            interval = figures.get("ci95")
+            ci_text = (f"  [{format_figure(interval[0])}, {format_figure(interval[1])}]"
+                       if interval else "")
+            lines.append(f"  {kind + ' (' + str(figures['n']) + ')':<{width - 2}}"
+                         f"{format_figure(figures['sensitivity']):>8}{ci_text}")
     return "\n".join(lines)
 
 

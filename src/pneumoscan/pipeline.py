@@ -124,7 +124,7 @@ def finish_run(
     val_prob = probabilities(val_logits, temperature)
     threshold = choose_threshold(data.val.labels, val_prob, cfg.threshold_rule)
     val_metrics = evaluate_predictions(data.val.labels, val_prob, threshold,
-                                       groups=data.val.patients)
+                                       groups=data.val.patients, paths=data.val.paths)
     save_predictions(run_dir / VAL_PREDICTIONS, data.val, val_logits, val_prob)
     meta = {
         "architecture": cfg.model,
@@ -151,7 +151,7 @@ def finish_run(
         test_logits = predict_logits(model, torch.from_numpy(data.test.images), cfg, device)
         test_prob = probabilities(test_logits.numpy(), temperature)
         test_metrics = evaluate_predictions(data.test.labels, test_prob, threshold,
-                                            groups=data.test.patients)
+                                            groups=data.test.patients, paths=data.test.paths)
         save_predictions(run_dir / TEST_PREDICTIONS, data.test, test_logits.numpy(), test_prob)
         atomic_write_json(run_dir / TEST_METRICS, test_metrics)
         print("test (held out; nothing was selected on it):")

@@ -334,6 +334,7 @@ def figures_section(run_dir: Path, meta: dict) -> Section:
     for cell in ("tp", "fp", "tn", "fn"):
         counts = [format_figure((m.get("confusion") or {}).get(cell)) for m in columns.values()]
         rows.append([f"confusion {cell}", *(x for count in counts for x in (count, ""))])
+    rows += _by_kind_rows(columns)
     section.add(table(header, rows, "numbers"))
     rule = meta.get("threshold_rule", "")
     section.note(
@@ -343,9 +344,30 @@ def figures_section(run_dir: Path, meta: dict) -> Section:
         "was never used to select anything. "
         "Intervals: 95%, a bootstrap over patients."
     )
+    if any(m.get("sensitivity_by_kind") for m in columns.values()):
+        section.note("Sensitivity by kind of pneumonia: within the PNEUMONIA images whose "
+                     "Kermany file names say bacterial or viral (their number in brackets).")
     if "test" not in columns:
         section.note("This run has no test split figures (test_metrics.json).")
     return section
+
+
+def _by_kind_rows(columns: dict[str, dict]) -> list[list[str]]:
+    """A row for each kind of pneumonia any column has: its sensitivity, interval and count."""
+    kinds = sorted({k for m in columns.values() for k in (m.get("sensitivity_by_kind") or {})})
+    rows = []
+    for kind in kinds:
+        row = [f"sensitivity, {kind}"]
+        for metrics in columns.values():
+            figures = (metrics.get("sensitivity_by_kind") or {}).get(kind)
+            if not figures:
+                row += ["", ""]
+                continue
+            ci = figures.get("ci95")
+            row += [f"{format_figure(figures.get('sensitivity'))} ({figures.get('n')})",
+                    f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else ""]
+        rows.append(row)
+    return rows
 
 
 def plots_section(run_dir: Path, notes: list[str]) -> Section:

@@ -70,8 +70,10 @@ def fit_stack(
     n_folds: int = 5,
     seed: int = 0,
     threshold_rule: str = "youden",
+    paths: list[str] | None = None,
 ) -> StackFit:
-    """Nested-CV figures of a stack over ``member_prob`` (N, M), then the combiner on all rows."""
+    """Nested-CV figures of a stack over ``member_prob`` (N, M), then the combiner on all rows.
+    ``paths`` (the images') add the sensitivity by kind of pneumonia to the figures."""
     member_prob = np.asarray(member_prob, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     if member_prob.ndim != 2 or member_prob.shape[0] != labels.shape[0]:
@@ -90,7 +92,7 @@ def fit_stack(
         nested[held_idx] = stack_probabilities(member_prob[held_idx], stacker)
         fold_of[held_idx] = k
     threshold = choose_threshold(labels, nested, threshold_rule)
-    metrics = evaluate_predictions(labels, nested, threshold, groups=patients)
+    metrics = evaluate_predictions(labels, nested, threshold, groups=patients, paths=paths)
     return StackFit(fit_combiner(member_prob, labels), nested, fold_of, threshold, metrics)
 
 
@@ -164,7 +166,7 @@ def build_stack(
 
     member_prob, labels, patients, paths = aligned_oof(runs)
     fitted = fit_stack(member_prob, labels, patients, n_folds=n_folds, seed=seed,
-                       threshold_rule=rule)
+                       threshold_rule=rule, paths=paths)
     names = member_names(runs)
     members = {
         name: {

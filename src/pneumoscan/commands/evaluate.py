@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     prob = predictor.predict_proba(data.split.images)
     _require_finite(prob, args.run)
     metrics = evaluate_predictions(data.split.labels, prob, threshold,
-                                   groups=data.split.patients)
+                                   groups=data.split.patients, paths=data.split.paths)
     print(f"{args.run} on {data.description}:")
     print(format_table(metrics))
     if args.json:

@@ -17,6 +17,9 @@ _PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_", re.IGNORECASE),
     re.compile(r"^((?:NORMAL2-)?IM-\d+)-\d+", re.IGNORECASE),
 )
+# ... and the kind of pneumonia: person1000_bacteria_2931.jpeg, person1_virus_6.jpeg.
+_KIND_PATTERN = re.compile(r"^person\d+_(bacteria|virus)_", re.IGNORECASE)
+PNEUMONIA_KINDS = {"bacteria": "bacterial", "virus": "viral"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,12 @@ def patient_id(path: Path, root: Path) -> str:
         if match:
             return match.group(1)
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def pneumonia_kind(path: str | Path) -> str:
+    """'bacterial' or 'viral' where a Kermany file name says which, else ''."""
+    match = _KIND_PATTERN.match(Path(path).name)
+    return PNEUMONIA_KINDS[match.group(1).lower()] if match else ""
 
 
 def discover(root: str | Path, *, need_train: bool = True) -> dict[str, list[Sample]]:

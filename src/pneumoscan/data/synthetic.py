@@ -42,8 +42,12 @@ def write_synthetic_dataset(
             label = "PNEUMONIA" if pneumonia else "NORMAL"
             folder = root / split / label
             folder.mkdir(parents=True, exist_ok=True)
-            # Two images per synthetic 'patient', as in the real data, to exercise the split.
-            name = f"person{i // 2 + (0 if split == 'train' else 10_000)}_synthetic_{i}.png"
+            # Two images per synthetic 'patient', as in the real data, to exercise the split;
+            # pneumonia named bacterial or viral as Kermany's files are, to exercise the
+            # figures by kind (the drawings themselves know no kind).
+            patient = i // 2 + (0 if split == "train" else 10_000)
+            kind = ("bacteria" if i % 3 == 1 else "virus") if pneumonia else "synthetic"
+            name = f"person{patient}_{kind}_{i}.png"
             Image.fromarray(synthetic_xray(rng, size, pneumonia)).save(folder / name)
     (root / "SYNTHETIC.txt").write_text(SYNTHETIC_NOTE + "\n")
     return root
