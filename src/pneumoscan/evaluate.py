@@ -375,7 +375,7 @@ def sensitivity_by_kind(
         rows = (y == 1) & (kinds == kind)
         ci = bootstrap_ci(y[rows], p[rows], threshold, n_resamples, seed, level=0.95,
                           groups=None if groups is None else np.asarray(groups)[rows])
-        result[kind] = {"n": int(rows.sum()),
+        result[str(kind)] = {"n": int(rows.sum()),
                         "sensitivity": float(np.mean(p[rows] >= threshold)),
                         "ci95": ci["sensitivity"]}
     return result
@@ -497,11 +497,13 @@ def format_table(metrics: dict) -> str:
     by_kind = metrics.get("sensitivity_by_kind") or {}
     if by_kind:
         lines += ["", "sensitivity by kind of pneumonia (from the file names):"]
+        labels = {kind: f"{kind} ({figures['n']})" for kind, figures in by_kind.items()}
+        label_width = max(width - 2, *(len(label) + 2 for label in labels.values()))
         for kind, figures in by_kind.items():
             interval = figures.get("ci95")
             ci_text = (f"  [{format_figure(interval[0])}, {format_figure(interval[1])}]"
                        if interval else "")
-            lines.append(f"  {kind + ' (' + str(figures['n']) + ')':<{width - 2}}"
+            lines.append(f"  {labels[kind]:<{label_width}}"
                          f"{format_figure(figures['sensitivity']):>8}{ci_text}")
     return "\n".join(lines)
 
