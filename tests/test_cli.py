@@ -102,6 +102,26 @@ def test_evaluate_json_has_the_documented_keys(trained_run, synthetic_data, tmp_
     assert "sensitivity" in out and "viral (10)" in out
 
 
+@pytest.mark.parametrize("given", ["0.9", "fixed:0.9"])
+def test_evaluate_threshold_overrides_the_stored_one(trained_run, synthetic_data, tmp_path,
+                                                      given):
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", str(trained_run), "--data", str(synthetic_data), "--json",
+                 str(out), "--threshold", given, "--quiet"]) == 0
+    assert json.loads(out.read_text())["threshold"] == 0.9
+
+
+@pytest.mark.parametrize("given, reason", [("youden", "give them to train"),
+                                           ("1.5", "a probability, 0 to 1"),
+                                           ("nan", "a probability, 0 to 1")])
+def test_evaluate_threshold_refuses_what_is_no_probability(trained_run, given, reason, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", str(trained_run), "--threshold", given])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert reason in err and "Traceback" not in err
+
+
 def test_evaluate_takes_a_folder_with_only_a_test_split(trained_run, synthetic_data, tmp_path,
                                                         capsys):
     import shutil

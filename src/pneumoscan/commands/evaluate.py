@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-
-from pneumoscan.threshold_rules import parse_threshold_rule
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,9 +17,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="FILE", help="write the figures as one JSON object")
     p.add_argument(
         "--threshold",
-        type=parse_threshold_rule,
-        metavar="RULE",
-        help="fixed:X overrides the run's stored threshold (chosen on validation)",
+        type=fixed_threshold,
+        metavar="X",
+        help="a probability X (or fixed:X) instead of the run's stored threshold, which was "
+        "chosen on validation data",
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quiet", action="store_true")
@@ -29,19 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pneumoscan.data.dataset import load_eval_split
     from pneumoscan.device import resolve_device
-    from pneumoscan.errors import PneumoscanError
     from pneumoscan.evaluate import evaluate_predictions, format_table
     from pneumoscan.fileio import atomic_write_json
     from pneumoscan.model_io import load_predictor
 
     predictor = load_predictor(args.run, resolve_device(args.device))
-    threshold = predictor.threshold
-    if args.threshold:
-        if not args.threshold.startswith("fixed:"):
-            raise PneumoscanError(
-                "--threshold takes fixed:X here; other rules need validation data"
-            )
-        threshold = float(args.threshold.split(":", 1)[1])
+    threshold = predictor.threshold if args.threshold is None else args.threshold
     data = load_eval_split(args.data, predictor.image_size, progress=not args.quiet)
     if _trained_on(args.data, data.held_out, predictor.meta.get("data_source")):
         print(f"warning: {args.data} holds the images {args.run} was trained and validated on: "
@@ -55,6 +48,21 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_json(args.json, metrics)
     return 0
+
+
+def fixed_threshold(text: str) -> float:
+    """--threshold X or fixed:X: a probability. Rules such as youden choose a threshold on
+    validation data, which evaluate does not have: they are set when training."""
+    try:
+        value = float(text.removeprefix("fixed:"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a probability X or fixed:X (rules such as youden or "
+            "sensitivity:X choose a threshold on validation data: give them to train)"
+        ) from None
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise argparse.ArgumentTypeError(f"{text!r}: a threshold is a probability, 0 to 1")
+    return value
 
 
 def _require_finite(prob, run: str) -> None:
