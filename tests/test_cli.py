@@ -416,6 +416,24 @@ def test_evaluate_warns_when_the_data_is_the_run_own_training_data(synthetic_dat
     assert main(["evaluate", str(trained_run), "--data", str(synthetic_data / "test"),
                  "--quiet"]) == 0
     assert "holds the images" not in capsys.readouterr().err
+    # Without --data: the test split of the data the run was trained on, where there is one.
+    out = tmp_path / "own.json"
+    assert main(["evaluate", str(trained_run), "--json", str(out), "--quiet"]) == 0
+    assert json.loads(out.read_text())["n"] == 30  # the synthetic test/ split
+    assert str(synthetic_data / "test") in capsys.readouterr().out
+    assert main(["evaluate", str(run), "--quiet"]) == 2  # xrays/ has no test/: nothing held out
+    err = capsys.readouterr().err
+    assert "has no test/ split to score; give --data DIR" in err and "Traceback" not in err
+    shutil.rmtree(data)
+    assert main(["evaluate", str(run), "--quiet"]) == 2
+    assert "is not there; give --data DIR" in capsys.readouterr().err
+
+
+def test_evaluate_without_data_takes_the_medmnist_file_the_run_trained_on():
+    from pneumoscan.commands.evaluate import own_test_data
+
+    meta = {"data_source": "PneumoniaMNIST 128 px (/cache/pneumoniamnist_128.npz)"}
+    assert own_test_data("run", meta) == "pneumoniamnist:128"
 
 
 @pytest.mark.parametrize("argv, unbuffered", [

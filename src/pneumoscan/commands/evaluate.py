@@ -11,8 +11,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument(
         "--data",
-        default="pneumoniamnist",
-        help="its test/ split if it has one, otherwise every image in its class folders",
+        help="its test/ split if it has one, otherwise every image in its class folders; "
+        "left out: the test split of the data the run was trained on",
     )
     p.add_argument("--json", metavar="FILE", help="write the figures as one JSON object")
     p.add_argument(
@@ -35,9 +35,10 @@ def run(args: argparse.Namespace) -> int:
 
     predictor = load_predictor(args.run, resolve_device(args.device))
     threshold = predictor.threshold if args.threshold is None else args.threshold
-    data = load_eval_split(args.data, predictor.image_size, progress=not args.quiet)
-    if _trained_on(args.data, data.held_out, predictor.meta.get("data_source")):
-        print(f"warning: {args.data} holds the images {args.run} was trained and validated on: "
+    spec = args.data if args.data is not None else own_test_data(args.run, predictor.meta)
+    data = load_eval_split(spec, predictor.image_size, progress=not args.quiet)
+    if _trained_on(spec, data.held_out, predictor.meta.get("data_source")):
+        print(f"warning: {spec} holds the images {args.run} was trained and validated on: "
               "these figures are optimistic", file=sys.stderr)
     prob = predictor.predict_proba(data.split.images)
     _require_finite(prob, args.run)
@@ -48,6 +49,28 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_json(args.json, metrics)
     return 0
+
+
+def own_test_data(run: str, meta: dict) -> str:
+    """The data ``run`` was trained on, for an evaluate without --data: its test split (never
+    used to select anything) is what gets scored. Refused where there is none to score."""
+    import re
+    from pathlib import Path
+
+    from pneumoscan.data.discover import discover
+    from pneumoscan.errors import PneumoscanError
+
+    source = meta.get("data_source")
+    medmnist = re.match(r"PneumoniaMNIST (\d+) px", source) if isinstance(source, str) else None
+    if medmnist:
+        return f"pneumoniamnist:{medmnist.group(1)}"  # the file of the size it trained on
+    if not isinstance(source, str) or not Path(source).is_dir():
+        raise PneumoscanError(f"{run}: no --data given, and the data it was trained on "
+                              f"({source or 'not recorded'}) is not there; give --data DIR")
+    if "test" not in discover(source, need_train=False):
+        raise PneumoscanError(f"{run}: no --data given, and the data it was trained on "
+                              f"({source}) has no test/ split to score; give --data DIR")
+    return source
 
 
 def fixed_threshold(text: str) -> float:
