@@ -15,7 +15,12 @@ import pytest
 
 from conftest import REAL_DATA, write_image
 from pneumoscan.data import cache, decode
-from pneumoscan.data.cache import decode_files
+from pneumoscan.data.cache import (
+    DEFAULT_LIMIT_GB,
+    cache_limit_bytes,
+    decode_files,
+    prune_cache,
+)
 from pneumoscan.data.dataset import load_data
 from pneumoscan.data.discover import discover, patient_id, pneumonia_kind
 from pneumoscan.data.split import SplitError, patient_folds, patient_split
@@ -176,6 +181,40 @@ def test_decode_cache_is_reused_and_rebuilt_when_files_change(tmp_path):
     changed = decode_files(paths, 16, cache_dir=cache, progress=False)
     assert changed.fingerprint != first.fingerprint
     assert not np.array_equal(changed.images[0], first.images[0])
+
+
+def test_the_decode_cache_keeps_the_recently_used_arrays_within_its_limit(tmp_path,
+                                                                         monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    # Four arrays of 1,000 bytes each, used one after another (mtimes 1..4), and a file of
+    # someone else's that pruning must never touch.
+    for i, fp in enumerate(["a" * 24, "b" * 24, "c" * 24, "d" * 24], start=1):
+        for suffix, size in ((".npy", 900), (".json", 100)):
+            path = cache / f"{fp}{suffix}"
+            path.write_bytes(b"x" * size)
+            os.utime(path, (i, i))
+    (cache / "notes.txt").write_bytes(b"x" * 5000)
+    paths = [write_image(tmp_path / f"{i}.png", _gray(i)) for i in range(3)]
+    monkeypatch.setenv("PNEUMOSCAN_CACHE_GB", str(2_500 / 1e9))  # room for two arrays
+    new = decode_files(paths, 16, cache_dir=cache, progress=False)  # 3 x 16 x 16 + header
+    left = {p.stem for p in cache.iterdir() if p.suffix in (".npy", ".json")}
+    assert left == {new.fingerprint, "d" * 24}  # the newest, then the most recently used
+    assert (cache / "notes.txt").exists()
+    # A cache hit counts as a use: a reused old array outlives a newer unused one.
+    os.utime(cache / f"{new.fingerprint}.json", (0, 0))
+    os.utime(cache / f"{new.fingerprint}.npy", (0, 0))
+    again = decode_files(paths, 16, cache_dir=cache, progress=False)
+    assert again.fingerprint == new.fingerprint
+    assert prune_cache(cache, limit=1_500) == ["d" * 24]
+    assert (cache / f"{new.fingerprint}.npy").exists()
+
+
+def test_a_bad_cache_limit_falls_back_to_the_default(monkeypatch):
+    monkeypatch.setenv("PNEUMOSCAN_CACHE_GB", "lots")
+    assert cache_limit_bytes() == DEFAULT_LIMIT_GB * 1e9
+    monkeypatch.setenv("PNEUMOSCAN_CACHE_GB", "0.5")
+    assert cache_limit_bytes() == 0.5e9
 
 
 _FINGERPRINT = """

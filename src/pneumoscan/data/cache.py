@@ -5,6 +5,10 @@ any change to a file (its size, times or inode), to the list or to the decoder g
 fingerprint, so the cache is rebuilt rather than trusted. Only pixels are kept: files that failed
 are decoded again on every load, since most failures are fixed outside the file (pydicom or a
 codec installed, a permission granted) and a stored failure would outlive the fix.
+
+Each change leaves the old array behind, so the cache is bounded: when an array is stored, the
+least recently used others go until the folder holds at most $PNEUMOSCAN_CACHE_GB (default
+``DEFAULT_LIMIT_GB``) gigabytes.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -25,6 +30,8 @@ from pneumoscan.fileio import atomic_write, atomic_write_json, read_json
 from pneumoscan.progress import progress_bar
 
 _CHUNK = 64  # files per task: large enough to amortise process overhead
+DEFAULT_LIMIT_GB = 10.0  # some 40 decoded copies of Kermany's train split at 224 px
+_ENTRY_FILE = re.compile(r"^([0-9a-f]{24})\.(npy|json)$")  # what this module writes, only
 
 
 @dataclass
@@ -86,6 +93,7 @@ def decode_files(
         except (OSError, ValueError, KeyError, TypeError, EOFError):
             pass  # a damaged cache is rebuilt below
         else:
+            _mark_used(meta_path)
             return _retry_failed(cached, paths, size, workers, array_path, meta_path)
     decoded = _decode_all(paths, size, workers, progress)
     decoded.fingerprint = fp
@@ -125,7 +133,65 @@ def _store(decoded: Decoded, array_path: Path, meta_path: Path) -> Decoded:
     except OSError:
         return decoded  # an unwritable cache folder only costs speed next time
     stored.errors = decoded.errors
+    prune_cache(array_path.parent, keep=decoded.fingerprint)
     return stored
+
+
+def cache_limit_bytes() -> float:
+    """$PNEUMOSCAN_CACHE_GB in bytes (a number of gigabytes), else DEFAULT_LIMIT_GB."""
+    text = os.environ.get("PNEUMOSCAN_CACHE_GB", "").strip()
+    try:
+        limit = float(text) if text else DEFAULT_LIMIT_GB
+    except ValueError:
+        limit = DEFAULT_LIMIT_GB  # a typo must not stop a training run; the default applies
+    return max(limit, 0.0) * 1e9
+
+
+def prune_cache(cache_dir: Path, keep: str = "", limit: float | None = None) -> list[str]:
+    """Remove the least recently used cached arrays until ``cache_dir`` holds at most ``limit``
+    bytes of them (default :func:`cache_limit_bytes`); the entry ``keep`` always stays. Only
+    files this module writes are touched. Returns the fingerprints removed.
+
+    A run that still has a removed array memory-mapped keeps reading it: the file's pages live
+    until the map is closed.
+    """
+    limit = cache_limit_bytes() if limit is None else limit
+    entries: dict[str, list[tuple[Path, os.stat_result]]] = {}
+    try:
+        names = os.listdir(cache_dir)
+    except OSError:
+        return []
+    for name in names:
+        match = _ENTRY_FILE.match(name)
+        if not match:
+            continue
+        path = cache_dir / name
+        try:
+            st = path.stat()
+        except OSError:
+            continue  # removed meanwhile by another run
+        entries.setdefault(match.group(1), []).append((path, st))
+    sizes = {fp: sum(st.st_size for _, st in files) for fp, files in entries.items()}
+    last_used = {fp: max(st.st_mtime for _, st in files) for fp, files in entries.items()}
+    total = sum(sizes.values())
+    removed = []
+    for fp in sorted(entries, key=last_used.__getitem__):
+        if total <= limit:
+            break
+        if fp == keep:
+            continue
+        for path, _ in entries[fp]:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        total -= sizes[fp]
+        removed.append(fp)
+    return removed
+
+
+def _mark_used(meta_path: Path) -> None:
+    """A cache hit counts as a use: pruning removes the least recently used arrays first."""
+    with contextlib.suppress(OSError):
+        os.utime(meta_path)
 
 
 def _read_cache(array_path: Path, meta_path: Path, fp: str, n: int, size: int) -> Decoded:
