@@ -414,6 +414,9 @@ def test_page_in_chromium(live_server, image_file):
             page.on("pageerror", lambda e: problems.append(str(e)))
             page.goto(live_server + "/")
             page.wait_for_selector("#model-info dt")  # the model summary loaded
+            # The synthetic files are named as Kermany's: each kind's validation sensitivity.
+            info = page.inner_text("#model-info")
+            assert re.search(r"viral \(val\., \d+\)\s+\d\.\d{3}", info), info
             assert page.is_disabled("#toggle-heatmap")
             page.set_input_files("#file", str(image_file))
             page.wait_for_selector("body[data-state=done]", timeout=30_000)
