@@ -102,7 +102,7 @@ def test_evaluate_json_has_the_documented_keys(trained_run, synthetic_data, tmp_
     assert "sensitivity" in out and "viral (10)" in out
 
 
-@pytest.mark.parametrize("given", ["0.9", "fixed:0.9"])
+@pytest.mark.parametrize("given", ["0.9", "fixed:0.9", "FIXED:0.9", " fixed:0.9 "])
 def test_evaluate_threshold_overrides_the_stored_one(trained_run, synthetic_data, tmp_path,
                                                       given):
     out = tmp_path / "eval.json"

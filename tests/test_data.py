@@ -210,11 +210,59 @@ def test_the_decode_cache_keeps_the_recently_used_arrays_within_its_limit(tmp_pa
     assert (cache / f"{new.fingerprint}.npy").exists()
 
 
-def test_a_bad_cache_limit_falls_back_to_the_default(monkeypatch):
-    monkeypatch.setenv("PNEUMOSCAN_CACHE_GB", "lots")
+@pytest.mark.parametrize("text", ["lots", "nan", "-1", "inf", ""])
+def test_a_bad_cache_limit_falls_back_to_the_default(monkeypatch, text):
+    # nan or a negative limit would otherwise empty the whole cache on the next store.
+    monkeypatch.setenv("PNEUMOSCAN_CACHE_GB", text)
     assert cache_limit_bytes() == DEFAULT_LIMIT_GB * 1e9
     monkeypatch.setenv("PNEUMOSCAN_CACHE_GB", "0.5")
     assert cache_limit_bytes() == 0.5e9
+
+
+def _fake_entry(cache: Path, fp: str, used: float, size: int = 1000) -> None:
+    for suffix, n in ((".npy", size - 100), (".json", 100)):
+        path = cache / f"{fp}{suffix}"
+        path.write_bytes(b"x" * n)
+        os.utime(path, (used, used))
+
+
+def test_the_cache_makes_room_before_it_writes(tmp_path, monkeypatch):
+    # A disk the cache has filled: the new array cannot be written, but the old ones still go.
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    _fake_entry(cache, "a" * 24, used=1, size=5000)
+    monkeypatch.setenv("PNEUMOSCAN_CACHE_GB", str(1_000 / 1e9))
+
+    def disk_full(*_args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("pneumoscan.data.cache._write_cache", disk_full)
+    paths = [write_image(tmp_path / f"{i}.png", _gray(i)) for i in range(2)]
+    decoded = decode_files(paths, 16, cache_dir=cache, progress=False)
+    assert decoded.ok.all()  # decoded all the same, just not cached
+    assert not list(cache.glob("a*"))
+
+
+def test_pruning_counts_only_what_it_removed_and_clears_stale_temp_files(tmp_path,
+                                                                         monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for i, fp in enumerate(["a" * 24, "b" * 24, "c" * 24], start=1):
+        _fake_entry(cache, fp, used=i)
+    stale, fresh = cache / f".{'d' * 24}.npy.x1.tmp", cache / f".{'e' * 24}.npy.x2.tmp"
+    stale.write_bytes(b"x")
+    os.utime(stale, (1, 1))  # left by a writer killed long ago
+    fresh.write_bytes(b"x")  # a write in progress
+    real_unlink = Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if self.name.startswith("a"):  # as on a system that will not delete a mapped file
+            raise PermissionError(13, "in use", str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert prune_cache(cache, limit=1_500) == ["b" * 24, "c" * 24]
+    assert (cache / f"{'a' * 24}.npy").exists() and not stale.exists() and fresh.exists()
 
 
 _FINGERPRINT = """

@@ -64,7 +64,7 @@ def own_test_data(run: str, meta: dict) -> str:
     medmnist = re.match(r"PneumoniaMNIST (\d+) px", source) if isinstance(source, str) else None
     if medmnist:
         return f"pneumoniamnist:{medmnist.group(1)}"  # the file of the size it trained on
-    if not isinstance(source, str) or not Path(source).is_dir():
+    if not isinstance(source, str) or not source or not Path(source).is_dir():
         raise PneumoscanError(f"{run}: no --data given, and the data it was trained on "
                               f"({source or 'not recorded'}) is not there; give --data DIR")
     if "test" not in discover(source, need_train=False):
@@ -77,7 +77,7 @@ def fixed_threshold(text: str) -> float:
     """--threshold X or fixed:X: a probability. Rules such as youden choose a threshold on
     validation data, which evaluate does not have: they are set when training."""
     try:
-        value = float(text.removeprefix("fixed:"))
+        value = float(text.strip().lower().removeprefix("fixed:"))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r}: give a probability X or fixed:X (rules such as youden or "

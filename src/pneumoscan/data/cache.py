@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import re
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -32,6 +34,8 @@ from pneumoscan.progress import progress_bar
 _CHUNK = 64  # files per task: large enough to amortise process overhead
 DEFAULT_LIMIT_GB = 10.0  # some 40 decoded copies of Kermany's train split at 224 px
 _ENTRY_FILE = re.compile(r"^([0-9a-f]{24})\.(npy|json)$")  # what this module writes, only
+_TEMP_FILE = re.compile(r"^\.[0-9a-f]{24}\.(npy|json)\..*\.tmp$")  # atomic_write's, mid-write
+_STALE_TEMP_S = 24 * 3600.0  # older than any write in progress
 
 
 @dataclass
@@ -126,6 +130,8 @@ def _retry_failed(
 
 def _store(decoded: Decoded, array_path: Path, meta_path: Path) -> Decoded:
     """``decoded`` written to the cache and read back memory-mapped, with its errors."""
+    # Room first: on a disk the cache has filled, the new array could not be written at all.
+    prune_cache(array_path.parent, keep=decoded.fingerprint, room=decoded.images.nbytes)
     try:
         _write_cache(decoded, array_path, meta_path)
         n, size = decoded.images.shape[:2]
@@ -133,44 +139,51 @@ def _store(decoded: Decoded, array_path: Path, meta_path: Path) -> Decoded:
     except OSError:
         return decoded  # an unwritable cache folder only costs speed next time
     stored.errors = decoded.errors
-    prune_cache(array_path.parent, keep=decoded.fingerprint)
     return stored
 
 
 def cache_limit_bytes() -> float:
-    """$PNEUMOSCAN_CACHE_GB in bytes (a number of gigabytes), else DEFAULT_LIMIT_GB."""
+    """$PNEUMOSCAN_CACHE_GB in bytes (a number of gigabytes, 0 or more), else DEFAULT_LIMIT_GB.
+
+    Anything else (a typo, a negative number, nan) gives the default: a slip in the setting
+    must neither stop a training run nor empty the cache.
+    """
     text = os.environ.get("PNEUMOSCAN_CACHE_GB", "").strip()
     try:
-        limit = float(text) if text else DEFAULT_LIMIT_GB
+        limit = float(text)
     except ValueError:
-        limit = DEFAULT_LIMIT_GB  # a typo must not stop a training run; the default applies
-    return max(limit, 0.0) * 1e9
+        return DEFAULT_LIMIT_GB * 1e9
+    return limit * 1e9 if 0.0 <= limit < math.inf else DEFAULT_LIMIT_GB * 1e9
 
 
-def prune_cache(cache_dir: Path, keep: str = "", limit: float | None = None) -> list[str]:
-    """Remove the least recently used cached arrays until ``cache_dir`` holds at most ``limit``
-    bytes of them (default :func:`cache_limit_bytes`); the entry ``keep`` always stays. Only
-    files this module writes are touched. Returns the fingerprints removed.
+def prune_cache(cache_dir: Path, keep: str = "", limit: float | None = None,
+                room: int = 0) -> list[str]:
+    """Remove the least recently used cached arrays until those left and ``room`` more bytes
+    fit in ``limit`` (default :func:`cache_limit_bytes`); the entry ``keep`` always stays. Only
+    files this module writes are touched, and temporary files that writers killed mid-way left
+    behind a day ago or more. Returns the fingerprints removed.
 
     A run that still has a removed array memory-mapped keeps reading it: the file's pages live
-    until the map is closed.
+    until the map is closed (where the system refuses to delete it, it stays and counts).
     """
-    limit = cache_limit_bytes() if limit is None else limit
+    limit = (cache_limit_bytes() if limit is None else limit) - room
     entries: dict[str, list[tuple[Path, os.stat_result]]] = {}
     try:
         names = os.listdir(cache_dir)
     except OSError:
         return []
     for name in names:
-        match = _ENTRY_FILE.match(name)
-        if not match:
-            continue
         path = cache_dir / name
         try:
             st = path.stat()
         except OSError:
             continue  # removed meanwhile by another run
-        entries.setdefault(match.group(1), []).append((path, st))
+        match = _ENTRY_FILE.match(name)
+        if match:
+            entries.setdefault(match.group(1), []).append((path, st))
+        elif _TEMP_FILE.match(name) and time.time() - st.st_mtime > _STALE_TEMP_S:
+            with contextlib.suppress(OSError):
+                path.unlink()
     sizes = {fp: sum(st.st_size for _, st in files) for fp, files in entries.items()}
     last_used = {fp: max(st.st_mtime for _, st in files) for fp, files in entries.items()}
     total = sum(sizes.values())
@@ -178,14 +191,22 @@ def prune_cache(cache_dir: Path, keep: str = "", limit: float | None = None) -> 
     for fp in sorted(entries, key=last_used.__getitem__):
         if total <= limit:
             break
-        if fp == keep:
+        if fp == keep or not _remove_entry(entries[fp]):
             continue
-        for path, _ in entries[fp]:
-            with contextlib.suppress(OSError):
-                path.unlink()
         total -= sizes[fp]
         removed.append(fp)
     return removed
+
+
+def _remove_entry(files: list[tuple[Path, os.stat_result]]) -> bool:
+    """Delete an entry's files; False when one could not be (it then still takes its room)."""
+    gone = True
+    for path, _ in files:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            gone = False
+    return gone
 
 
 def _mark_used(meta_path: Path) -> None:
