@@ -420,10 +420,15 @@ def test_evaluate_warns_when_the_data_is_the_run_own_training_data(synthetic_dat
     out = tmp_path / "own.json"
     assert main(["evaluate", str(trained_run), "--json", str(out), "--quiet"]) == 0
     assert json.loads(out.read_text())["n"] == 30  # the synthetic test/ split
-    assert str(synthetic_data / "test") in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert str(synthetic_data / "test") in captured.out and "since" not in captured.err
     assert main(["evaluate", str(run), "--quiet"]) == 2  # xrays/ has no test/: nothing held out
     err = capsys.readouterr().err
     assert "has no test/ split to score; give --data DIR" in err and "Traceback" not in err
+    # A test/ added since the run trained: scored, with a warning that the data changed.
+    shutil.copytree(synthetic_data / "test", data / "test")
+    assert main(["evaluate", str(run), "--quiet"]) == 0
+    assert "were added, removed or resized since" in capsys.readouterr().err
     shutil.rmtree(data)
     assert main(["evaluate", str(run), "--quiet"]) == 2
     assert "is not there; give --data DIR" in capsys.readouterr().err

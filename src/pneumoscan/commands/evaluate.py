@@ -53,10 +53,12 @@ def run(args: argparse.Namespace) -> int:
 
 def own_test_data(run: str, meta: dict) -> str:
     """The data ``run`` was trained on, for an evaluate without --data: its test split (never
-    used to select anything) is what gets scored. Refused where there is none to score."""
+    used to select anything) is what gets scored. Refused where there is none to score; a
+    warning where files were added, removed or resized since the run trained."""
     import re
     from pathlib import Path
 
+    from pneumoscan.data.dataset import data_changed, files_fingerprint
     from pneumoscan.data.discover import discover
     from pneumoscan.errors import PneumoscanError
 
@@ -67,9 +69,14 @@ def own_test_data(run: str, meta: dict) -> str:
     if not isinstance(source, str) or not source or not Path(source).is_dir():
         raise PneumoscanError(f"{run}: no --data given, and the data it was trained on "
                               f"({source or 'not recorded'}) is not there; give --data DIR")
-    if "test" not in discover(source, need_train=False):
+    found = discover(source, need_train=False)
+    if "test" not in found:
         raise PneumoscanError(f"{run}: no --data given, and the data it was trained on "
                               f"({source}) has no test/ split to score; give --data DIR")
+    everything = [sample for samples in found.values() for sample in samples]
+    if data_changed(meta.get("data_fingerprint"), files_fingerprint(Path(source), everything)):
+        print(f"warning: files in {source} were added, removed or resized since {run} was "
+              "trained: its test split may not be the one held out then", file=sys.stderr)
     return source
 
 
