@@ -208,6 +208,11 @@ def test_the_decode_cache_keeps_the_recently_used_arrays_within_its_limit(tmp_pa
     assert again.fingerprint == new.fingerprint
     assert prune_cache(cache, limit=1_500) == ["d" * 24]
     assert (cache / f"{new.fingerprint}.npy").exists()
+    # A hit prunes too: a cache over its limit (left by an older version) is brought within it.
+    _fake_entry(cache, "e" * 24, used=5)
+    monkeypatch.setenv("PNEUMOSCAN_CACHE_GB", str(1_500 / 1e9))
+    decode_files(paths, 16, cache_dir=cache, progress=False)
+    assert not (cache / f"{'e' * 24}.npy").exists()
 
 
 @pytest.mark.parametrize("text", ["lots", "nan", "-1", "inf", ""])

@@ -6,9 +6,9 @@ fingerprint, so the cache is rebuilt rather than trusted. Only pixels are kept: 
 are decoded again on every load, since most failures are fixed outside the file (pydicom or a
 codec installed, a permission granted) and a stored failure would outlive the fix.
 
-Each change leaves the old array behind, so the cache is bounded: when an array is stored, the
-least recently used others go until the folder holds at most $PNEUMOSCAN_CACHE_GB (default
-``DEFAULT_LIMIT_GB``) gigabytes.
+Each change leaves the old array behind, so the cache is bounded: when an array is stored or
+used, the least recently used others go until the folder holds at most $PNEUMOSCAN_CACHE_GB
+(default ``DEFAULT_LIMIT_GB``) gigabytes.
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ def decode_files(
             pass  # a damaged cache is rebuilt below
         else:
             _mark_used(meta_path)
+            prune_cache(cache_dir, keep=fp)  # bounds a cache older versions left unbounded
             return _retry_failed(cached, paths, size, workers, array_path, meta_path)
     decoded = _decode_all(paths, size, workers, progress)
     decoded.fingerprint = fp
