@@ -68,7 +68,8 @@ def test_train_writes_a_complete_run_directory(trained_run):
     env = config["environment"]
     assert env["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert env["python"] == platform.python_version() and env["processes"] == 1
-    assert env["device"].endswith(f"{torch.get_num_threads()} threads")
+    threads = torch.get_num_threads()
+    assert env["device"].endswith(f"{threads} thread{'' if threads == 1 else 's'}")
 
 
 def test_evaluate_json_has_the_documented_keys(trained_run, synthetic_data, tmp_path, capsys):

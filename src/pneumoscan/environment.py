@@ -42,7 +42,8 @@ def _device_name(device_type: str) -> str:
     if device_type == "cuda":
         name = torch.cuda.get_device_name()
         return f"{name} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})"
-    return f"{_cpu_model()}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{_cpu_model()}, {threads} thread{'' if threads == 1 else 's'}"
 
 
 def _cpu_model() -> str:
