@@ -167,6 +167,14 @@ def test_cv_metrics_has_each_fold_and_the_pooled_figures(cv_run):
     for figures in [f["metrics"] for f in metrics["folds"]] + [metrics["pooled"]]:
         assert {"sensitivity", "specificity", "roc_auc", "ci95"} <= set(figures)
     assert metrics["pooled"]["threshold"] == metrics["threshold"]
+    # The synthetic files are named as Kermany's: every fold counts its bacterial and viral
+    # cases, and together the folds count each pneumonia of the pool once.
+    pooled = metrics["pooled"]["sensitivity_by_kind"]
+    assert set(pooled) == {"bacterial", "viral"}
+    for kind, figures in pooled.items():
+        per_fold = [f["metrics"].get("sensitivity_by_kind", {}).get(kind, {}).get("n", 0)
+                    for f in metrics["folds"]]
+        assert sum(per_fold) == figures["n"]
 
 
 def test_the_output_is_an_ensemble_run_of_the_folds(cv_run):

@@ -83,7 +83,9 @@ def _fake_cv_run(out: Path, prob: np.ndarray, labels, patients, seed: int) -> Pa
                     "class_names": list(CLASS_NAMES), "threshold": 0.5,
                     "threshold_rule": "youden", "temperature": 1.0})
     folds = np.arange(len(labels)) % 2
-    paths = [f"/data/train/img{i}.png" for i in range(len(labels))]
+    # Named as Kermany's files are: pneumonia says its kind, bacterial or viral.
+    paths = [f"/data/train/person{i}_{('bacteria', 'virus')[i % 2]}_{i}.jpeg" if label else
+             f"/data/train/IM-{i:04d}-0001.jpeg" for i, label in enumerate(labels)]
     save_oof(out / OOF_PREDICTIONS, labels, prob, folds, paths, patients)
     return out
 
@@ -181,6 +183,11 @@ def test_stack_report_names_each_member_and_where_its_threshold_came_from(cv_run
     assert "chosen on validation data" not in figures
     learning = html[html.index('<section id="learning">'):html.index('<section id="figures">')]
     assert "A stack run has no learning curves" in learning
+    # Kermany-style names: the stack's nested figures and each member's give each kind apart.
+    assert "sensitivity, viral" in figures
+    metrics = json.loads((out / "stack_metrics.json").read_text())
+    members = [m["oof"] for m in metrics["members"].values()]
+    assert all(set(m["sensitivity_by_kind"]) == {"bacterial", "viral"} for m in members)
 
 
 def test_nested_folds_a_class_cannot_fill_are_a_user_error():

@@ -196,7 +196,7 @@ def run_fold(
     logits = predict_logits(result.model, torch.from_numpy(held.images), fold_cfg, device).numpy()
     prob = probabilities(logits, float(meta["temperature"]))
     metrics = evaluate_predictions(held.labels, prob, float(meta["threshold"]), seed=k,
-                                   groups=held.patients)
+                                   groups=held.patients, paths=held.paths)
 
     # Free this fold's copies and tensors before the next fold allocates its own.
     del result, bundle, held, logits

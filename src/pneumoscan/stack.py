@@ -173,7 +173,7 @@ def build_stack(
             "run": str(run.resolve()),
             "threshold": float(meta["threshold"]),
             "oof": evaluate_predictions(labels, member_prob[:, i], float(meta["threshold"]),
-                                        groups=patients),
+                                        groups=patients, paths=paths),
         }
         for i, (name, run, meta) in enumerate(zip(names, runs, metas, strict=True))
     }
