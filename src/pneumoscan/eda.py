@@ -72,8 +72,8 @@ def _intensity(images: np.ndarray, idx: np.ndarray, chunk: int = 64) -> tuple[fl
     take 1.5 GB."""
     means, total, total_sq, count = [], 0.0, 0.0, 0
     for start in range(0, len(idx), chunk):
-        block = images[idx[start : start + chunk]].reshape(len(idx[start : start + chunk]), -1)
-        block = block.astype(np.float64)
+        rows = idx[start : start + chunk]
+        block = images[rows].reshape(len(rows), -1).astype(np.float64)
         means.append(block.mean(axis=1))
         total += float(block.sum())
         total_sq += float(np.einsum("ij,ij->", block, block))

@@ -375,9 +375,11 @@ def sensitivity_by_kind(
         rows = (y == 1) & (kinds == kind)
         ci = bootstrap_ci(y[rows], p[rows], threshold, n_resamples, seed, level=0.95,
                           groups=None if groups is None else np.asarray(groups)[rows])
-        result[str(kind)] = {"n": int(rows.sum()),
-                        "sensitivity": float(np.mean(p[rows] >= threshold)),
-                        "ci95": ci["sensitivity"]}
+        result[str(kind)] = {
+            "n": int(rows.sum()),
+            "sensitivity": float(np.mean(p[rows] >= threshold)),
+            "ci95": ci["sensitivity"],
+        }
     return result
 
 

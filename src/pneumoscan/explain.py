@@ -89,7 +89,7 @@ def _gradcam_batch(predictor, images: np.ndarray, size: tuple[int, int]) -> np.n
             attr = LayerAttribution.interpolate(attr.detach(), size, interpolate_mode="bilinear")
     finally:
         model.train(was_training)
-    maps = torch.relu(attr[:, 0].float())  # bilinear interpolation of non-negatives: a no-op
+    maps = attr[:, 0].float()  # non-negative: ReLU'd on the layer's grid, then interpolated
     peak = maps.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
     maps = torch.where(peak > 1e-12, maps / peak, torch.zeros_like(maps))
     return maps.clamp_(0.0, 1.0).cpu().numpy().astype(np.float32)

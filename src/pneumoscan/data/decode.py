@@ -8,7 +8,8 @@ Decisions worth knowing:
 * The format is sniffed from the content; file extensions are ignored.
 * Size limits are checked from the header, before any pixel is decoded.
 * The cache of decoded images is keyed on ``decoder_signature()``: a hash of this file and the
-  versions of Pillow and pydicom, so no edit here can leave old pixels in use.
+  versions of Pillow, libjpeg, pydicom and its codecs, so no edit here can leave old pixels in
+  use.
 * 16-bit greyscale (PNG/TIFF) is scaled linearly to 0..255 from its significant bits: a PNG
   sBIT chunk's depth when present, else the smallest of 8, 10, 12, 14, 16 bits that holds the
   largest value, because many medical exporters store raw 10/12/14-bit values in 16-bit files
