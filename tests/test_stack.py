@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -206,3 +207,53 @@ def test_stack_folds_below_two_is_a_usage_error(cv_runs, tmp_path, capsys):
         main(["stack", *map(str, cv_runs), "--out", str(tmp_path / "s"), "--folds", "1"])
     assert exc.value.code == 2
     assert "--folds: expected a whole number of at least 2" in capsys.readouterr().err
+
+
+def test_member_names_are_distinct_and_safe():
+    """Folder names that repeat, clash with a made-up suffix, hold '..' or name the report's
+    folder still give one distinct, plain sub-folder name per member."""
+    from pneumoscan.stack import member_names
+
+    runs = [Path("p/cv-2"), Path("q/cv"), Path("r/cv"), Path("cv..a"), Path("s/plots"),
+            Path("t/..."), Path("u/config.json")]
+    names = member_names(runs)
+    assert len(set(names)) == len(names) == len(runs)
+    assert names[:3] == ["cv-2", "cv", "cv-3"]
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]+", n) for n in names), names
+    assert "plots" not in names and "config.json" not in names
+
+
+def test_stack_with_repeated_folder_names_keeps_each_model_with_its_coefficient(
+        cv_runs, tmp_path, capsys):
+    """Two members named alike once made one member's copy overwrite the other's, leaving a
+    coefficient fitted on one model applied to another."""
+    a = shutil.copytree(cv_runs[0], tmp_path / "p" / "cv-2")
+    b = shutil.copytree(cv_runs[1], tmp_path / "q" / "cv")
+    c = shutil.copytree(cv_runs[1], tmp_path / "r" / "cv")
+    with np.load(c / OOF_PREDICTIONS) as z:  # a third member with predictions of its own
+        oof = {k: z[k] for k in z.files}
+    oof["prob"] = np.clip(oof["prob"] * 0.9 + 0.05, 0, 1)
+    with open(c / OOF_PREDICTIONS, "wb") as f:
+        np.savez(f, **oof)
+    out = tmp_path / "s"
+    assert main(["stack", str(a), str(b), str(c), "--out", str(out), "--folds", "3"]) == 0
+    capsys.readouterr()
+    meta = read_meta(out)
+    assert len(set(meta["members"])) == 3
+    metrics = json.loads((out / "stack_metrics.json").read_text())
+    assert len(metrics["members"]) == 3
+    for name, source in zip(meta["members"], (a, b, c), strict=True):
+        copied = (out / name / OOF_PREDICTIONS).read_bytes()
+        assert copied == (source / OOF_PREDICTIONS).read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_stack_refuses_damaged_out_of_fold_predictions_in_one_line(
+        damage, cv_runs, tmp_path, capsys):
+    bad = shutil.copytree(cv_runs[0], tmp_path / "bad")
+    data = (bad / OOF_PREDICTIONS).read_bytes()
+    (bad / OOF_PREDICTIONS).write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+    assert main(["stack", str(bad), str(cv_runs[1]), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unreadable out-of-fold predictions" in err, err
+    assert not (tmp_path / "s").exists()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,7 +304,7 @@ def load_oof(run_dir: str | Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
             oof = {key: z[key] for key in ("labels", "prob", "fold", "paths", "patients")}
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise PneumoscanError(f"{path}: unreadable out-of-fold predictions ({e})") from None
     n = len(oof["labels"])
     if any(len(v) != n for v in oof.values()) or not np.isfinite(oof["prob"]).all():

@@ -126,13 +126,19 @@ def aligned_oof(runs: list[Path]) -> tuple[np.ndarray, np.ndarray, list[str], li
 
 
 def member_names(runs: list[Path]) -> list[str]:
-    """Sub-folder names for the members: each run's folder name, made safe and distinct."""
+    """Sub-folder names for the members: each run's folder name, made safe and distinct.
+
+    Only letters, digits, '_' and '-' are kept, so a name can neither climb out of the stack's
+    folder ('..') nor take the name of one of its own files; "plots" is the report's folder.
+    """
+    taken = {"plots"}
     names: list[str] = []
-    for i, run in enumerate(runs):
-        base = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(run).resolve().name).strip(".-") or "member"
-        name = base
-        if name in names:
-            name = f"{base}-{i}"
+    for run in runs:
+        base = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(run).resolve().name).strip("-") or "member"
+        name, k = base, 2
+        while name in taken:
+            name, k = f"{base}-{k}", k + 1
+        taken.add(name)
         names.append(name)
     return names
 
