@@ -214,6 +214,9 @@ def _exit_status_and_err(argv, capsys):
         ("--lr", "0", "--lr: expected a number above 0, got '0'"),
         ("--lr", "nan", "--lr: expected a number above 0, got 'nan'"),
         ("--val-fraction", "0.6", "expected a number above 0 and below 0.5, got '0.6'"),
+        # scikit-learn's folds take seeds 0 to 2**32 - 1: a traceback after decoding, before.
+        ("--seed", "-1", "--seed: expected a whole number from 0 to 2147483647, got '-1'"),
+        ("--seed", "4294967296", "--seed: expected a whole number from 0 to 2147483647"),
     ],
 )
 def test_out_of_range_training_options_exit_2_in_one_line(command, option, value, message,
@@ -274,6 +277,17 @@ def test_what_cannot_train_is_refused_before_decoding(capsys, tmp_path, monkeypa
 def test_an_unknown_option_is_named_with_its_command(capsys):
     status, err = _exit_status_and_err(["cv", "--data", "x", "--out", "y", "--resume"], capsys)
     assert status == 2 and err == "pneumoscan cv: error: unrecognized arguments: --resume"
+
+
+def test_seeds_out_of_range_are_one_line(capsys, tmp_path):
+    status, err = _exit_status_and_err(
+        ["train", "--data", "/nonexistent", "--out", str(tmp_path / "r"), "--seeds", "0,-1"],
+        capsys)
+    assert status == 2 and "--seeds '0,-1': expected a whole number from 0 to" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "r").exists()
+    status, err = _exit_status_and_err(
+        ["stack", "a", "b", "--out", str(tmp_path / "s"), "--seed", "-1"], capsys)
+    assert status == 2 and "--seed: expected a whole number from 0 to" in err
 
 
 def test_cv_folds_below_two_is_a_usage_error(capsys, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pneumoscan.commands.train_options import int_at_least
+from pneumoscan.commands.train_options import SEED, int_at_least
 from pneumoscan.threshold_rules import parse_threshold_rule
 
 
@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the stacked run directory to write")
     p.add_argument("--folds", type=int_at_least(2), default=5,
                    help="folds of the nested cross-validation that measures the stack (default 5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--threshold-rule", type=parse_threshold_rule,
                    help="youden, sensitivity:0.95 or fixed:0.5 (default: the first run's rule)")
 

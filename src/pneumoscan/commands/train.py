@@ -7,7 +7,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from pneumoscan.commands.train_options import add_train_options, config_from_args
+from pneumoscan.commands.train_options import SEED, add_train_options, config_from_args
 from pneumoscan.errors import PneumoscanError
 
 
@@ -102,9 +102,9 @@ def process_age_s() -> float | None:
 
 def _parse_seeds(text: str) -> list[int]:
     try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise PneumoscanError(f"--seeds {text!r}: expected comma-separated integers") from None
+        seeds = [SEED(s) for s in text.split(",") if s.strip()]
+    except argparse.ArgumentTypeError as e:
+        raise PneumoscanError(f"--seeds {text!r}: {e}") from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise PneumoscanError(f"--seeds {text!r}: expected distinct integers, e.g. 0,1,2")
     return seeds

@@ -40,6 +40,10 @@ def int_at_least(low: int, high: int | None = None):
 IMAGE_SIZE = int_at_least(8, 2048)
 
 
+# Seeds numpy and scikit-learn accept (0 to 2**32 - 1), with room for cv's seed + fold.
+SEED = int_at_least(0, 2**31 - 1)
+
+
 def float_between(low: float, high: float):
     """An argparse type: a number strictly between ``low`` and ``high``."""
 
@@ -95,7 +99,7 @@ def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> N
                     for name, a in AUGMENTATIONS.items())
         + "; default: the recipe's",
     )
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--seed", type=SEED, help="random seed (default 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
         "--val-fraction",
