@@ -231,6 +231,22 @@ def test_names_stay_unique_across_calls_that_share_taken(blob_predictor, tmp_pat
         "x-2_gradcam.png", "x_gradcam.png"]
 
 
+def test_long_file_names_get_overlays_too(blob_predictor, tmp_path):
+    """Names near the 255-byte limit are legal, but the overlay's suffix and the temporary name
+    it is written under made them too long: the whole command stopped, overlays and all."""
+    images, _, _ = blob_images(1, seed=9)
+    stems = ["a" * 250, "\u80ba" * 78, "\u80ba" * 78 + "b"]  # 250 bytes; 234 bytes of UTF-8
+    paths = [_write_png(tmp_path / "in" / f"{stem}.png", images[i % 2])
+             for i, stem in enumerate(stems)]
+    results = write_overlays(blob_predictor, paths, tmp_path / "out")
+    assert [r.error for r in results] == [None, None, None]
+    names = [r.file.name for r in results]
+    assert len(set(names)) == 3 and all(len(n.encode()) <= 255 for n in names)
+    assert all(n.endswith("_gradcam.png") for n in names)
+    assert names[0].startswith("a" * 200) and names[1].startswith("\u80ba" * 70)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(names)
+
+
 def test_overlays_keep_the_file_shape_up_to_a_readable_size(blob_predictor, tmp_path):
     # The map is made at the model's square input size but drawn over the X-ray as it was given:
     # a wide image stays wide; a very large one is brought down to DISPLAY_MAX_SIDE, a tiny one

@@ -184,3 +184,22 @@ def test_evaluate_refuses_non_finite_probabilities_in_one_line(trained_run, synt
     assert main(["evaluate", str(trained_run), "--data", str(synthetic_data), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not finite" in err[0] and "for 1 of 30 images" in err[0], err
+
+
+def test_model_json_cannot_pass_options_to_the_model(trained_run, tmp_path, monkeypatch):
+    """The project never wrote 'model_kwargs', yet it reached the model's constructor: for a
+    timm model a bad value was a traceback, and {"pretrained": true} a download."""
+    import pneumoscan.model_io as model_io
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    meta = json.loads((run / "model.json").read_text())
+    meta["model_kwargs"] = {"drop_rate": "abc", "pretrained": True}
+    (run / "model.json").write_text(json.dumps(meta))
+    seen = []
+    real = model_io.create_model
+    monkeypatch.setattr(model_io, "create_model",
+                        lambda name, **kwargs: seen.append(kwargs) or real(name, **kwargs))
+    predictor = load_predictor(run)
+    assert seen and set(seen[0]) == {"in_chans", "num_classes", "image_size"}
+    prob = predictor.predict_proba(np.zeros((1, 32, 32), dtype=np.uint8))
+    assert prob.shape == (1,) and np.isfinite(prob).all()

@@ -26,6 +26,7 @@ from torch import nn
 
 from pneumoscan import CLASS_NAMES
 from pneumoscan.errors import PneumoscanError
+from pneumoscan.fileio import clip_name
 
 TARGET_CLASS = CLASS_NAMES.index("PNEUMONIA")
 BATCH_SIZE = 32  # images per backward pass: bounded memory on a CPU, still batched
@@ -228,8 +229,11 @@ def display_image(path: str | Path) -> np.ndarray:
 
 
 def overlay_name(path: str | Path, taken: set[str]) -> str:
-    """``<stem>_gradcam.png``, numbered when two inputs share a stem so none is overwritten."""
-    stem = Path(path).stem or "image"
+    """``<stem>_gradcam.png``, numbered when two inputs share a stem so none is overwritten.
+
+    A stem too long for a file name once the suffix is added (names take 255 bytes) is cut.
+    """
+    stem = clip_name(Path(path).stem, 230) or "image"
     name, n = f"{stem}_gradcam.png", 1
     while name in taken:
         n += 1

@@ -28,7 +28,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp_path = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{clip_name(path.name, 200)}.", suffix=".tmp",
+                                   dir=path.parent)
         os.close(fd)
         tmp_path = Path(tmp)
         write(tmp_path)
@@ -47,6 +48,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             tmp_path.unlink(missing_ok=True)
         raise
     return path
+
+
+def clip_name(name: str, max_bytes: int) -> str:
+    """``name`` cut to at most ``max_bytes`` of UTF-8, on a character boundary.
+
+    File names may take 255 bytes: a temporary name built from a long one would not fit.
+    """
+    return name.encode("utf-8", "surrogateescape")[:max_bytes].decode("utf-8", "ignore")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

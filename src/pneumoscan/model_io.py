@@ -44,7 +44,6 @@ _SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "members": ((list,), False),
     "stacker": ((dict,), False),
     "validation": ((dict, type(None)), False),
-    "model_kwargs": ((dict,), False),
 }
 
 
@@ -304,7 +303,6 @@ def load_predictor(run_dir: str | Path, device: str | torch.device = "cpu"):
             in_chans=int(meta["in_chans"]),
             num_classes=len(CLASS_NAMES),
             image_size=int(meta["image_size"]),
-            **meta.get("model_kwargs", {}),
         )
     except (TypeError, ValueError) as e:  # e.g. an image size or option the model refuses
         raise PneumoscanError(f"{run_dir / 'model.json'}: cannot build the model ({e})") from None
