@@ -21,6 +21,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
@@ -512,3 +513,17 @@ def _read_line(process: subprocess.Popen, timeout: float) -> str:
         process.kill()
         pytest.fail(f"no banner from serve; stderr: {process.communicate()[1]!r}")
     return lines[0]
+
+
+def test_a_probability_that_is_not_finite_is_an_error_not_normal(client, image_file,
+                                                                  monkeypatch):
+    """Finite weights can overflow to NaN; NaN is never above the threshold, so the answer was
+    200 with label NORMAL and probability null (the page showed 0.0%)."""
+    from pneumoscan.model_io import Predictor
+
+    monkeypatch.setattr(Predictor, "predict_proba", lambda self, images: np.full(len(images),
+                                                                                 np.nan))
+    r = _post(client, image_file.read_bytes(), "scan.png")
+    assert r.status_code == 500
+    assert r.json() == {"error": "scan.png: the model's probability is not finite "
+                                 "(NaN or infinity)"}

@@ -18,7 +18,8 @@ with the request itself (not multipart, malformed, no ``file`` field) is a sente
     422  no ``file`` field, a malformed or incomplete body, an empty file (no content, so no
          type at all), or an image that cannot be decoded (truncated, corrupt, unsupported DICOM)
     500  the server lacks what the file needs (pydicom, a DICOM codec: the reason says what to
-         install) or the decoder failed in a way it should not (``internal decoder error``)
+         install), the decoder failed in a way it should not (``internal decoder error``), or
+         the model's probability is not finite (NaN or infinity: a broken model, never a label)
     503  the server had not enough memory to decode the image: a retry may succeed
 
 The server reads only the uploaded bytes, never a file a client names. Inference runs in
@@ -29,6 +30,7 @@ import base64
 import importlib.util
 import io
 import logging
+import math
 import threading
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -40,6 +42,7 @@ import numpy as np
 from pneumoscan import CLASS_NAMES, __version__
 from pneumoscan.data import decode
 from pneumoscan.errors import PneumoscanError, UnreadableImage
+from pneumoscan.predict import NOT_FINITE
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = decode.MAX_PIXELS  # the decoder enforces it from the header
@@ -277,6 +280,9 @@ class _Service:
             display = _decode(data, max(size, DISPLAY_SIZE), filename)
         with self.lock:
             probability = float(self.predictor.predict_proba(image[None])[0])
+            if not math.isfinite(probability):
+                # NaN is never above the threshold: it would be answered as NORMAL.
+                raise ApiError(500, f"{filename}: {NOT_FINITE}")
             cam = self._gradcam(image)
         threshold = float(self.predictor.threshold)
         return {
