@@ -144,6 +144,13 @@ def test_folders_globs_hidden_and_symlink_loops(tmp_path, synthetic_data):
     assert inputs.files == [top, deep]
     inputs = expand_paths([str(root / "nothing*.png")])
     assert inputs.files == [] and inputs.missing[0][1] == "no files match this pattern"
+    # '**' follows no folder symlink (as bash's does not): the loop gave ever longer paths
+    # until one could not be resolved, a bogus error row, and every level was walked again.
+    for pattern in ("**", "**/*.png", "a/**"):
+        inputs = expand_paths([str(root / pattern)])
+        assert all("loop" not in p.parts for p in inputs.files), (pattern, inputs.files)
+    assert sorted(expand_paths([str(root / "**")]).files) == sorted([deep, top, no_suffix])
+    assert sorted(expand_paths([str(root / "**" / "*.png")]).files) == sorted([deep, top])
 
 
 def test_many_files_stream_in_batches(trained_run, synthetic_data):

@@ -76,15 +76,19 @@ def expand_paths(specs: Sequence[str | Path]) -> Inputs:
         if os.path.lexists(text):
             targets = [text]
         elif _GLOB_CHARS & set(text):
-            targets = sorted(glob.glob(text, recursive=True))
+            targets = _glob(text)
             if not targets:
                 missing.append((text, "no files match this pattern"))
                 continue
         else:
             missing.append((text, "no such file or folder"))
             continue
+        walked: list[Path] = []  # this argument's folders: 'dir/**' is the folder walked once
         for target in targets:
+            if any(Path(target).is_relative_to(done) for done in walked):
+                continue  # a file or folder the walk of a folder above it has taken or skipped
             if os.path.isdir(target):
+                walked.append(Path(target))
                 found, n_skipped = _walk_folder(Path(target))
                 skipped += n_skipped
                 for path in found:
@@ -93,6 +97,28 @@ def expand_paths(specs: Sequence[str | Path]) -> Inputs:
                 # Named explicitly (or by a glob): always tried, so a bad one is reported.
                 files.setdefault(os.path.realpath(target), Path(target))
     return Inputs(list(files.values()), missing, skipped)
+
+
+def _glob(pattern: str) -> list[str]:
+    """The pattern's matches, sorted; with ``**``, none reached through a folder symlink.
+
+    glob's ``**`` follows folder symlinks, and one that points back to a parent repeats the
+    tree until the path is too long. A walked folder does not follow them, nor does bash's
+    ``**``; a plain ``*`` passes through one, as a shell's does (it cannot loop). The pattern's
+    fixed part, before its first wildcard, is taken as given.
+    """
+    matches = sorted(glob.glob(pattern, recursive=True))
+    parts = Path(pattern).parts
+    if "**" not in parts:
+        return matches
+    fixed = next((i for i, part in enumerate(parts) if _GLOB_CHARS & set(part)), 0)
+    kept = []
+    for match in matches:
+        found = Path(match).parts
+        below = (Path(*found[: i + 1]) for i in range(fixed, len(found)))
+        if not any(p.is_symlink() and p.is_dir() for p in below):
+            kept.append(match)
+    return kept
 
 
 def _walk_folder(root: Path) -> tuple[list[Path], int]:
