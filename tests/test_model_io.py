@@ -79,6 +79,13 @@ def test_probabilities_at_extreme_logits_without_overflow_warnings():
     assert stacked.tolist() == [0.0, 1.0]
 
 
+def test_logits_that_are_not_finite_give_nan_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = probabilities(np.array([[np.inf, np.inf], [np.nan, 0.0], [0.0, 1.0]]))
+    assert np.isnan(p[:2]).all() and np.isfinite(p[2])
+
+
 def test_probabilities_are_the_logistic_function_of_the_scaled_margin():
     from scipy.special import expit
 

@@ -255,7 +255,8 @@ def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     exactly 1.0, so confident predictions would tie and distort ROC AUC, thresholds and log loss.
     """
     logits = np.asarray(logits, dtype=np.float64)
-    z = (logits[:, 1] - logits[:, 0]) / temperature
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN, which the callers report in one line
+        z = (logits[:, 1] - logits[:, 0]) / temperature
     return _sigmoid(z)
 
 

@@ -501,6 +501,7 @@ def _decode_dicom(data: bytes) -> np.ndarray:
         import pydicom.pixels
     except ImportError as e:
         raise _Refused("pydicom is not installed: pip install pydicom") from e
+    _silence_pydicom()
     dataset = _read_dataset(pydicom, data)
     _check_dicom_header(dataset)
     pixels = _dicom_pixel_array(dataset)
@@ -513,6 +514,17 @@ def _decode_dicom(data: bytes) -> np.ndarray:
     if _dicom_str(dataset, "PhotometricInterpretation") == "MONOCHROME1":
         gray = 255 - gray
     return gray
+
+
+@functools.cache
+def _silence_pydicom() -> None:
+    """No warnings from pydicom's code (its own, or numpy's in its arithmetic) on stderr.
+
+    A file it can read despite an odd header or excess padding decodes as any other; one it
+    cannot gets the one-line reason. A log then holds results and those lines alone. Set once
+    for the process: ``catch_warnings`` is process-wide, and decoding runs on several threads.
+    """
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
 
 def _read_dataset(pydicom: Any, data: bytes) -> Any:
