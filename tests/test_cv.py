@@ -94,6 +94,19 @@ def test_cv_report_says_its_figures_and_threshold_are_out_of_fold(cv_run, tmp_pa
     assert "carved by patient" not in data
 
 
+def test_a_folds_report_shows_its_own_splits_not_the_datas(cv_run, tmp_path):
+    """The report of a fold re-carved validation from the whole pool: train, val and test
+    counts the fold never had (it trained on its training folds and saw no test split)."""
+    fold = Path(shutil.copytree(cv_run / "fold-0", tmp_path / "fold-0"))
+    assert main(["report", str(fold)]) == 0
+    html = (fold / "report.html").read_text(encoding="utf-8")
+    data = html[html.index('<section id="data">'):html.index('<section id="config">')]
+    assert "Fold 0 of a cross-validation run" in data
+    n_val = read_meta(fold)["validation"]["n"]
+    assert "<td>val</td>" in data and f"<td>{n_val}</td>" in data
+    assert "<td>test</td>" not in data and "<td>train</td>" not in data
+
+
 def test_cv_saves_every_fold_as_a_full_run(cv_run):
     for k in range(FOLDS):
         fold = cv_run / f"fold-{k}"

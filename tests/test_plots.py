@@ -133,6 +133,7 @@ def test_an_ensembles_reliability_diagram_has_one_curve_not_two_alike(monkeypatc
     """An ensemble's (or stack's) saved logits are its calibrated log-odds: "before" and "after"
     scaling would be the same curve, the second hiding the first."""
     from pneumoscan import run_plots
+    from pneumoscan.model_io import log_odds
 
     rng = np.random.default_rng(0)
     y = np.arange(40) % 2
@@ -148,6 +149,13 @@ def test_an_ensembles_reliability_diagram_has_one_curve_not_two_alike(monkeypatc
 
     calibrated = np.stack([np.zeros_like(z), z], axis=1)
     run_plots._draw_split(draw, "test", run_plots.SplitPredictions(y, prob, calibrated, []), 0.5)
+    assert seen["after"] is None
+    # Confident members: the saved log-odds are those of probabilities clipped to 1e-6 from 0
+    # and 1 (model_io.log_odds), which the curve cannot show, yet it was drawn twice.
+    sure = prob.copy()
+    sure[:4] = [0.0, 1e-9, 1.0, 1 - 1e-9]
+    clipped = np.stack([np.zeros_like(z), log_odds(sure)], axis=1)
+    run_plots._draw_split(draw, "test", run_plots.SplitPredictions(y, sure, clipped, []), 0.5)
     assert seen["after"] is None
     sharper = np.stack([np.zeros_like(z), 2 * z], axis=1)  # a single model, temperature 2
     run_plots._draw_split(draw, "test", run_plots.SplitPredictions(y, prob, sharper, []), 0.5)

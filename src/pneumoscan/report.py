@@ -160,6 +160,15 @@ def data_section(run_dir: Path, meta: dict, config: dict | None) -> Section:
     eda_dir = run_dir / "eda"
     if eda_dir.is_dir():
         return _data_from_eda(section, eda_dir)
+    fold = ((config or {}).get("cv") or {}).get("fold")
+    if fold is not None:
+        # Its splits are not the data's: it trained on its training folds less the validation
+        # carved from them, and was tested on its held-out fold (the cv run's figures).
+        section.note(f"Fold {fold} of a cross-validation run (the folder above): trained on its "
+                     "training folds, with validation carved by patient from them; its held-out "
+                     "fold is scored in the cross-validation run's out-of-fold figures. The "
+                     "counts below are those of its saved predictions.")
+        return _data_from_predictions(section, run_dir)
     # The run's own record of its data, resolved when it trained: a relative --data would
     # otherwise be read from wherever the report is made.
     source = meta.get("data_source")

@@ -128,7 +128,7 @@ def write_evaluation_plots(run_dir: str | Path) -> list[Path]:
 
 def _draw_split(draw, split: str, pred: SplitPredictions, threshold: float) -> None:
     from pneumoscan import plots
-    from pneumoscan.model_io import probabilities
+    from pneumoscan.model_io import LOGIT_EPS, probabilities
 
     y, prob = pred.labels, pred.prob
     if pred.both_classes:
@@ -136,8 +136,9 @@ def _draw_split(draw, split: str, pred: SplitPredictions, threshold: float) -> N
         draw(f"pr_{split}.png", lambda p: plots.pr_curve_plot(y, prob, threshold, p))
     draw(f"confusion_{split}.png", lambda p: plots.confusion_matrix_plot(y, prob, threshold, p))
     # Before = the network's own softmax (temperature 1); after = the calibrated output. An
-    # ensemble's or stack's saved logits are its calibrated log-odds: one curve, not two alike.
+    # ensemble's or stack's saved logits are its calibrated log-odds (of probabilities clipped
+    # LOGIT_EPS from 0 and 1): one curve, not two alike.
     before = probabilities(pred.logits, 1.0) if pred.logits is not None else prob
-    after = None if np.allclose(before, prob, rtol=0, atol=1e-9) else prob
+    after = None if np.allclose(before, prob, rtol=0, atol=10 * LOGIT_EPS) else prob
     draw(f"reliability_{split}.png", lambda p: plots.reliability_diagram(y, before, after, p))
     draw(f"histogram_{split}.png", lambda p: plots.score_histograms(y, prob, threshold, p))
