@@ -384,10 +384,38 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "SYNTHETIC" in out
     assert (tmp_path / "demo" / "evaluate.json").exists()
-    # A second demo replaces its own earlier run (train refuses a folder that holds a run).
-    (tmp_path / "demo" / "run" / "from-the-first.txt").write_text("")
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1"]) == 0
-    assert not (tmp_path / "demo" / "run" / "from-the-first.txt").exists()
+    # A second demo replaces its own earlier run (train refuses a folder that holds a run)...
+    first = (tmp_path / "demo" / "run" / "model.safetensors").read_bytes()
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "2"]) == 0
+    assert (tmp_path / "demo" / "run" / "model.safetensors").read_bytes() != first
+    assert len((tmp_path / "demo" / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    # ...but not one holding anything else: a user's notes are theirs.
+    (tmp_path / "demo" / "run" / "my-notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "demo" / "run" / "my-notes.txt").read_text() == "mine"
+
+
+def test_demo_never_writes_into_a_users_data_or_deletes_their_run(synthetic_data, tmp_path,
+                                                                   capsys):
+    """A --out whose data/ held the user's own images got the synthetic set mixed into them,
+    and the user's run trained on them was deleted as if it were an earlier demo's."""
+    import shutil
+
+    data = Path(shutil.copytree(synthetic_data, tmp_path / "proj" / "data"))
+    (data / "SYNTHETIC.txt").unlink()  # the user's own images, as far as the demo can tell
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    run = tmp_path / "proj" / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--model", "seed_cnn",
+                 "--image-size", "32", "--epochs", "1", "--quiet"]) == 0
+    weights = (run / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["demo", "--out", str(tmp_path / "proj"), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not the demo's synthetic data" in err, err
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+    assert (run / "model.safetensors").read_bytes() == weights
 
 
 @pytest.mark.slow

@@ -6,6 +6,14 @@ import argparse
 from pathlib import Path
 
 from pneumoscan.commands.train_options import int_at_least
+from pneumoscan.errors import PneumoscanError
+from pneumoscan.run_folder import (
+    CHECKPOINT,
+    METRICS,
+    TEST_METRICS,
+    TEST_PREDICTIONS,
+    VAL_PREDICTIONS,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     data = out / "data"
     if not (data / "SYNTHETIC.txt").exists():
-        write_synthetic_dataset(data, n_train=240, n_test=80, size=96)
+        _write_demo_data(data, write_synthetic_dataset)
     print(f"== {SYNTHETIC_NOTE}\n== data: {data}")
     run_dir = out / "run"
     _replace_earlier_demo_run(run_dir, data)
@@ -70,20 +78,47 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_demo_data(data: Path, write_synthetic_dataset) -> None:
+    """The synthetic set, into DATA only where nothing else is: never among a user's images.
+
+    Written beside it and renamed into place, so an interrupted demo leaves no half set that
+    the next one would take for its own (SYNTHETIC.txt marks a whole one).
+    """
+    import shutil
+
+    if data.exists() and (not data.is_dir() or any(data.iterdir())):
+        raise PneumoscanError(f"{data}: holds files that are not the demo's synthetic data "
+                              "(no SYNTHETIC.txt); give the demo another --out")
+    staging = data.with_name(f".{data.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    write_synthetic_dataset(staging, n_train=240, n_test=80, size=96)
+    if data.exists():
+        data.rmdir()  # empty, checked above
+    staging.rename(data)
+
+
+# What train writes into a run folder: a folder holding anything else is not only a demo's run.
+_RUN_CONTENTS = {"config.json", "model.json", "model.safetensors", "plots", "report.html",
+                 CHECKPOINT, METRICS, TEST_METRICS, VAL_PREDICTIONS, TEST_PREDICTIONS}
+
+
 def _replace_earlier_demo_run(run_dir: Path, data: Path) -> None:
     """A second demo trains afresh: the run an earlier demo left on its own data goes first.
 
-    ``train`` refuses a folder that holds a run; a folder that holds anything else is left for
-    it to refuse.
+    Only a folder holding a run's files alone, trained on the demo's data, is replaced; one
+    holding anything else is left for ``train`` to refuse.
     """
     import json
     import shutil
 
     try:
         earlier = json.loads((run_dir / "config.json").read_text())
+        names = {p.name for p in run_dir.iterdir() if not p.name.endswith(".tmp")}
     except (OSError, ValueError):
         return
-    if isinstance(earlier, dict) and Path(str(earlier.get("data"))).resolve() == data.resolve():
+    on_demo_data = isinstance(earlier, dict) and (
+        Path(str(earlier.get("data"))).resolve() == data.resolve())
+    if on_demo_data and names <= _RUN_CONTENTS:
         shutil.rmtree(run_dir)
 
 
