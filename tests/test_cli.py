@@ -155,7 +155,7 @@ def test_eda_writes_charts_and_a_table(synthetic_data, tmp_path, capsys):
     for name in ("class_balance.png", "sample_grid.png", "eda.json", "eda.txt"):
         assert (out / name).stat().st_size > 0
     summary = json.loads((out / "eda.json").read_text())
-    assert set(summary["splits"]) == {"train", "val", "test"}
+    assert set(summary["splits"]) == {"train", "test"}  # as on disk: no val/, none carved
     total = sum(c["n"] for s in summary["splits"].values() for c in s["classes"].values())
     assert total == 120
     assert "PNEUMONIA" in capsys.readouterr().out

@@ -36,14 +36,62 @@ def _gray(seed: int, size: int = 40) -> np.ndarray:
     [
         ("person1000_bacteria_2931.jpeg", "person1000"),
         ("person1000_virus_1681.jpeg", "person1000"),
-        ("IM-0115-0001.jpeg", "IM-0115"),
-        ("NORMAL2-IM-0927-0001.jpeg", "NORMAL2-IM-0927"),
+        # One patient however the name is cased: PERSON1_ and person1_ were two, and could
+        # land in train and validation both.
+        ("PERSON1000_virus_1681.jpeg", "person1000"),
+        ("IM-0115-0001.jpeg", "im-0115"),
+        ("im-0115-0002.jpeg", "im-0115"),
+        ("NORMAL2-IM-0927-0001.jpeg", "normal2-im-0927"),
         ("scan_42.png", "train/NORMAL/scan_42.png"),  # no id in the name: its own patient
     ],
 )
 def test_patient_ids_from_kermany_names(name, patient):
     root = Path("/data")
     assert patient_id(root / "train" / "NORMAL" / name, root) == patient
+
+
+@pytest.mark.parametrize("folders, pair", [
+    (["train/NORMAL", "Train/NORMAL", "train/PNEUMONIA"], ("Train/", "train/")),
+    (["train/NORMAL", "train/normal", "train/PNEUMONIA"], ("NORMAL/", "normal/")),
+])
+def test_folders_that_differ_only_in_case_are_refused_not_half_read(folders, pair, tmp_path):
+    """NORMAL/ and normal/ side by side: only the first was read, the other's images dropped
+    without a word."""
+    for i, folder in enumerate(folders):
+        write_image(tmp_path / folder / f"x{i}.png", _gray(i))
+    with pytest.raises(PneumoscanError) as e:
+        discover(tmp_path)
+    message = str(e.value)
+    assert "differ only in case" in message and all(name in message for name in pair), message
+
+
+def test_an_empty_val_or_test_is_left_out_with_a_note(tmp_path):
+    """A val/ or test/ without one readable image stopped train and eda ("no readable images"),
+    although unreadable files are otherwise skipped and the run goes on."""
+    for i in range(12):
+        for cls in ("NORMAL", "PNEUMONIA"):
+            write_image(tmp_path / "train" / cls / f"person{i}_x_{i}.png", _gray(i))
+    (tmp_path / "val" / "NORMAL").mkdir(parents=True)
+    (tmp_path / "val" / "PNEUMONIA").mkdir(parents=True)
+    (tmp_path / "test" / "NORMAL").mkdir(parents=True)
+    (tmp_path / "test" / "NORMAL" / "a.png").write_text("not an image")
+    write_image(tmp_path / "test" / "PNEUMONIA" / "placeholder.png", _gray(0))
+    (tmp_path / "test" / "PNEUMONIA" / "placeholder.png").write_bytes(b"")
+    data = load_data(str(tmp_path), 32, progress=False)
+    assert data.test is None and len(data.val) > 0  # validation carved instead
+    assert "val/ has no readable images: ignored" in data.notes
+    assert "test/ has no readable images: ignored" in data.notes
+
+
+def test_eda_describes_the_splits_on_disk(tmp_path):
+    """eda carved a validation split as train does: it refused a small set (too few patients to
+    carve) and showed a 'val' that is not on disk."""
+    for i in range(4):
+        for cls in ("NORMAL", "PNEUMONIA"):
+            write_image(tmp_path / "train" / cls / f"person{i}_{cls}_{i}.png", _gray(i))
+    data = load_data(str(tmp_path), 32, progress=False, as_given=True)
+    assert list(data.splits()) == ["train"] and len(data.train) == 8
+    assert not any("validation" in note for note in data.notes)
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     from pneumoscan.data.dataset import load_data
     from pneumoscan.eda import run_eda
 
-    data = load_data(args.data, args.image_size, progress=not args.quiet)
+    data = load_data(args.data, args.image_size, progress=not args.quiet, as_given=True)
     note = "SYNTHETIC" if (Path(args.data) / "SYNTHETIC.txt").exists() else ""
     run_eda(data, Path(args.out), title_note=note)
     return 0

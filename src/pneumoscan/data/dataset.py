@@ -54,7 +54,10 @@ class DataBundle:
     train_counts: np.ndarray | None = None  # per class, train before validation was carved
 
     def splits(self) -> dict[str, Split]:
-        out = {"train": self.train, "val": self.val}
+        """The splits that hold images (cross-validation and eda may have no validation)."""
+        out = {"train": self.train}
+        if len(self.val):
+            out["val"] = self.val
         if self.test is not None:
             out["test"] = self.test
         return out
@@ -68,12 +71,15 @@ def load_data(
     seed: int = 0,
     progress: bool = True,
     carve_val: bool = True,
+    as_given: bool = False,
 ) -> DataBundle:
     """Decode (or read from the cache) every split of ``spec`` at ``image_size``.
 
     Validation is carved from train by patient, stratified, unless a val/ of at least
-    MIN_VAL_IMAGES is given. ``carve_val=False`` keeps all of train (cross-validation carves its
-    own folds).
+    MIN_VAL_IMAGES of both classes is given. ``carve_val=False`` keeps all of train
+    (cross-validation carves its own folds); ``as_given`` keeps the splits as they are on disk
+    (eda describes the data, not a training run's view of it). A val/ or test/ without one
+    readable image is left out, with a note.
     """
     if spec.lower().startswith("pneumoniamnist"):
         splits, source, fp = _load_medmnist(spec, image_size)
@@ -81,22 +87,33 @@ def load_data(
     else:
         splits, skipped, fp = _load_folder(Path(spec), image_size, progress)
         source = str(Path(spec).resolve())
-    for name, split in splits.items():
-        _check_classes(split, name, f"{source} ({name})")
     notes: list[str] = []  # printed with the data summary, by the main process only
+    for name in [n for n in splits if n != "train" and len(splits[n]) == 0]:
+        notes.append(f"{name}/ has no readable images: ignored")
+        del splits[name]
+    _check_classes(splits["train"], f"{source} (train)", both=not as_given)
     if "test" in splits and (seen := seen_in_training(splits)):
         notes.append(f"warning: {seen}")
     val = splits.get("val")
     train = splits["train"]
     train_counts = np.bincount(train.labels, minlength=len(CLASS_NAMES))
-    if not carve_val:
+    if as_given:
+        val = val if val is not None else train.subset(np.arange(0))
+        if len(present := set(train.labels.tolist())) < 2:
+            notes.append(f"only {CLASS_NAMES[present.pop()]} images to train on; training "
+                         "needs both classes")
+    elif not carve_val:
         if val is not None:
             notes.append(f"val/ ({len(val)} images) is cross-validated with train/")
             train = _concat(train, val)
         val = train.subset(np.arange(0))
     elif val is None or len(val) < MIN_VAL_IMAGES or len(set(val.labels.tolist())) < 2:
-        if val is not None:
+        if val is not None and len(val) < MIN_VAL_IMAGES:
             notes.append(f"val/ has {len(val)} images, too few to select anything on: ignored")
+        elif val is not None:
+            only = CLASS_NAMES[int(val.labels[0])]
+            notes.append(f"val/ has only {only} images, and validation needs both classes: "
+                         "ignored")
         try:
             train_idx, val_idx = patient_split(train.labels, train.patients, val_fraction, seed)
         except SplitError as e:
@@ -146,11 +163,11 @@ def seen_in_training(splits: dict[str, Split]) -> str:
             f"{both[0][0]} = {both[0][1]}): the test figures are not held out")
 
 
-def _check_classes(split: Split, name: str, where: str) -> None:
-    if len(split) == 0:
+def _check_classes(train: Split, where: str, *, both: bool) -> None:
+    if len(train) == 0:
         raise PneumoscanError(f"{where}: no readable images")
-    present = set(split.labels.tolist())
-    if len(present) < 2 and name == "train":  # the name, not `where`: a path may hold "train"
+    present = set(train.labels.tolist())
+    if len(present) < 2 and both:
         only = CLASS_NAMES[present.pop()]
         raise PneumoscanError(f"{where}: only {only} images; training needs both classes")
 

@@ -33,8 +33,8 @@ def patient_id(path: Path, root: Path) -> str:
     """The patient a Kermany file name names; otherwise the file itself is its own patient."""
     for pattern in _PATIENT_PATTERNS:
         match = pattern.match(path.name)
-        if match:
-            return match.group(1)
+        if match:  # lower-cased, as matched: person1_... and PERSON1_... are one patient
+            return match.group(1).lower()
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
@@ -52,7 +52,7 @@ def discover(root: str | Path, *, need_train: bool = True) -> dict[str, list[Sam
     root = Path(root)
     if not root.is_dir():
         raise PneumoscanError(f"{root}: not a folder (expected class folders NORMAL/ PNEUMONIA/)")
-    splits = {name: sub for name, sub in _children(root).items() if name in SPLIT_NAMES}
+    splits = _children(root, SPLIT_NAMES)
     if splits:
         found = {name: _class_samples(sub, root) for name, sub in splits.items()}
     elif _class_folders(root):
@@ -67,22 +67,30 @@ def discover(root: str | Path, *, need_train: bool = True) -> dict[str, list[Sam
     return {name: found[name] for name in SPLIT_NAMES if name in found}
 
 
-def _children(folder: Path) -> dict[str, Path]:
-    """Sub-folders by lower-cased name (any case is accepted), hidden ones left out."""
-    out = {}
+def _children(folder: Path, names: tuple[str, ...]) -> dict[str, Path]:
+    """The sub-folders of ``names`` by lower-cased name (any case is accepted).
+
+    Two that differ only in case (NORMAL/ and normal/) are refused: reading one would drop the
+    other's images without a word.
+    """
+    wanted = {name.lower() for name in names}
+    out: dict[str, Path] = {}
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if not entry.name.startswith(".") and entry.is_dir():
-            out.setdefault(entry.name.lower(), Path(entry.path))
+        key = entry.name.lower()
+        if key not in wanted or not entry.is_dir():
+            continue
+        if key in out:
+            raise PneumoscanError(
+                f"{folder}: {out[key].name}/ and {entry.name}/ differ only in case; move their "
+                "images into one folder")
+        out[key] = Path(entry.path)
     return out
 
 
 def _class_folders(folder: Path) -> dict[int, Path]:
-    children = _children(folder)
-    return {
-        label: children[name.lower()]
-        for label, name in enumerate(CLASS_NAMES)
-        if name.lower() in children
-    }
+    children = _children(folder, CLASS_NAMES)
+    return {label: children[name.lower()] for label, name in enumerate(CLASS_NAMES)
+            if name.lower() in children}
 
 
 def _class_samples(folder: Path, root: Path) -> list[Sample]:
