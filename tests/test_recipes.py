@@ -60,3 +60,24 @@ def test_quick_recipes_network_is_registered():
     from pneumoscan.models import list_models
 
     assert "resnet10t" in list_models()
+
+
+def test_resume_on_another_device_keeps_the_recipe_auto_chose(tmp_path, monkeypatch):
+    """'auto' picks by device: a run started on a CPU (the cpu recipe) and resumed with
+    --device cuda resolved to strong and was refused for changed settings, although --device
+    may change on resume."""
+    import json
+
+    import torch
+
+    import pneumoscan.device
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(build_config("cpu", "cpu", {}).to_dict()))
+    (run / "checkpoint.pt").write_bytes(b"")  # there is one to resume from
+    monkeypatch.setattr(pneumoscan.device, "resolve_device", lambda name: torch.device("cuda"))
+    args = build_parser().parse_args(["train", "--data", "d", "--out", str(run), "--resume"])
+    assert config_from_args(args).recipe == "cpu"
+    new = build_parser().parse_args(["train", "--data", "d", "--out", str(tmp_path / "new")])
+    assert config_from_args(new).recipe == "strong"  # a new run: auto by the device

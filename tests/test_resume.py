@@ -233,9 +233,15 @@ def test_resume_after_early_stop_trains_no_further(tmp_path):
                       early_stop_patience=1, early_stop_min_delta=10.0, out=str(tmp_path))
     first = fit(cfg, train, val, tmp_path, class_counts=np.array([4, 4]), progress=False)
     assert first.stopped_early and len(first.history) == 2
+    # What a kill mid-write leaves: --resume clears it, in the run folder and in plots/ alike.
+    (tmp_path / "plots").mkdir(exist_ok=True)
+    strays = [tmp_path / ".checkpoint.pt.abc123.tmp", tmp_path / "plots" / ".roc.png.x1.tmp"]
+    for stray in strays:
+        stray.write_bytes(b"half")
     again = fit(cfg, train, val, tmp_path, class_counts=np.array([4, 4]), resume=True,
                 progress=False)
     assert again.stopped_early and again.history == first.history
+    assert not any(stray.exists() for stray in strays)
     assert again.best_epoch == first.best_epoch == 1
     for name, tensor in first.model.state_dict().items():
         assert torch.equal(tensor, again.model.state_dict()[name]), name

@@ -298,8 +298,9 @@ def fit(
 
     already_stopped = False
     if resume and dist_info.is_main:
-        # Left by a process killed mid-write; the checkpoint itself is whole (renamed into place).
-        for stray in run_dir.glob(".*.tmp"):
+        # Left by a process killed mid-write (the checkpoint, metrics, plots); the files
+        # themselves are whole, renamed into place.
+        for stray in [*run_dir.glob(".*.tmp"), *run_dir.glob("plots/.*.tmp")]:
             stray.unlink(missing_ok=True)
         if not (run_dir / CHECKPOINT).exists():
             print(f"--resume: no {CHECKPOINT} in {run_dir}; starting from epoch 1")

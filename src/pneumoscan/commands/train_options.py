@@ -160,13 +160,32 @@ def config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
         "low_memory": args.low_memory,
         **extra,
     }
-    cfg = build_config(args.recipe, device_type, overrides)
-    # Before any image is decoded: what cannot train fails at once.
-    if cfg.cuda_graphs and (device_type != "cuda" or env_world_size() > 1):
-        raise PneumoscanError(CUDA_GRAPHS_REFUSED)
     # A run resumed from its checkpoint takes its weights from there, not from --pretrained.
     resuming = getattr(args, "resume", False) and args.out is not None and has_checkpoint(
         Path(args.out))
+    recipe = args.recipe
+    if resuming and recipe == "auto":
+        # 'auto' follows the device: a run started on a CPU (cpu recipe) and resumed on a GPU
+        # would become a strong run. It goes on as it started, as --device may change.
+        recipe = _started_recipe(Path(args.out)) or recipe
+    cfg = build_config(recipe, device_type, overrides)
+    # Before any image is decoded: what cannot train fails at once.
+    if cfg.cuda_graphs and (device_type != "cuda" or env_world_size() > 1):
+        raise PneumoscanError(CUDA_GRAPHS_REFUSED)
     check_pretrained(cfg.model, cfg.pretrained, source=not resuming)
     check_input_size(cfg.model, in_chans=cfg.in_chans, image_size=cfg.image_size)
     return cfg
+
+
+def _started_recipe(out: Path) -> str | None:
+    """The recipe the run in ``out`` (or its first seed-N run) was resolved to, if it says."""
+    import json
+
+    for config in (out / "config.json", *sorted(out.glob("seed-*/config.json"))):
+        try:
+            recipe = json.loads(config.read_text()).get("recipe")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if recipe in RECIPES:
+            return recipe
+    return None
