@@ -18,6 +18,7 @@ import hashlib
 import math
 import os
 import re
+import signal
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -251,7 +252,10 @@ def _decode_all(paths: list[Path], size: int, workers: int | None, progress: boo
         if workers > 1 and len(chunks) > 1:
             # The pool's map() hands each chunk's result over once and forgets it: the results
             # are not all held at once beside the output array, which would double the memory.
-            mapper = stack.enter_context(ProcessPoolExecutor(max_workers=workers)).map
+            pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
+            # Ctrl-C: the chunks not started are dropped, the running ones end, the workers go.
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+            mapper = pool.map
         results = mapper(_decode_chunk, chunks, [size] * len(chunks))
         for start, (chunk_images, chunk_errors) in zip(starts, results, strict=True):
             end = start + len(chunk_images)
@@ -263,6 +267,13 @@ def _decode_all(paths: list[Path], size: int, workers: int | None, progress: boo
             bar.update(len(chunk_images))
     bar.close()
     return Decoded(images=images, ok=ok, errors=errors)
+
+
+def _ignore_sigint() -> None:
+    """In each decode worker: Ctrl-C reaches the whole process group, and a worker killed by
+    it mid-chunk left the pool's shutdown racing the main process's (a traceback, a hang).
+    The main process alone handles it and stops the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _decode_chunk(paths: list[Path], size: int) -> tuple[np.ndarray, list[tuple[int, str]]]:
