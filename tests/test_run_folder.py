@@ -103,6 +103,10 @@ def test_an_interrupted_train_says_how_to_continue(monkeypatch, synthetic_data, 
     monkeypatch.setattr("pneumoscan.pipeline.train_run", interrupted)
     assert _train(synthetic_data, tmp_path / "run") == 130
     assert "interrupted; the same command with --resume continues" in _one_line(capsys)
+    # Under torchrun Ctrl-C reaches every process: rank 0 alone says so.
+    monkeypatch.setenv("RANK", "1")
+    assert _train(synthetic_data, tmp_path / "run") == 130
+    assert capsys.readouterr().err == ""
 
 
 def test_seed_and_seeds_together_are_refused(synthetic_data, tmp_path, capsys):

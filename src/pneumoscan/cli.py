@@ -101,7 +101,10 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         hint = ("; the same command with --resume continues from the last checkpoint"
                 if args.command == "train" else "")
-        print(f"pneumoscan {args.command}: interrupted{hint}", file=sys.stderr)
+        # Ctrl-C reaches every torchrun process at once: one line, from rank 0. (An error is
+        # still printed by each process that meets it: it may be that process's alone.)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"pneumoscan {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 
 
