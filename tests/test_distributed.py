@@ -229,3 +229,20 @@ def test_torchrun_result_close_to_single_process(runs):
         assert abs(a["train_loss"] - b["train_loss"]) < 0.25, (a, b)
         assert abs(a["val_loss"] - b["val_loss"]) < 0.15, (a, b)
         assert np.isfinite([a["train_loss"], a["val_loss"]]).all()
+
+
+@pytest.mark.parametrize("seen, refused", [(0, False), (1, True), (2, False)])
+def test_every_process_resumes_or_none(seen, refused, monkeypatch, tmp_path):
+    """On several machines each process reads the checkpoint from its own disk: one that started
+    afresh beside resumed ones would have trained other steps until the processes hung."""
+    from pneumoscan import train
+    from pneumoscan.distributed import DistInfo
+    from pneumoscan.errors import PneumoscanError
+
+    info = DistInfo(rank=0, local_rank=0, world_size=2)
+    monkeypatch.setattr(train, "all_reduce_sum", lambda t, _info: t.fill_(seen))
+    if refused:
+        with pytest.raises(PneumoscanError, match="there for 1 of 2 processes"):
+            train._agree_on_resume(True, tmp_path, info, torch.device("cpu"))
+    else:
+        assert train._agree_on_resume(seen == 2, tmp_path, info, torch.device("cpu")) == (seen == 2)

@@ -271,7 +271,8 @@ def fit(
 
     # Same initial weights on every rank; a resumed run's come from its checkpoint, so the
     # pretrained ones (a file that may be gone, a download) are not needed.
-    resuming = resume and (run_dir / CHECKPOINT).exists()
+    resuming = _agree_on_resume(resume and (run_dir / CHECKPOINT).exists(), run_dir, dist_info,
+                                device)
     model = build_model(dataclasses.replace(cfg, pretrained="") if resuming else cfg).to(device)
     # channels_last is the layout of GPU tensor cores and of oneDNN's CPU kernels: 1.1 to 1.9
     # times faster on a CPU than the default layout for these models (the larger the image).
@@ -513,6 +514,21 @@ def write_metrics(run_dir: Path, history: list[dict]) -> None:
 def _diverged(how: str, cfg: TrainConfig) -> PneumoscanError:
     return PneumoscanError(f"training diverged {how}; lower --lr (now {cfg.lr:g}) and train "
                            "again into a new --out")
+
+
+def _agree_on_resume(resuming: bool, run_dir: Path, dist_info: DistInfo,
+                     device: torch.device) -> bool:
+    """Every process resumes, or none: each reads the checkpoint from its own disk, and one that
+    started afresh beside resumed ones would train other steps until the processes hung."""
+    if not dist_info.enabled:
+        return resuming
+    seen = int(all_reduce_sum(torch.tensor([float(resuming)], device=device), dist_info).item())
+    if 0 < seen < dist_info.world_size:
+        raise PneumoscanError(
+            f"--resume: {run_dir / CHECKPOINT} is there for {seen} of {dist_info.world_size} "
+            "processes; on several machines --out must be a folder they all share (or copy the "
+            "run folder to each)")
+    return resuming
 
 
 def seed_epoch(seed: int, epoch: int, rank: int, shuffle_gen: torch.Generator,
