@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check: about 9 minutes on one H200 (each part has its own time limit).
+# GPU check: about 10 minutes on one H200 (each part has its own time limit; see PARTS).
 #
 #   bash benchmarks/gpu_check.sh DATA_DIR [OUT_DIR]
 #
@@ -29,12 +29,17 @@
 # benchmarks/threshold_rules.py).
 # SMOKE=1 runs every part on the CPU at 32 px for one epoch and a few steps: a check of the
 # script itself, in about 5 minutes on a 2-core CPU, before spending GPU time.
+# PARTS="1 2" (default "1 2 3 4 5") runs only those parts: the whole script's time limits add up
+# to more than one device command may take, so run it as two calls, PARTS="1 2" then
+# PARTS="3 4 5", each with its own OUT_DIR.
 
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DATA=${1:?usage: bash benchmarks/gpu_check.sh DATA_DIR [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_check}}
+PARTS=" ${PARTS:-1 2 3 4 5} "
+part() { [[ $PARTS == *" $1 "* ]]; }
 PYTHON=${PYTHON:-python3}
 WORK=/tmp/gpu_check_work  # runs and weights stay here; small files are packed into OUT_DIR
 HOLDOUT=$WORK/holdout
@@ -46,10 +51,11 @@ VARIANTS=(
     "strong_light_15ep:--augment light --epochs 15"
 )
 DEVICE=cuda TRAIN_SMALL=() SPEED_SMALL=() MODES=eager,graphs,compile,cudagraphs SMALL_MODES=eager,graphs
+HOLDOUT_LIMIT=170  # seconds for each hold-out run (they run side by side)
 if [ "${SMOKE:-0}" = 1 ]; then
     DEVICE=cpu TRAIN_SMALL=(--image-size 32 --epochs 1) MODES=eager SMALL_MODES=eager
     SPEED_SMALL=(--image-size 32 --batch-size 16 --plain-batch-size 16 --steps 2 --warmup 1)
-    VARIANTS=("${VARIANTS[@]:0:2}") SEEDS="0 1"
+    VARIANTS=("${VARIANTS[@]:0:2}") SEEDS="0 1" HOLDOUT_LIMIT=400
     # Part 2 runs its trainings side by side: on a small CPU, threads of four processes
     # competing for two cores spin far more than they compute.
     export OMP_NUM_THREADS=1
@@ -106,10 +112,13 @@ EOF
     fi
     pack
 }
-e2e e2e_strong
-e2e e2e_strong_b256 --batch-size 256
+if part 1; then
+    e2e e2e_strong
+    e2e e2e_strong_b256 --batch-size 256
+fi
 
 # ---- 2. recipe variants on a patient-grouped hold-out, three seeds each, side by side
+holdout_variants() {
 echo "== 2. hold-out variants: ${VARIANTS[*]}"
 rm -rf "$HOLDOUT"
 "$PYTHON" benchmarks/holdout.py --data "$DATA" --out "$HOLDOUT/data" &&
@@ -120,7 +129,8 @@ for variant in "${VARIANTS[@]}"; do
     name=${variant%%:*}
     read -r -a extra <<< "${variant#*:}"
     for seed in $SEEDS; do
-        timeout 170 "$PYTHON" -m pneumoscan train --data "$HOLDOUT/data" --recipe strong \
+        timeout "$HOLDOUT_LIMIT" "$PYTHON" -m pneumoscan train --data "$HOLDOUT/data" \
+            --recipe strong \
             --device "$DEVICE" --seed "$seed" --out "$HOLDOUT/$name/seed-$seed" --quiet \
             "${TRAIN_SMALL[@]}" "${extra[@]}" \
             > "$HOLDOUT/$name-$seed.log" 2>&1 &
@@ -153,6 +163,8 @@ for variant in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "dat
           f"{mean[3]:.3f}  {mean[4]:.4f}")
 EOF
 pack
+}
+if part 2; then holdout_variants; fi
 
 # ---- 3. training-step throughput against a plain eager loop, same model
 speed() {  # name, time limit in s, train_speed arguments...
@@ -169,28 +181,39 @@ speed() {  # name, time limit in s, train_speed arguments...
         failed+=("speed_$name")
     fi
 }
-speed seed_cnn 150 --model seed_cnn --image-size 224 --batch-size 512 --plain-batch-size 32 \
-    --modes "$MODES" --steps 100
-speed resnet18 150 --model resnet18 --image-size 224 --batch-size 512 --plain-batch-size 32 \
-    --modes "$MODES" --steps 100
-speed resnet18_b64 60 --model resnet18 --image-size 224 --batch-size 64 --modes "$SMALL_MODES" \
-    --steps 100 --skip-plain
+if part 3; then
+    speed seed_cnn 150 --model seed_cnn --image-size 224 --batch-size 512 --plain-batch-size 32 \
+        --modes "$MODES" --steps 100
+    speed resnet18 150 --model resnet18 --image-size 224 --batch-size 512 --plain-batch-size 32 \
+        --modes "$MODES" --steps 100
+    # The same comparison at one batch for both: how much of the gain is the batch alone.
+    speed seed_cnn_same_batch 60 --model seed_cnn --image-size 224 --batch-size 512 \
+        --modes eager --steps 30
+    speed resnet18_same_batch 60 --model resnet18 --image-size 224 --batch-size 512 \
+        --modes eager --steps 30
+    speed resnet18_b64 60 --model resnet18 --image-size 224 --batch-size 64 \
+        --modes "$SMALL_MODES" --steps 100 --skip-plain
+fi
 
 # ---- 4. the report's recipe: one epoch of its train split, project against plain, batch 32
-speed seed_epoch 60 --data "$DATA" --recipe seed --modes "$SMALL_MODES"
-# Where the eager step's time goes, kernel by kernel, for the two models of part 3.
-speed profile_seed_cnn 60 --model seed_cnn --image-size 224 --batch-size 512 --modes eager \
-    --steps 10 --skip-plain --profile 5
-speed profile_resnet18 60 --model resnet18 --image-size 224 --batch-size 512 --modes eager \
-    --steps 10 --skip-plain --profile 5
+if part 4; then
+    speed seed_epoch 60 --data "$DATA" --recipe seed --modes "$SMALL_MODES"
+    # Where the eager step's time goes, kernel by kernel, for the two models of part 3.
+    speed profile_seed_cnn 60 --model seed_cnn --image-size 224 --batch-size 512 --modes eager \
+        --steps 10 --skip-plain --profile 5
+    speed profile_resnet18 60 --model resnet18 --image-size 224 --batch-size 512 --modes eager \
+        --steps 10 --skip-plain --profile 5
+fi
 
 # ---- 5. the distributed path with NCCL: torchrun, one process on the one GPU, two epochs
-echo "== 5. torchrun --nproc_per_node=1 -m pneumoscan train (NCCL)"
-rm -rf "$WORK/ddp"
-time timeout 90 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 \
-    -m pneumoscan train --data "$DATA" --recipe strong --epochs 2 --device "$DEVICE" \
-    --out "$WORK/ddp" --quiet "${TRAIN_SMALL[@]}" 2>&1 | grep -v -E "^ |^$|^figure|^actual" ||
-    failed+=("torchrun")
+if part 5; then
+    echo "== 5. torchrun --nproc_per_node=1 -m pneumoscan train (NCCL)"
+    rm -rf "$WORK/ddp"
+    time timeout 90 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 \
+        -m pneumoscan train --data "$DATA" --recipe strong --epochs 2 --device "$DEVICE" \
+        --out "$WORK/ddp" --quiet "${TRAIN_SMALL[@]}" 2>&1 |
+        grep -v -E "^ |^$|^figure|^actual" || failed+=("torchrun")
+fi
 
 date
 pack
