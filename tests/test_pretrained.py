@@ -29,11 +29,30 @@ def test_local_weights_file_is_loaded_and_folded_to_one_channel(tmp_path):
 def test_unreadable_weights_file_is_one_line(tmp_path):
     path = tmp_path / "junk.pth"
     path.write_bytes(b"not weights at all")
-    with pytest.raises(PneumoscanError, match="cannot load pretrained weights") as e:
+    with pytest.raises(PneumoscanError, match="not a weights file timm can read") as e:
         create_model("resnet18", in_chans=1, pretrained=str(path))
     assert "\n" not in str(e.value)
     with pytest.raises(PneumoscanError, match="not found"):
         create_model("resnet18", in_chans=1, pretrained=str(tmp_path / "missing.pth"))
+
+
+@pytest.mark.parametrize("kind", ["empty", "prefixed", "another network"])
+def test_a_file_that_does_not_fit_is_refused_not_trained_from_scratch(kind, tmp_path):
+    """timm loads leniently when the classifier is replaced: a file of another network, or with
+    its names prefixed, loaded nothing, and the run trained from random weights with exit 0."""
+    from safetensors.torch import save_file
+
+    source = timm.create_model("resnet10t" if kind == "another network" else "resnet18")
+    weights = {k: v.contiguous() for k, v in source.state_dict().items()}
+    if kind == "empty":
+        weights = {"unrelated": torch.zeros(1)}
+    elif kind == "prefixed":
+        weights = {f"model.{k}": v for k, v in weights.items()}
+    path = tmp_path / "w.safetensors"
+    save_file(weights, str(path))
+    with pytest.raises(PneumoscanError, match="does not fit") as e:
+        create_model("resnet18", in_chans=1, pretrained=str(path))
+    assert "\n" not in str(e.value)
 
 
 def test_offline_download_fails_at_once(monkeypatch):

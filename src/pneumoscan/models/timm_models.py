@@ -65,6 +65,7 @@ def create_timm_model(
         path = Path(pretrained)
         if not path.is_file():
             raise PneumoscanError(f"{path}: pretrained weights file not found")
+        file_keys = _weight_names(path)
         kwargs["pretrained"] = True
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
     elif pretrained:
@@ -80,8 +81,38 @@ def create_timm_model(
         where = f"{source}: " if source else ""
         raise PneumoscanError(
             f"{where}cannot load pretrained weights for {arch!r}: {_load_reason(e)}") from None
+    if "pretrained_cfg_overlay" in kwargs:
+        _check_fits(model, file_keys, kwargs["pretrained_cfg_overlay"]["file"], arch)
     model.gradcam_layer = model.feature_info[-1]["module"]
     return model
+
+
+def _weight_names(path: Path) -> set[str]:
+    """The tensor names in a weights file, read as timm reads it (tensors only, no code)."""
+    from timm.models import load_state_dict
+
+    try:
+        return set(load_state_dict(str(path)))
+    except Exception as e:  # junk, a pickle of other objects, a truncated file: many types
+        raise PneumoscanError(f"{path}: not a weights file timm can read "
+                              f"({type(e).__name__})") from None
+
+
+def _check_fits(model: nn.Module, file_keys: set[str], path: str, arch: str) -> None:
+    """Refuse a file that leaves any of the network's weights (its classifier aside) unloaded.
+
+    timm loads a file leniently when the classifier is replaced (2 classes here, not 1,000), so
+    a file of another network, or with prefixed names, loaded nothing and trained from scratch.
+    """
+    head = model.pretrained_cfg.get("classifier") or ()
+    heads = (head,) if isinstance(head, str) else tuple(head)
+    wanted = [name for name, _ in model.named_parameters()
+              if not any(name == h or name.startswith(h + ".") for h in heads)]
+    missing = [name for name in wanted if name not in file_keys]
+    if missing:
+        raise PneumoscanError(
+            f"{path}: does not fit {arch!r}: {len(missing)} of its {len(wanted)} weight tensors "
+            f"are not in the file (first: {missing[0]})")
 
 
 def _create_offline_aware(timm, arch: str, kwargs: dict) -> nn.Module:
