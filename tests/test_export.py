@@ -127,6 +127,16 @@ def test_mismatch_fails_loudly_and_writes_nothing(run_copy, tmp_path, monkeypatc
     assert (run_copy / "model.json").read_text() == before
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "model.json"])
+def test_onnx_never_replaces_one_of_the_runs_own_files(name, run_copy, capsys):
+    """--onnx RUN/model.safetensors succeeded and left weights that were ONNX: a dead run."""
+    before = {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file()}
+    assert main(["export", str(run_copy), "--onnx", str(run_copy / name)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is one of the run's own files" in err[0]
+    assert {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file()} == before
+
+
 def test_not_a_run_is_one_line(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--onnx", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
