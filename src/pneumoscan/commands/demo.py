@@ -24,14 +24,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pneumoscan.cli import COMMANDS, main
-    from pneumoscan.data.synthetic import SYNTHETIC_NOTE, write_synthetic_dataset
+    from pneumoscan.data.synthetic import SYNTHETIC_NOTE
     from pneumoscan.device import resolve_device
 
     resolve_device(args.device)  # "--device cuda" without a GPU: refused before anything changes
     out = Path(args.out)
     data = out / "data"
     if not (data / "SYNTHETIC.txt").exists():
-        _write_demo_data(data, write_synthetic_dataset)
+        _write_demo_data(data)
     print(f"== {SYNTHETIC_NOTE}\n== data: {data}")
     run_dir = out / "run"
     _replace_earlier_demo_run(run_dir, data)
@@ -78,13 +78,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_demo_data(data: Path, write_synthetic_dataset) -> None:
+def _write_demo_data(data: Path) -> None:
     """The synthetic set, into DATA only where nothing else is: never among a user's images.
 
     Written beside it and renamed into place, so an interrupted demo leaves no half set that
     the next one would take for its own (SYNTHETIC.txt marks a whole one).
     """
     import shutil
+
+    from pneumoscan.data.synthetic import write_synthetic_dataset
 
     if data.exists() and (not data.is_dir() or any(data.iterdir())):
         raise PneumoscanError(f"{data}: holds files that are not the demo's synthetic data "
