@@ -19,6 +19,10 @@ TEST_METRICS = "test_metrics.json"  # the test split's figures, when the data ha
 VAL_PREDICTIONS = "val_predictions.npz"  # labels and probabilities the threshold came from
 TEST_PREDICTIONS = "test_predictions.npz"
 RUN_FILES = ("model.json", CHECKPOINT, METRICS)  # a run, finished or not
+# Everything train writes into a run folder (temporary files aside).
+RUN_CONTENTS = frozenset({"config.json", "model.json", "model.safetensors", "plots",
+                          "report.html", CHECKPOINT, METRICS, TEST_METRICS, VAL_PREDICTIONS,
+                          TEST_PREDICTIONS})
 SUB_RUNS = ("seed-*", "fold-*")  # the per-seed runs of train --seeds, the folds of cv
 
 

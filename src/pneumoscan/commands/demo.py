@@ -7,13 +7,7 @@ from pathlib import Path
 
 from pneumoscan.commands.train_options import int_at_least
 from pneumoscan.errors import PneumoscanError
-from pneumoscan.run_folder import (
-    CHECKPOINT,
-    METRICS,
-    TEST_METRICS,
-    TEST_PREDICTIONS,
-    VAL_PREDICTIONS,
-)
+from pneumoscan.run_folder import RUN_CONTENTS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,11 +93,6 @@ def _write_demo_data(data: Path) -> None:
     staging.rename(data)
 
 
-# What train writes into a run folder: a folder holding anything else is not only a demo's run.
-_RUN_CONTENTS = {"config.json", "model.json", "model.safetensors", "plots", "report.html",
-                 CHECKPOINT, METRICS, TEST_METRICS, VAL_PREDICTIONS, TEST_PREDICTIONS}
-
-
 def _replace_earlier_demo_run(run_dir: Path, data: Path) -> None:
     """A second demo trains afresh: the run an earlier demo left on its own data goes first.
 
@@ -120,7 +109,7 @@ def _replace_earlier_demo_run(run_dir: Path, data: Path) -> None:
         return
     on_demo_data = isinstance(earlier, dict) and (
         Path(str(earlier.get("data"))).resolve() == data.resolve())
-    if on_demo_data and names <= _RUN_CONTENTS:
+    if on_demo_data and names <= RUN_CONTENTS:
         shutil.rmtree(run_dir)
 
 
