@@ -34,7 +34,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         tmp_path = Path(tmp)
         write(tmp_path)
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give what open() would
-        with open(tmp_path, "rb") as f:
+        # Through a writable handle: Windows cannot flush a file opened for reading only.
+        with open(tmp_path, "r+b") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except OSError as e:
