@@ -528,3 +528,44 @@ def test_the_executable_exits_with_the_command_status_and_skips_the_exit_sweep(m
         cli.console_main()
     assert exited.value.code == 3
     assert calls == ["main", "freeze"]
+
+
+def test_a_file_name_the_console_cannot_encode_is_printed_escaped(trained_run, synthetic_data,
+                                                                  tmp_path):
+    # A Windows console, or a log redirected there, takes a code page: a name outside it must
+    # not end `predict` with a traceback before the rest of the table is printed.
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    source = next((synthetic_data / "test" / "NORMAL").iterdir())
+    named = shutil.copy(source, tmp_path / f"\u80f8\u90e8-\u00e9{source.suffix}")
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    done = subprocess.run([sys.executable, "-m", "pneumoscan", "predict", str(trained_run),
+                           str(named), str(source)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "\\u80f8\\u90e8-\\xe9" in done.stdout and source.name in done.stdout
+
+
+def test_the_written_file_is_flushed_through_a_writable_handle(tmp_path, monkeypatch):
+    # Windows flushes a file to disk only through a handle that may write (FlushFileBuffers):
+    # fsync on a read-only one fails there with "Bad file descriptor".
+    fcntl = pytest.importorskip("fcntl")
+    import errno
+    import os
+
+    import pneumoscan.fileio as fileio
+
+    real_fsync = os.fsync
+
+    def fsync_as_windows_does(fd):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        real_fsync(fd)
+
+    monkeypatch.setattr(fileio.os, "fsync", fsync_as_windows_does)
+    fileio.atomic_write_text(tmp_path / "config.json", "{}\n")
+    assert (tmp_path / "config.json").read_text() == "{}\n"

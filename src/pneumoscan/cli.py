@@ -116,6 +116,12 @@ def console_main() -> None:
     ``predict``; frozen objects are left to the operating system, which takes the memory back
     anyway. Not in ``main``: a caller in a long-lived process still needs its collector.
     """
+    # A file name the console cannot encode (a Windows code page, a log redirected there) is
+    # printed escaped, as stderr already does, rather than ending the command mid-table.
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     status = main()
     gc.freeze()
     sys.exit(status)
