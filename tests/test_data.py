@@ -514,3 +514,40 @@ def test_eda_intensity_statistics_by_chunks_equal_the_whole():
     mean, std = _intensity(images, idx, chunk=7)
     assert mean == pytest.approx(images[idx].reshape(len(idx), -1).mean(axis=1).mean())
     assert std == pytest.approx(images[idx].std(dtype=np.float64))
+
+
+def test_decode_workers_start_with_ctrl_c_ignored(tmp_path, monkeypatch):
+    # A worker started afresh (macOS, Windows) imports numpy and Pillow before its initializer
+    # ignores Ctrl-C: it inherits the ignoring from the process that starts it instead.
+    import signal
+
+    import pneumoscan.data.cache as cache
+
+    seen = []
+
+    class RecordingPool:
+        def __init__(self, max_workers, initializer):
+            pass
+
+        def map(self, fn, *iterables):
+            seen.append(signal.getsignal(signal.SIGINT))
+            return map(fn, *iterables)
+
+        def shutdown(self, **_):
+            pass
+
+    monkeypatch.setattr(cache, "ProcessPoolExecutor", RecordingPool)
+    paths = [write_image(tmp_path / f"{i}.png", _gray(i)) for i in range(cache._CHUNK + 1)]
+    before = signal.getsignal(signal.SIGINT)
+    assert decode_files(paths, 16, cache_dir=tmp_path / "cache", workers=2, progress=False).ok.all()
+    assert seen == [signal.SIG_IGN]
+    assert signal.getsignal(signal.SIGINT) is before  # and Ctrl-C works again in the main process
+
+
+def test_windows_gets_at_most_61_decode_workers(monkeypatch):
+    import pneumoscan.data.cache as cache
+
+    monkeypatch.setattr(cache.os, "cpu_count", lambda: 128)
+    assert cache.decode_workers(None) == 128
+    monkeypatch.setattr(cache.os, "name", "nt")  # ProcessPoolExecutor's limit there
+    assert cache.decode_workers(None) == 61 and cache.decode_workers(4) == 4

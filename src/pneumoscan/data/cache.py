@@ -19,6 +19,7 @@ import math
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -37,6 +38,7 @@ DEFAULT_LIMIT_GB = 10.0  # some 40 decoded copies of Kermany's train split at 22
 _ENTRY_FILE = re.compile(r"^([0-9a-f]{24})\.(npy|json)$")  # what this module writes, only
 _TEMP_FILE = re.compile(r"^\.[0-9a-f]{24}\.(npy|json)\..*\.tmp$")  # atomic_write's, mid-write
 _STALE_TEMP_S = 24 * 3600.0  # older than any write in progress
+_WINDOWS_MAX_WORKERS = 61  # ProcessPoolExecutor refuses more there
 
 
 @dataclass
@@ -245,7 +247,7 @@ def _decode_all(paths: list[Path], size: int, workers: int | None, progress: boo
     errors: list[tuple[str, str]] = []
     starts = range(0, len(paths), _CHUNK)
     chunks = [[paths[i] for i in range(s, min(s + _CHUNK, len(paths)))] for s in starts]
-    workers = workers or os.cpu_count() or 1
+    workers = decode_workers(workers)
     bar = _progress_bar(len(paths), progress)
     with contextlib.ExitStack() as stack:
         mapper = map
@@ -256,7 +258,8 @@ def _decode_all(paths: list[Path], size: int, workers: int | None, progress: boo
             # Ctrl-C: the chunks not started are dropped, the running ones end, the workers go.
             stack.callback(pool.shutdown, wait=True, cancel_futures=True)
             mapper = pool.map
-        results = mapper(_decode_chunk, chunks, [size] * len(chunks))
+        with _sigint_ignored_while(mapper is not map):  # map() starts the workers
+            results = mapper(_decode_chunk, chunks, [size] * len(chunks))
         for start, (chunk_images, chunk_errors) in zip(starts, results, strict=True):
             end = start + len(chunk_images)
             images[start:end] = chunk_images
@@ -267,6 +270,28 @@ def _decode_all(paths: list[Path], size: int, workers: int | None, progress: boo
             bar.update(len(chunk_images))
     bar.close()
     return Decoded(images=images, ok=ok, errors=errors)
+
+
+def decode_workers(requested: int | None) -> int:
+    """The decode processes: as asked, else one a core; Windows takes at most 61 (its limit)."""
+    workers = requested or os.cpu_count() or 1
+    return min(workers, _WINDOWS_MAX_WORKERS) if os.name == "nt" else workers
+
+
+@contextlib.contextmanager
+def _sigint_ignored_while(starting_workers: bool):
+    """Start the decode workers with Ctrl-C ignored: a process inherits that from its parent
+    (even when started afresh, as macOS does), so it is ignored while the worker still imports
+    numpy and Pillow, before ``_ignore_sigint`` runs; otherwise each printed a traceback. A
+    Ctrl-C in these few milliseconds is lost; any later one stops the pool as before."""
+    if not starting_workers or threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set a signal handler
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _ignore_sigint() -> None:
