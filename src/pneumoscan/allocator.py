@@ -31,5 +31,7 @@ def return_large_buffers(threshold: int = THRESHOLD_BYTES) -> bool:
 def low_memory_mode(enabled: bool) -> None:
     """``--low-memory``: switch the allocator, or say why it cannot be."""
     if enabled and not return_large_buffers():
-        print("warning: --low-memory has no effect here (it needs glibc's allocator)",
+        # The report's CNN still recomputes its stem in backward (train.py): only part of it.
+        print("warning: --low-memory cannot give freed memory back to the system here (that "
+              "needs glibc's allocator); it still saves what the model itself can",
               file=sys.stderr)
