@@ -453,6 +453,17 @@ def test_busy_port_is_one_line_and_no_banner(trained_run, capsys):
     assert err == f"pneumoscan serve: error: 127.0.0.1:{port}: {reason}\n"
 
 
+@pytest.mark.parametrize("system, reuses", [("posix", True), ("nt", False)])
+def test_the_address_is_reused_only_where_that_cannot_share_a_busy_port(system, reuses,
+                                                                         monkeypatch):
+    # On Windows SO_REUSEADDR lets a second server bind a port another is listening on.
+    import pneumoscan.commands.serve as serve_command
+
+    monkeypatch.setattr(serve_command.os, "name", system)
+    with serve_command.listen("127.0.0.1", 0) as sock:
+        assert bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)) is reuses
+
+
 def test_unknown_host_is_one_line_and_no_banner(trained_run, capsys):
     status = main(["serve", str(trained_run), "--host", "999.1.1.1", "--device", "cpu"])
     out, err = capsys.readouterr()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 
 
@@ -48,8 +49,11 @@ def listen(host: str, port: int) -> socket.socket:
         raise PneumoscanError(f"{where}: unknown host ({_reason(e)})") from None
     sock = socket.socket(family, kind, proto)
     try:
-        # As uvicorn does: a restart need not wait for the old connections' TIME_WAIT.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # As uvicorn does: a restart need not wait for the old connections' TIME_WAIT. Not on
+        # Windows, where the option lets a second server share a port already listened on (so
+        # socket.create_server leaves it out there too).
+        if os.name != "nt":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen()
     except OSError as e:
