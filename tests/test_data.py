@@ -551,3 +551,20 @@ def test_windows_gets_at_most_61_decode_workers(monkeypatch):
     assert cache.decode_workers(None) == 128
     monkeypatch.setattr(cache.os, "name", "nt")  # ProcessPoolExecutor's limit there
     assert cache.decode_workers(None) == 61 and cache.decode_workers(4) == 4
+
+
+def test_the_datas_fingerprint_is_the_same_on_windows(tmp_path, monkeypatch):
+    # Relative paths are hashed with "/": a folder copied between systems is the same data
+    # (resume accepts it, report does not call it other images).
+    import ntpath
+
+    from pneumoscan.data import dataset
+    from pneumoscan.data.discover import discover
+    from pneumoscan.data.synthetic import write_synthetic_dataset
+
+    root = write_synthetic_dataset(tmp_path / "a", n_train=20, n_test=4, size=32)
+    samples = [s for found in discover(root).values() for s in found]
+    here = dataset.files_fingerprint(root, samples)
+    monkeypatch.setattr(dataset.os.path, "relpath", ntpath.relpath)  # as Windows writes them
+    monkeypatch.setattr(dataset.os, "sep", "\\")
+    assert dataset.files_fingerprint(root, samples) == here

@@ -231,12 +231,15 @@ def files_fingerprint(root: Path, samples: list[Sample]) -> str:
     added, removed or resized changes it (one rewritten at its very size does not: checking
     contents would mean reading every file). The decode cache keys on far more (cache.py)."""
     h = hashlib.sha256()
-    for sample in sorted(samples, key=lambda s: os.fsencode(s.path)):
+    # Paths written with "/" whatever the system: a folder copied to Windows is the same data.
+    relative = {s.path: os.fsencode(os.path.relpath(s.path, root).replace(os.sep, "/"))
+                for s in samples}
+    for sample in sorted(samples, key=lambda s: relative[s.path]):
         try:
             size = os.stat(sample.path).st_size
         except OSError:
             size = -1
-        h.update(os.fsencode(os.path.relpath(sample.path, root)) + f"\0{size}\n".encode())
+        h.update(relative[sample.path] + f"\0{size}\n".encode())
     return FILES_FINGERPRINT + h.hexdigest()[:24]
 
 
