@@ -198,3 +198,45 @@ def test_resume_of_an_interrupted_run_without_a_checkpoint_yet_starts_over(synth
     (tmp_path / "run" / "metrics.jsonl").write_text("")
     assert _train(synthetic_data, tmp_path / "run", "--resume") == 0
     assert "starting from epoch 1" in capsys.readouterr().out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KB file system (tmpfs; needs root), removed afterwards."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                          capture_output=True)
+    if made.returncode:
+        pytest.skip("cannot mount a small file system here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_while_saving_weights_or_checkpoint_is_an_oserror_naming_it(small_disk):
+    # torch.save given a path and safetensors' save_file report a full disk as errors of their
+    # own (a traceback at the command line); save_file also left a temporary file of its own.
+    import errno
+
+    from pneumoscan.checkpoint import _save
+    from pneumoscan.fileio import atomic_write
+    from pneumoscan.model_io import save_model
+    from pneumoscan.models import create_model
+
+    model = create_model("seed_cnn", in_chans=3, image_size=32)  # some 2 MB of weights
+    meta = {"architecture": "seed_cnn", "image_size": 32, "in_chans": 3,
+            "intensity": {"mean": 0.5, "std": 0.25}, "threshold": 0.5, "temperature": 1.0,
+            "class_names": ["NORMAL", "PNEUMONIA"]}
+    with pytest.raises(OSError) as full:
+        save_model(small_disk / "run", model, meta)
+    assert full.value.errno == errno.ENOSPC
+    assert full.value.filename == str(small_disk / "run" / "model.safetensors")
+    with pytest.raises(OSError) as full:
+        atomic_write(small_disk / "checkpoint.pt", lambda tmp: _save(model.state_dict(), tmp))
+    assert full.value.errno == errno.ENOSPC
+    assert full.value.filename == str(small_disk / "checkpoint.pt")
+    assert [p.name for p in small_disk.rglob("*") if p.is_file()] == []

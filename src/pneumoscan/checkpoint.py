@@ -41,7 +41,40 @@ def save_checkpoint(
     }
     if best_state is not None:
         state["best_model"] = best_state
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: _save(state, tmp))
+
+
+def _save(state: dict, path: Path) -> None:
+    """torch.save, with a full disk reported as the OSError that names the file in one line:
+    torch's writer turns it into a RuntimeError ("unexpected pos") when it meets it."""
+    with open(path, "wb") as f:
+        writer = _RecordingWriter(f)
+        try:
+            torch.save(state, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+
+
+class _RecordingWriter:
+    """A file's write() and flush() that remember the OSError they met."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        return self._recorded(self.f.write, data)
+
+    def flush(self) -> None:
+        self._recorded(self.f.flush)
+
+    def _recorded(self, call, *args):
+        try:
+            return call(*args)
+        except OSError as e:
+            self.error = e
+            raise
 
 
 _CHECKPOINT_KEYS = ("config", "epoch", "model", "optimizer", "scheduler", "early_stopping",

@@ -124,7 +124,7 @@ def _stacker_problem(stacker: Any, n_members: int) -> str:
 
 def save_model(run_dir: Path, model: nn.Module, meta: dict) -> None:
     """Write model.safetensors (weights and BatchNorm statistics) and model.json atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     run_dir = Path(run_dir)
     model = getattr(model, "module", model)
@@ -133,7 +133,9 @@ def save_model(run_dir: Path, model: nn.Module, meta: dict) -> None:
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "single", **meta}
     validate_meta(meta, str(run_dir / "model.json"))
-    atomic_write(run_dir / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
+    # As bytes, written here: save_file() reports a full disk as its own error type, not an
+    # OSError naming the file, and leaves a temporary file of its own behind if killed.
+    atomic_write(run_dir / "model.safetensors", lambda tmp: tmp.write_bytes(save(state)))
     atomic_write_json(run_dir / "model.json", meta)
 
 
