@@ -67,3 +67,20 @@ def trained_run(synthetic_data, tmp_path_factory) -> Path:
     )
     assert status == 0
     return out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KB file system (tmpfs; needs root), removed afterwards."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                          capture_output=True)
+    if made.returncode:
+        pytest.skip("cannot mount a small file system here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

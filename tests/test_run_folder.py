@@ -200,23 +200,6 @@ def test_resume_of_an_interrupted_run_without_a_checkpoint_yet_starts_over(synth
     assert "starting from epoch 1" in capsys.readouterr().out
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 256 KB file system (tmpfs; needs root), removed afterwards."""
-    import subprocess
-
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-                          capture_output=True)
-    if made.returncode:
-        pytest.skip("cannot mount a small file system here")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_a_full_disk_while_saving_weights_or_checkpoint_is_an_oserror_naming_it(small_disk):
     # torch.save given a path and safetensors' save_file report a full disk as errors of their
     # own (a traceback at the command line); save_file also left a temporary file of its own.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import os
 from pathlib import Path
 
 import numpy as np
@@ -257,3 +258,14 @@ def test_stack_refuses_damaged_out_of_fold_predictions_in_one_line(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "unreadable out-of-fold predictions" in err, err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_full_disk_while_copying_members_is_one_line_and_leaves_no_partial_copy(
+        cv_runs, small_disk, capsys):
+    # copytree's error is the list of every file it could not copy: printed whole before.
+    out = small_disk / "st"
+    assert main(["stack", *map(str, cv_runs), "--out", str(out), "--folds", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"{out}{os.sep}" in err and "no space left on device" in err and "partial" not in err
+    assert not list(out.glob(".*.partial"))

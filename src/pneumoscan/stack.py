@@ -228,12 +228,23 @@ def copy_member(run: Path, dest: Path) -> None:
     staging = dest.with_name(f".{dest.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for sub in meta.get("members", []):
-        shutil.copytree(run / sub, staging / sub, symlinks=False,
-                        ignore=shutil.ignore_patterns(*_SKIP_ON_COPY))
-    for name in ("model.json", "model.safetensors", OOF_PREDICTIONS, CV_METRICS, "config.json"):
-        if (run / name).is_file():
-            shutil.copy2(run / name, staging / name)
+    try:
+        for sub in meta.get("members", []):
+            shutil.copytree(run / sub, staging / sub, symlinks=False,
+                            ignore=shutil.ignore_patterns(*_SKIP_ON_COPY))
+        for name in ("model.json", "model.safetensors", OOF_PREDICTIONS, CV_METRICS,
+                     "config.json"):
+            if (run / name).is_file():
+                shutil.copy2(run / name, staging / name)
+    except BaseException as e:  # a full disk, Ctrl-C: no half copy is left in --out
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, shutil.Error):  # copytree lists every file it could not copy
+            _source, target, why = e.args[0][0]  # why: "[Errno 28] No space left on device: ..."
+            reason = re.match(r"(?:\[Errno \d+\] )?([^:]*)", why).group(1).lower()
+            raise PneumoscanError(
+                f"{dest / Path(target).relative_to(staging)}: cannot be written ({reason})"
+            ) from None
+        raise
     if dest.exists():
         shutil.rmtree(dest)
     staging.rename(dest)
