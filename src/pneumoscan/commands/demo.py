@@ -87,7 +87,11 @@ def _write_demo_data(data: Path) -> None:
                               "(no SYNTHETIC.txt); give the demo another --out")
     staging = data.with_name(f".{data.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    write_synthetic_dataset(staging, n_train=240, n_test=80, size=96)
+    try:
+        write_synthetic_dataset(staging, n_train=240, n_test=80, size=96)
+    except BaseException:  # a full disk, Ctrl-C: the half set goes (and frees what it took)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if data.exists():
         data.rmdir()  # empty, checked above
     staging.rename(data)

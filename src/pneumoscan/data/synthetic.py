@@ -48,6 +48,10 @@ def write_synthetic_dataset(
             patient = i // 2 + (0 if split == "train" else 10_000)
             kind = ("bacteria" if i % 3 == 1 else "virus") if pneumonia else "synthetic"
             name = f"person{patient}_{kind}_{i}.png"
-            Image.fromarray(synthetic_xray(rng, size, pneumonia)).save(folder / name)
+            path = folder / name
+            try:
+                Image.fromarray(synthetic_xray(rng, size, pneumonia)).save(path)
+            except OSError as e:  # Pillow's names no file (a full disk)
+                raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     (root / "SYNTHETIC.txt").write_text(SYNTHETIC_NOTE + "\n")
     return root
