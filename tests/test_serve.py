@@ -101,6 +101,19 @@ def test_predict_a_png(client, trained_run, image_file):
     assert shown.size == overlay.size
 
 
+def test_the_page_is_shown_the_image_in_its_own_aspect_ratio(client, tmp_path):
+    # The model's input is squashed to a square; what a clinician looks at must not be.
+    wide = np.zeros((140, 224), dtype=np.uint8)
+    wide[40:100, 60:160] = 200
+    buffer = io.BytesIO()
+    Image.fromarray(wide).save(buffer, format="PNG")
+    body = _post(client, buffer.getvalue(), name="wide.png").json()
+    shown = Image.open(io.BytesIO(base64.b64decode(body["image_png"])))
+    assert shown.size == (app_module.DISPLAY_SIZE, 200)  # 224 x 140 with its longest side 320
+    if body["gradcam_png"] is not None:
+        assert Image.open(io.BytesIO(base64.b64decode(body["gradcam_png"]))).size == shown.size
+
+
 def test_oversize_upload_413(client, image_file, monkeypatch):
     data = image_file.read_bytes()
     limit = len(data) - 1

@@ -42,12 +42,13 @@ import numpy as np
 from pneumoscan import CLASS_NAMES, __version__
 from pneumoscan.data import decode
 from pneumoscan.errors import PneumoscanError, UnreadableImage
+from pneumoscan.explain import display_image
 from pneumoscan.predict import NOT_FINITE
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = decode.MAX_PIXELS  # the decoder enforces it from the header
 ENVELOPE_BYTES = 64 * 1024  # multipart boundaries and part headers around the file itself
-DISPLAY_SIZE = 320  # side of the gray image and overlay the page shows
+DISPLAY_SIZE = 320  # longest side of the gray image and overlay the page shows
 MAX_FILENAME = 255
 UNNAMED = "upload"  # the file name in errors when the client gave none, or it is not known yet
 DECODE_SLOTS = 4  # images decoded at once: bounds memory when many large uploads arrive together
@@ -274,10 +275,12 @@ class _Service:
     def predict(self, data: bytes, filename: str) -> dict[str, Any]:
         size = self.predictor.image_size
         with self.decode_slots:
-            # The model's input comes from the same decode as `predict` and training use; the
-            # larger copy is only what the page shows.
-            image = _decode(data, size, filename)
-            display = _decode(data, max(size, DISPLAY_SIZE), filename)
+            # The model's input comes from the same decode as `predict` and training use. The
+            # page shows the image in its own aspect ratio, as `explain` draws it (the model's
+            # input is squashed to a square), its longest side at least DISPLAY_SIZE.
+            image = _decode(decode.read_gray, data, filename, size=size)
+            side = max(size, DISPLAY_SIZE)
+            display = _decode(display_image, data, filename, sides=(side, side))
         with self.lock:
             probability = float(self.predictor.predict_proba(image[None])[0])
             if not math.isfinite(probability):
@@ -296,9 +299,10 @@ class _Service:
         }
 
 
-def _decode(data: bytes, size: int, filename: str) -> np.ndarray:
+def _decode(read, data: bytes, filename: str, **options) -> np.ndarray:
+    """``read(data, name=filename, **options)``, a decoding failure answered with its status."""
     try:
-        return decode.read_gray(data, size, name=filename)
+        return read(data, name=filename, **options)
     except UnreadableImage as e:
         # The decoder's reason as it is, so that serve and predict name a file's problem alike.
         raise ApiError(_status(e.reason), f"{filename}: {e.reason}") from None
