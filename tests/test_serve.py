@@ -551,3 +551,48 @@ def test_a_probability_that_is_not_finite_is_an_error_not_normal(client, image_f
     assert r.status_code == 500
     assert r.json() == {"error": "scan.png: the model's probability is not finite "
                                  "(NaN or infinity)"}
+
+
+def test_health_and_page_answer_while_every_worker_thread_waits_on_a_prediction(
+        live_server, image_file, monkeypatch):
+    # Predictions run in the server's thread pool (40 threads) and wait there for the model.
+    # Health, model info and the page must not queue behind them.
+    release, entered, lock = threading.Event(), [], threading.Lock()
+
+    def held_prediction(self, data, filename):
+        with lock:
+            entered.append(filename)
+        release.wait(60)
+        return {"filename": filename}
+
+    monkeypatch.setattr(app_module._Service, "predict", held_prediction)
+    port = int(live_server.rsplit(":", 1)[1])
+    boundary = "pneumoscanboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"x.png\"\r\nContent-Type: image/png\r\n\r\n").encode()
+    body += image_file.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    senders = [threading.Thread(target=_request, args=(port, "POST", "/api/predict", body,
+                                                       headers), daemon=True)
+               for _ in range(80)]  # anyio's pool has 40 threads
+    try:
+        for sender in senders:
+            sender.start()
+        deadline, seen = time.monotonic() + 30, -1
+        while seen != len(entered) and time.monotonic() < deadline:  # until no more get in
+            seen = len(entered)
+            time.sleep(1.0)
+        assert 0 < len(entered) < len(senders)  # every worker thread is taken; the rest queue
+        import http.client
+
+        for path in ("/api/health", "/api/model", "/"):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                connection.request("GET", path)
+                assert connection.getresponse().status == 200, path
+            finally:
+                connection.close()
+    finally:
+        release.set()
+        for sender in senders:
+            sender.join(timeout=30)

@@ -102,17 +102,20 @@ def create_app(run_dir: str | Path, device: str = "cpu"):
         # Still JSON for the page; the traceback goes to the server's log, not to the client.
         return JSONResponse({"error": "internal server error"}, status_code=500)
 
+    # These answer on the event loop itself (async, nothing to wait for): run in the thread
+    # pool, they queued behind the predictions waiting there for the model, and a health probe
+    # or the page's first request took seconds under load.
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index() -> HTMLResponse:
+    async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
     @app.get("/api/health")
     @app.get("/health", include_in_schema=False)
-    def health() -> dict:
+    async def health() -> dict:
         return {"status": "ok", "model": predictor.name}
 
     @app.get("/api/model")
-    def model() -> dict:
+    async def model() -> dict:
         return model_info
 
     @app.post("/api/predict", openapi_extra=_UPLOAD_SCHEMA)
