@@ -231,6 +231,14 @@ def _post_raw(client, body, content_type: str = MULTIPART):
     return client.post("/api/predict", content=body, headers={"content-type": content_type})
 
 
+def test_a_file_field_sent_without_a_filename_is_told_so(client, image_file):
+    # curl -F 'file=<x.png' sends the bytes as a text field: "send a field named 'file'" was
+    # what the client had done.
+    response = _post_raw(client, _part(image_file.read_bytes(), filename=None))
+    assert response.status_code == 422
+    assert "without a filename" in response.json()["error"]
+
+
 def _malformed(image: bytes) -> dict[str, tuple[bytes, str]]:
     whole = _part(image)
     return {

@@ -203,6 +203,9 @@ async def _read_upload(request) -> tuple[bytes, str]:
         raise ApiError(422, "incomplete body: the client disconnected") from None
     try:
         upload = form.get("file")
+        if isinstance(upload, str):  # a part without a filename is a text field, not a file
+            raise ApiError(422, "the field 'file' came as text, without a filename: send the "
+                                "image as a file upload (curl -F 'file=@IMAGE')")
         if not isinstance(upload, UploadFile):
             raise ApiError(422, "missing file: send the image in a multipart field named 'file'")
         data = await upload.read(MAX_UPLOAD_BYTES + 1)
