@@ -80,6 +80,13 @@ def test_health_and_model(client, trained_run):
     assert "/" not in info.get("data_source", "")  # no server paths handed out
 
 
+def test_nothing_served_loads_from_the_internet(client):
+    # FastAPI's /docs and /redoc pull their scripts from a CDN: blank pages offline.
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+    assert "/api/predict" in client.get("/openapi.json").json()["paths"]
+    assert "http" not in client.get("/").text.replace("http-equiv", "")
+
+
 def test_predict_a_png(client, trained_run, image_file):
     response = _post(client, image_file.read_bytes(), name=image_file.name)
     assert response.status_code == 200, response.text

@@ -83,6 +83,9 @@ def create_app(run_dir: str | Path, device: str = "cpu"):
         title="pneumoscan",
         version=__version__,
         description="Pneumonia on pediatric chest X-rays. Research use only: not a medical device.",
+        # FastAPI's /docs and /redoc pages load their scripts from the internet: blank offline.
+        # The schema itself stays at /openapi.json.
+        docs_url=None, redoc_url=None,
     )
 
     @app.exception_handler(ApiError)
