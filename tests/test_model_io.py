@@ -210,3 +210,17 @@ def test_model_json_cannot_pass_options_to_the_model(trained_run, tmp_path, monk
     assert seen and set(seen[0]) == {"in_chans", "num_classes", "image_size"}
     prob = predictor.predict_proba(np.zeros((1, 32, 32), dtype=np.uint8))
     assert prob.shape == (1,) and np.isfinite(prob).all()
+
+
+def test_an_architecture_this_installation_does_not_know_names_model_json(trained_run,
+                                                                          tmp_path):
+    # A run made with a newer timm: the message must point at the run's file, not read as a
+    # mistyped --model.
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    meta = json.loads((run / "model.json").read_text())
+    meta["architecture"] = "a_network_from_the_future"
+    (run / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(PneumoscanError) as refused:
+        load_predictor(run)
+    assert str(refused.value).startswith(f"{run / 'model.json'}: cannot build the model (")
+    assert "a_network_from_the_future" in str(refused.value)

@@ -307,7 +307,9 @@ def load_predictor(run_dir: str | Path, device: str | torch.device = "cpu"):
             num_classes=len(CLASS_NAMES),
             image_size=int(meta["image_size"]),
         )
-    except (TypeError, ValueError) as e:  # e.g. an image size or option the model refuses
+    except (TypeError, ValueError, PneumoscanError) as e:
+        # An image size the model refuses, or a name this installation does not know (a run
+        # made with a newer timm): the run's file is at fault, not a command-line option.
         raise PneumoscanError(f"{run_dir / 'model.json'}: cannot build the model ({e})") from None
     weights = run_dir / "model.safetensors"
     try:
