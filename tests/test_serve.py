@@ -5,6 +5,7 @@ The trained run is conftest's session fixture ``trained_run`` (seed_cnn, 32 px, 
 
 import asyncio
 import base64
+import contextlib
 import io
 import logging
 import os
@@ -611,3 +612,45 @@ def test_health_and_page_answer_while_every_worker_thread_waits_on_a_prediction(
         release.set()
         for sender in senders:
             sender.join(timeout=30)
+
+
+def test_ctrl_c_while_answering_says_it_waits_and_a_second_stops_quietly(trained_run,
+                                                                          image_file):
+    # The first Ctrl-C waits for the requests in progress, which can take a while: it says so.
+    # A second stops at once; it printed a traceback for every request it cancelled.
+    slow_model = (
+        "import sys, time\n"
+        "import pneumoscan.serve.app as app\n"
+        "predict = app._Service.predict\n"
+        "app._Service.predict = lambda self, *a: (time.sleep(60), predict(self, *a))[1]\n"
+        "from pneumoscan.cli import console_main\n"
+        "sys.argv = ['pneumoscan', *sys.argv[1:]]\n"
+        "console_main()\n"
+    )
+    command = [sys.executable, "-c", slow_model, "serve", str(trained_run), "--port", "0",
+               "--device", "cpu"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        port = int(re.search(r":(\d+)/", _read_line(process, timeout=120))[1])
+        body = _part(image_file.read_bytes())
+
+        def cut_off_request():  # the second Ctrl-C cuts it off
+            with contextlib.suppress(OSError):
+                _request(port, "POST", "/api/predict", body, {"content-type": MULTIPART})
+
+        for _ in range(2):
+            threading.Thread(target=cut_off_request, daemon=True).start()
+        time.sleep(2.0)  # both requests are in the model by now
+        process.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+        assert process.poll() is None  # still waiting for them
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert err == ("pneumoscan serve: stopping once the 2 prediction(s) in progress are "
+                   "answered (Ctrl-C again stops at once)\n")
+    assert process.returncode == 130

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
+import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,7 +78,23 @@ def _reason(e: OSError) -> str:
 
 def _serve(uvicorn, app, sock: socket.socket) -> None:
     """Serve ``app`` on the bound ``sock`` until Ctrl-C, which is a normal way to stop."""
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                # A second Ctrl-C stops at once. uvicorn's own forced exit still waits for the
+                # model calls in progress, and prints a traceback for each request it cancels.
+                # Nothing is being written: the process can simply end, its clients cut off.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(130)
+            busy = app.state.predictions_in_progress
+            if busy and sig == signal.SIGINT:
+                print(f"pneumoscan serve: stopping once the {busy} prediction(s) in progress are "
+                      "answered (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, log_level="warning"))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the signal it caught once it has shut down

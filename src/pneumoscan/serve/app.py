@@ -88,6 +88,8 @@ def create_app(run_dir: str | Path, device: str = "cpu"):
         docs_url=None, redoc_url=None,
     )
 
+    app.state.predictions_in_progress = 0
+
     @app.exception_handler(ApiError)
     async def api_error(_request, exc: ApiError):
         return JSONResponse({"error": exc.message}, status_code=exc.status)
@@ -126,8 +128,11 @@ def create_app(run_dir: str | Path, device: str = "cpu"):
         # The body is read here, not by FastAPI's form handling, so that an oversized upload
         # is refused while streaming instead of after it has been spooled to disk.
         data, filename = await _read_upload(request)
-        result = await run_in_threadpool(service.predict, data, filename)
-        return result
+        app.state.predictions_in_progress += 1  # for serve's Ctrl-C line (on the event loop)
+        try:
+            return await run_in_threadpool(service.predict, data, filename)
+        finally:
+            app.state.predictions_in_progress -= 1
 
     return app
 
