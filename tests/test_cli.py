@@ -569,3 +569,22 @@ def test_the_written_file_is_flushed_through_a_writable_handle(tmp_path, monkeyp
     monkeypatch.setattr(fileio.os, "fsync", fsync_as_windows_does)
     fileio.atomic_write_text(tmp_path / "config.json", "{}\n")
     assert (tmp_path / "config.json").read_text() == "{}\n"
+
+
+def test_every_option_with_a_default_says_it_in_help():
+    # The README promises `pneumoscan COMMAND --help` lists every option with its default.
+    import argparse
+
+    from pneumoscan.cli import build_parser
+
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for verb, sub in verbs.choices.items():
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if not action.option_strings or action.default in (None, argparse.SUPPRESS):
+                continue
+            if action.default is False:
+                continue  # a flag
+            shown = formatter._get_help_string(action) if action.help else ""
+            assert "default" in shown, (verb, action.option_strings)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
-import os
 from pathlib import Path
 
 import numpy as np

@@ -51,10 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
         if module is None:
             continue
         # argparse %-formats help strings but prints descriptions as they are.
-        p = sub.add_parser(verb, help=help_text, description=help_text.replace("%%", "%"))
+        p = sub.add_parser(verb, help=help_text, description=help_text.replace("%%", "%"),
+                           formatter_class=_DefaultsShown)
         module.add_arguments(p)
         p.set_defaults(_run=module.run, _parser=p)
     return parser
+
+
+class _DefaultsShown(argparse.HelpFormatter):
+    """Help that ends each option's text with its default, unless the text already says it
+    or there is none to say (a flag, an option whose absence means something else)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and "default" not in text
+                and all(action.default is not none for none in (None, False, argparse.SUPPRESS))):
+            text += " (default: %(default)s)"
+        return text
 
 
 def _command_module(verb: str):

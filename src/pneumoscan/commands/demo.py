@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pneumoscan.commands.train_options import int_at_least
+from pneumoscan.commands.train_options import add_device_option, int_at_least
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.run_folder import RUN_CONTENTS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="folder for the data, run and figures")
-    p.add_argument("--epochs", type=int_at_least(1), default=8)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--epochs", type=int_at_least(1), default=8, help="training epochs")
+    add_device_option(p)
 
 
 def run(args: argparse.Namespace) -> int:

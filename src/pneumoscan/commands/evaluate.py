@@ -6,6 +6,8 @@ import argparse
 import math
 import sys
 
+from pneumoscan.commands.train_options import add_device_option
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
@@ -22,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a probability X (or fixed:X) instead of the run's stored threshold, which was "
         "chosen on validation data",
     )
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_option(p)
     p.add_argument("--quiet", action="store_true")
 
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pneumoscan.commands.train_options import add_device_option
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory (a single model or an ensemble)")
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="image or DICOM files, folders (searched recursively) or glob patterns")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the overlay PNGs")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_option(p)
 
 
 def run(args: argparse.Namespace) -> int:

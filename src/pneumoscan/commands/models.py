@@ -8,7 +8,8 @@ from pneumoscan.commands.train_options import IMAGE_SIZE, int_at_least
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image-size", type=IMAGE_SIZE, default=224)
+    p.add_argument("--image-size", type=IMAGE_SIZE, default=224,
+                   help="input size the parameters are counted at")
     p.add_argument(
         "--in-chans",
         type=int_at_least(1),

@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from pneumoscan.commands.train_options import add_device_option
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory (a single model or an ensemble)")
@@ -20,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cam", metavar="DIR",
                    help="also write Grad-CAM overlays into DIR; a last column, cam, names each")
     p.add_argument("--batch-size", type=int, default=32, help="files decoded and predicted at once")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -8,13 +8,15 @@ import signal
 import socket
 import sys
 
+from pneumoscan.commands.train_options import add_device_option
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory (a single model or an ensemble)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_option(p)
 
 
 def run(args: argparse.Namespace) -> int:

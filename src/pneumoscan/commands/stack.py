@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the stacked run directory to write")
     p.add_argument("--folds", type=int_at_least(2), default=5,
                    help="folds of the nested cross-validation that measures the stack (default 5)")
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--seed", type=SEED, default=0, help="random seed of the nested folds")
     p.add_argument("--threshold-rule", type=parse_threshold_rule,
                    help="youden, sensitivity:0.95 or fixed:0.5 (default: the first run's rule)")
 

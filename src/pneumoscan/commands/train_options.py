@@ -19,6 +19,11 @@ from pneumoscan.run_folder import has_checkpoint
 from pneumoscan.threshold_rules import parse_threshold_rule
 
 
+def add_device_option(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    p.add_argument("--device", default=default, choices=["auto", "cpu", "cuda"],
+                   help="where to run: auto is a CUDA GPU when there is one, else the CPU")
+
+
 def int_at_least(low: int, high: int | None = None):
     """An argparse type: a whole number of at least ``low`` (and at most ``high``)."""
 
@@ -74,10 +79,11 @@ def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> N
         "--recipe",
         default="auto",
         choices=["auto", *RECIPES],
-        help="auto: strong on a GPU, cpu otherwise; quick: a first model in under 3 minutes "
-        "on a CPU; seed: the report's recipe",
+        help="auto (the default): strong on a GPU, cpu otherwise; quick: a first model in "
+        "under 3 minutes on a CPU; seed: the report's recipe",
     )
-    p.add_argument("--model", help="registry name or any timm model (see `pneumoscan models`)")
+    p.add_argument("--model", help="registry name or any timm model (see `pneumoscan models`); "
+                   "default: the recipe's")
     p.add_argument(
         "--pretrained",
         nargs="?",
@@ -86,11 +92,15 @@ def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> N
         metavar="PATH",
         help="start from timm's weights (needs the network) or a local weights file",
     )
-    p.add_argument("--image-size", type=IMAGE_SIZE, help="square input size in pixels")
-    p.add_argument("--epochs", type=int_at_least(1))
+    p.add_argument("--image-size", type=IMAGE_SIZE,
+                   help="square input size in pixels; default: the recipe's")
+    p.add_argument("--epochs", type=int_at_least(1), help="default: the recipe's")
     # BatchNorm needs two images of a batch to train on.
-    p.add_argument("--batch-size", type=int_at_least(2))
-    p.add_argument("--lr", type=float_between(0.0, math.inf), help="(peak) learning rate")
+    p.add_argument("--batch-size", type=int_at_least(2),
+                   help="images a step (all processes together); default: the recipe's")
+    p.add_argument("--lr", type=float_between(0.0, math.inf),
+                   help="(peak) learning rate; default: the recipe's, scaled when --batch-size "
+                   "changes it")
     p.add_argument(
         "--augment",
         choices=list(AUGMENTATIONS),
@@ -100,7 +110,7 @@ def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> N
         + "; default: the recipe's",
     )
     p.add_argument("--seed", type=SEED, help="random seed (default 0)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_option(p)
     p.add_argument(
         "--val-fraction",
         type=float_between(0.0, 0.5),
