@@ -98,6 +98,7 @@ def runs(tmp_path_factory) -> dict:
     """A two-process torchrun run and a single-process run of the same data and global batch."""
     root = tmp_path_factory.mktemp("ddp")
     data = write_synthetic_dataset(root / "data", n_train=72, n_test=12, size=32)
+    (data / "train" / "NORMAL" / "damaged.png").write_bytes(b"not a PNG")  # skipped, said once
     dump = root / "dump"
     dump.mkdir()
     (root / "driver.py").write_text(DRIVER)
@@ -170,6 +171,7 @@ def test_torchrun_succeeds_with_one_set_of_outputs(runs):
     # Only rank 0 speaks.
     assert proc.stdout.count("validation (threshold") == 1
     assert proc.stdout.count("data: ") == 1
+    assert proc.stderr.count("damaged.png") == 1  # the unreadable file: named by rank 0 alone
     assert "distributed: 2 processes x batch 8 = effective batch 16" in proc.stdout
 
 

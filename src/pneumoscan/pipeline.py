@@ -56,7 +56,7 @@ def _train_run(
     startup_s = None if process_started is None else t_start - process_started
     data = load_data(
         cfg.data, cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.seed,
-        progress=progress and dist_info.is_main,
+        progress=progress and dist_info.is_main, warn=dist_info.is_main,
     )
     if dist_info.is_main:
         # Written once the data is known to be usable, so a refused run leaves no folder behind.

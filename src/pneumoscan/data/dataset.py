@@ -72,6 +72,7 @@ def load_data(
     progress: bool = True,
     carve_val: bool = True,
     as_given: bool = False,
+    warn: bool = True,
 ) -> DataBundle:
     """Decode (or read from the cache) every split of ``spec`` at ``image_size``.
 
@@ -79,13 +80,14 @@ def load_data(
     MIN_VAL_IMAGES of both classes is given. ``carve_val=False`` keeps all of train
     (cross-validation carves its own folds); ``as_given`` keeps the splits as they are on disk
     (eda describes the data, not a training run's view of it). A val/ or test/ without one
-    readable image is left out, with a note.
+    readable image is left out, with a note. ``warn=False`` leaves the unreadable files unsaid
+    (listed in ``skipped``): torchrun's other processes decode the same files.
     """
     if spec.lower().startswith("pneumoniamnist"):
         splits, source, fp = _load_medmnist(spec, image_size)
         skipped: list[tuple[str, str]] = []
     else:
-        splits, skipped, fp = _load_folder(Path(spec), image_size, progress)
+        splits, skipped, fp = _load_folder(Path(spec), image_size, progress, warn=warn)
         source = str(Path(spec).resolve())
     notes: list[str] = []  # printed with the data summary, by the main process only
     for name in [n for n in splits if n != "train" and len(splits[n]) == 0]:
@@ -195,7 +197,8 @@ def _concat(a: Split, b: Split) -> Split:
 
 
 def _load_folder(
-    root: Path, image_size: int, progress: bool, found: dict[str, list[Sample]] | None = None
+    root: Path, image_size: int, progress: bool, found: dict[str, list[Sample]] | None = None,
+    *, warn: bool = True,
 ) -> tuple[dict[str, Split], list[tuple[str, str]], str]:
     """Decode the splits ``found`` (default: every split of ``root``)."""
     found = discover(root) if found is None else found
@@ -204,7 +207,7 @@ def _load_folder(
         raise PneumoscanError(f"{root}: the class folders hold no files")
     # One decode over all splits: one cache entry, and no image is decoded twice.
     decoded = decode_files([s.path for s in everything], image_size, progress=progress)
-    if decoded.errors:
+    if decoded.errors and warn:
         print("warning: " + describe_errors(decoded.errors), file=sys.stderr)
     splits, start = {}, 0
     for name, samples in found.items():
