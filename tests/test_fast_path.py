@@ -49,13 +49,13 @@ def test_changed_batch_scales_the_recipe_lr_by_the_square_root(recipe, factor):
 def test_given_lr_is_used_as_it_is():
     cfg = build_config("strong", "cpu", {"batch_size": 512, "lr": 1e-3})
     assert cfg.lr == 1e-3 and cfg.warmup_epochs == 0
-    assert describe_lr(cfg) == "batch 512, lr 0.001"
+    assert describe_lr(cfg) == "batch 512, lr 0.001 (as given)"
 
 
 def test_recipe_batch_keeps_the_recipe_lr():
     cfg = build_config("seed", "cpu", {})
     assert cfg.lr == RECIPES["seed"]["lr"] and cfg.warmup_epochs == 0
-    assert describe_lr(cfg) == "batch 32, lr 0.001"
+    assert describe_lr(cfg) == "batch 32, lr 0.001 (the seed recipe's)"
 
 
 def test_constant_schedule_gets_a_warm_up_only_when_the_rate_rises():

@@ -232,4 +232,8 @@ def describe_lr(cfg: TrainConfig) -> str:
         line += (f" (the {cfg.recipe} recipe's {base_lr:g} at batch {base_batch}, "
                  "scaled by the square root of the batch ratio")
         line += f", {cfg.warmup_epochs:g} warm-up epochs)" if cfg.warmup_epochs else ")"
+    elif base_lr is not None and math.isclose(cfg.lr, base_lr, rel_tol=1e-9):
+        line += f" (the {cfg.recipe} recipe's)"
+    else:
+        line += " (as given)"
     return line
