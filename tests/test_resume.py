@@ -49,8 +49,13 @@ def save(obj, f, *args, **kwargs):
     if calls[0] == int(os.environ["KILL_AT_SAVE"]):
         buf = io.BytesIO()
         real_save(obj, buf, *args, **kwargs)
-        with open(f, "wb") as fh:
-            fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        half = buf.getvalue()[: len(buf.getvalue()) // 2]
+        if hasattr(f, "write"):  # the project hands torch.save a file, not a path
+            f.write(half)
+            f.flush()
+        else:
+            with open(f, "wb") as fh:
+                fh.write(half)
         os.kill(os.getpid(), signal.SIGKILL)
     return real_save(obj, f, *args, **kwargs)
 torch.save = save
