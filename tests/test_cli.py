@@ -477,6 +477,28 @@ def test_evaluate_warns_when_the_data_is_the_run_own_training_data(synthetic_dat
     assert "is not there; give --data DIR" in capsys.readouterr().err
 
 
+def test_the_training_folder_reached_another_way_still_warns(trained_run, synthetic_data,
+                                                             tmp_path, capsys):
+    # Another mount of the same folder here; on macOS, the same folder typed in another case.
+    # Both are the same folder to the file system, not to a comparison of path strings.
+    import subprocess
+
+    other = tmp_path / "mounted"
+    other.mkdir()
+    if subprocess.run(["mount", "--bind", str(synthetic_data), str(other)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot bind-mount a folder here")
+    try:
+        assert main(["evaluate", str(trained_run), "--data", str(other / "train"),
+                     "--quiet"]) == 0
+        assert "holds the images" in capsys.readouterr().err
+        assert main(["evaluate", str(trained_run), "--data", str(other / "test"),
+                     "--quiet"]) == 0
+        assert "holds the images" not in capsys.readouterr().err
+    finally:
+        subprocess.run(["umount", "-l", str(other)], check=False)
+
+
 def test_evaluate_without_data_takes_the_medmnist_file_the_run_trained_on():
     from pneumoscan.commands.evaluate import own_test_data
 

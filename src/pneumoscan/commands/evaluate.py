@@ -115,12 +115,23 @@ def _require_finite(prob, run: str) -> None:
 def _trained_on(spec: str, held_out: bool, trained_on: object) -> bool:
     """Whether evaluating ``spec`` means scoring the run's own training images: its training
     folder when that has no test/ (then every image is evaluated), or its train/ or val/."""
+    import os
     from pathlib import Path
 
     if not isinstance(trained_on, str) or spec.lower().startswith("pneumoniamnist"):
         return False
     folder, source = Path(spec).resolve(), Path(trained_on)
-    if folder == source:
-        return not held_out  # with a test/, only that is evaluated: held out
-    inside = source in folder.parents
-    return inside and folder.relative_to(source).parts[0].lower() in ("train", "val")
+
+    def same(here: Path) -> bool:
+        # The file system decides: another case on macOS, another mount of the same folder.
+        try:
+            return os.path.samefile(here, source)
+        except OSError:  # one of them is gone
+            return here == source
+
+    for depth, here in enumerate((folder, *folder.parents)):
+        if same(here):
+            if depth == 0:
+                return not held_out  # with a test/, only that is evaluated: held out
+            return folder.relative_to(here).parts[0].lower() in ("train", "val")
+    return False
