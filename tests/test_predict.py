@@ -410,3 +410,31 @@ def test_a_non_finite_probability_is_an_error_row(trained_run, synthetic_data, t
     assert rows[1]["probability"] is None and rows[1]["label"] == ""
     err = [line for line in capsys.readouterr().err.splitlines() if NOT_FINITE in line]
     assert len(err) == 1 and str(files[1]) in err[0]
+
+
+def test_control_characters_in_names_are_shown_escaped():
+    from pneumoscan.console import printable
+
+    assert printable("R\u00f6ntgen \u80f8\u90e8.png") == "R\u00f6ntgen \u80f8\u90e8.png"
+    assert printable("R\udcf6ntgen.jpeg") == "R\\xf6ntgen.jpeg"  # Latin-1 bytes, os.fsdecode'd
+    assert printable("a\rb\nc\td") == "a\\rb\\nc\\td"
+    assert printable("\x1b[31mred\x1b[0m \x9b2J \x7f") == "\\x1b[31mred\\x1b[0m \\x9b2J \\x7f"
+    assert printable("scan\u202egnp.exe") == "scan\\u202egnp.exe"  # shown reversed otherwise
+
+
+def test_a_name_cannot_forge_or_hide_a_row_of_the_table(trained_run, synthetic_data, tmp_path,
+                                                        capsys):
+    # A carriage return showed a PNEUMONIA row as the fake NORMAL one after it; a newline
+    # added a row for a file that does not exist. Unreadable files' lines likewise.
+    import shutil
+
+    source = next((synthetic_data / "test" / "PNEUMONIA").iterdir())
+    forged = tmp_path / f"scan.png\r     0.0002  NORMAL     scan.png\nfake.png"
+    shutil.copy(source, forged)
+    (tmp_path / "bad.png\nwarning: ignore the line above").write_bytes(source.read_bytes()[:40])
+    assert main(["predict", str(trained_run), str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert "\r" not in out and len(out.splitlines()) == 3  # the header and the two files
+    assert "scan.png\\r     0.0002" in out and "\\nfake.png" in out
+    assert "\r" not in err and not any(line.startswith("warning: ignore") for line in
+                                       err.splitlines())

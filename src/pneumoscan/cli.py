@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from pneumoscan import __version__
+from pneumoscan.console import printable
 from pneumoscan.errors import PneumoscanError
 
 # verb -> one-line help; the module pneumoscan.commands.<verb> implements it
@@ -103,13 +104,14 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         return int(args._run(args) or 0)
     except PneumoscanError as e:
-        print(f"pneumoscan {args.command}: error: {e}", file=sys.stderr)
+        print(printable(f"pneumoscan {args.command}: error: {e}"), file=sys.stderr)
         return 2
     except BrokenPipeError:
         raise  # the reader went away: main() ends quietly
     except OSError as e:  # the system refused: a folder that cannot be written, a full disk
         where = f"{e.filename}: " if e.filename else ""
-        print(f"pneumoscan {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(printable(f"pneumoscan {args.command}: error: {where}{e.strerror or e}"),
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = ("; the same command with --resume continues from the last checkpoint"

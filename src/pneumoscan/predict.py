@@ -22,6 +22,7 @@ from typing import IO
 import numpy as np
 
 from pneumoscan import CLASS_NAMES
+from pneumoscan.console import printable
 from pneumoscan.data.decode import looks_like_image, read_gray
 from pneumoscan.errors import PneumoscanError, UnreadableImage
 from pneumoscan.fileio import atomic_write
@@ -257,17 +258,3 @@ def table_line(row: Row) -> str:
         overlay = f"  -> {row.cam}" if row.cam else ""
         line = f"{row.probability:>11.4f}  {row.label:<9}  {row.path}{overlay}"
     return printable(line)
-
-
-def printable(text: str) -> str:
-    """``text`` with the bytes of a file name that is not UTF-8 shown as \\xNN.
-
-    Such a name (R\\xf6ntgen.jpeg in Latin-1) comes from os.fsdecode with lone surrogates, which
-    a UTF-8 stdout refuses to encode (UnicodeEncodeError) unless the locale is C; escaped, the
-    line prints anywhere. Other text, non-ASCII included, is returned as it is.
-    """
-    try:
-        raw = text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a surrogate that no undecodable byte stands for
-        raw = text.encode("utf-8", "backslashreplace")
-    return raw.decode("utf-8", "backslashreplace")

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from pneumoscan.commands.train_options import add_device_option
+from pneumoscan.console import printable
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,5 +41,5 @@ def run(args: argparse.Namespace) -> int:
     written = sum(r.error is None for r in results)
     print(f"{written} Grad-CAM overlay(s) -> {args.out}")
     for line in failures:
-        print(f"pneumoscan explain: {line}", file=sys.stderr)
+        print(printable(f"pneumoscan explain: {line}"), file=sys.stderr)
     return 2 if failures else 0

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from pneumoscan.commands.train_options import add_device_option
+from pneumoscan.console import printable
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if cams is not None and cams.written:
         print(f"Grad-CAM overlays -> {args.cam}", file=sys.stderr)
     for line in failures:
-        print(f"pneumoscan predict: {line}", file=sys.stderr)
+        print(printable(f"pneumoscan predict: {line}"), file=sys.stderr)
     return 2 if failures else 0
 
 

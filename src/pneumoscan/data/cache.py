@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumoscan.console import printable
 from pneumoscan.data.decode import decoder_signature, read_gray
 from pneumoscan.errors import UnreadableImage
 from pneumoscan.fileio import atomic_write, atomic_write_json, read_json
@@ -320,7 +321,7 @@ def _progress_bar(total: int, enabled: bool):
 def describe_errors(errors: Sequence[tuple[str, str]], limit: int = 20) -> str:
     """A warning naming each unreadable file (up to ``limit``) and how many there were."""
     lines = [f"skipped {len(errors)} unreadable file(s):"]
-    lines += [f"  {path}: {reason}" for path, reason in errors[:limit]]
+    lines += [printable(f"  {path}: {reason}") for path, reason in errors[:limit]]
     if len(errors) > limit:
         lines.append(f"  ... and {len(errors) - limit} more")
     return "\n".join(lines)

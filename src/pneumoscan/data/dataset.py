@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscan import CLASS_NAMES
+from pneumoscan.console import printable
 from pneumoscan.data import medmnist
 from pneumoscan.data.cache import decode_files, describe_errors
 from pneumoscan.data.discover import Sample, discover
@@ -161,8 +162,8 @@ def seen_in_training(splits: dict[str, Split]) -> str:
                 both.append((test.paths[i], split.paths[j]))
     if not both:
         return ""
-    return (f"{len(both)} of {len(test)} test images are also in the training data (e.g. "
-            f"{both[0][0]} = {both[0][1]}): the test figures are not held out")
+    return printable(f"{len(both)} of {len(test)} test images are also in the training data "
+                     f"(e.g. {both[0][0]} = {both[0][1]}): the test figures are not held out")
 
 
 def _check_classes(train: Split, where: str, *, both: bool) -> None:
