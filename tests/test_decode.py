@@ -696,3 +696,18 @@ def test_dicom_quirks_raise_no_warnings():
         assert read_gray(padded, 32).shape == (32, 32)
         assert "bad NumberOfFrames" in refused(bad_frames)
     assert [str(w.message) for w in caught] == []
+
+
+def test_an_image_to_show_keeps_its_aspect_with_its_longest_side_as_asked(tmp_path):
+    # What serve's page shows: the image in its own proportions, decoded at reduced scale where
+    # the JPEG allows (a 20 MB upload must not be decoded whole just to be shown at 320 px).
+    from PIL import Image
+
+    wide = np.tile(np.linspace(0, 255, 600, dtype=np.uint8), (400, 1))
+    path = tmp_path / "wide.jpeg"
+    Image.fromarray(wide).save(path, quality=95)
+    shown = read_gray(path, 320, keep_aspect=True)
+    assert shown.shape == (213, 320)
+    expected = np.asarray(Image.fromarray(wide).resize((320, 213), Image.Resampling.BILINEAR))
+    assert np.abs(shown.astype(int) - expected.astype(int)).mean() < 4
+    assert read_gray(path, 320).shape == (320, 320)  # the model's square input, as before

@@ -211,18 +211,17 @@ def overlay_png(image: np.ndarray, cam: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def display_image(source: str | Path | bytes, *, name: str | None = None,
-                  sides: tuple[int, int] = (DISPLAY_MIN_SIDE, DISPLAY_MAX_SIDE)) -> np.ndarray:
-    """The file's (or upload's) grey image in its own aspect ratio, its longest side scaled
-    into ``sides`` (least, most) when it lies outside."""
+def display_image(path: str | Path) -> np.ndarray:
+    """The file's grey image in its own aspect ratio, its longest side scaled into
+    [DISPLAY_MIN_SIDE, DISPLAY_MAX_SIDE] when it lies outside."""
     from PIL import Image
 
     from pneumoscan.data.decode import read_gray
 
-    image = read_gray(source, name=name)
+    image = read_gray(path)
     height, width = image.shape
     longest = max(height, width)
-    scale = min(max(longest, sides[0]), sides[1]) / longest
+    scale = min(max(longest, DISPLAY_MIN_SIDE), DISPLAY_MAX_SIDE) / longest
     if scale == 1.0:
         return image
     size = (max(1, round(width * scale)), max(1, round(height * scale)))  # PIL: (width, height)

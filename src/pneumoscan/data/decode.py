@@ -196,12 +196,14 @@ def read_gray(
     size: int | None = None,
     *,
     name: str | None = None,
+    keep_aspect: bool = False,
 ) -> np.ndarray:
     """Decode an image file or upload into a 2-D ``uint8`` greyscale array.
 
     With ``size``, the result is resized to exactly ``(size, size)`` without keeping the aspect
-    ratio, as Keras' ``load_img(target_size=...)`` does. Every failure raises
-    ``UnreadableImage`` naming ``name`` (default: the path, or "upload" for bytes).
+    ratio, as Keras' ``load_img(target_size=...)`` does; with ``keep_aspect`` too, its longest
+    side is ``size`` instead (an image to show). Every failure raises ``UnreadableImage``
+    naming ``name`` (default: the path, or "upload" for bytes).
     """
     if size is not None and size < 1:
         raise ValueError(f"size must be positive, got {size}")
@@ -209,7 +211,7 @@ def read_gray(
         raise TypeError(f"source must be a path or bytes, not {type(source).__name__}")
     label = name if name is not None else _default_name(source)
     try:
-        return _read_gray(source, size)
+        return _read_gray(source, size, keep_aspect)
     except _Refused as e:
         raise UnreadableImage(label, e.reason) from e.__cause__
     except MemoryError as e:
@@ -227,7 +229,8 @@ def _default_name(source: Any) -> str:
     return "upload"
 
 
-def _read_gray(source: str | os.PathLike | bytes, size: int | None) -> np.ndarray:
+def _read_gray(source: str | os.PathLike | bytes, size: int | None,
+               keep_aspect: bool = False) -> np.ndarray:
     data = _read_source(source)
     kind = sniff_kind(data[:SNIFF_BYTES])
     if kind is None:
@@ -236,8 +239,13 @@ def _read_gray(source: str | os.PathLike | bytes, size: int | None) -> np.ndarra
         image = Image.fromarray(_decode_dicom(data))
     else:
         image = _decode_pillow(data, kind, size)
-    if size is not None and image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    if size is not None:
+        target = (size, size)
+        if keep_aspect:
+            scale = size / max(image.size)
+            target = tuple(max(1, round(side * scale)) for side in image.size)
+        if image.size != target:
+            image = image.resize(target, Image.Resampling.BILINEAR)
     return np.array(image, dtype=np.uint8)
 
 

@@ -42,7 +42,6 @@ import numpy as np
 from pneumoscan import CLASS_NAMES, __version__
 from pneumoscan.data import decode
 from pneumoscan.errors import PneumoscanError, UnreadableImage
-from pneumoscan.explain import display_image
 from pneumoscan.predict import NOT_FINITE
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -293,8 +292,8 @@ class _Service:
             # page shows the image in its own aspect ratio, as `explain` draws it (the model's
             # input is squashed to a square), its longest side at least DISPLAY_SIZE.
             image = _decode(decode.read_gray, data, filename, size=size)
-            side = max(size, DISPLAY_SIZE)
-            display = _decode(display_image, data, filename, sides=(side, side))
+            display = _decode(decode.read_gray, data, filename, size=max(size, DISPLAY_SIZE),
+                              keep_aspect=True)
         with self.lock:
             probability = float(self.predictor.predict_proba(image[None])[0])
             if not math.isfinite(probability):
