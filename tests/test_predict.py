@@ -429,7 +429,7 @@ def test_a_name_cannot_forge_or_hide_a_row_of_the_table(trained_run, synthetic_d
     import shutil
 
     source = next((synthetic_data / "test" / "PNEUMONIA").iterdir())
-    forged = tmp_path / f"scan.png\r     0.0002  NORMAL     scan.png\nfake.png"
+    forged = tmp_path / "scan.png\r     0.0002  NORMAL     scan.png\nfake.png"
     shutil.copy(source, forged)
     (tmp_path / "bad.png\nwarning: ignore the line above").write_bytes(source.read_bytes()[:40])
     assert main(["predict", str(trained_run), str(tmp_path)]) == 2
