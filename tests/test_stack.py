@@ -267,5 +267,6 @@ def test_a_full_disk_while_copying_members_is_one_line_and_leaves_no_partial_cop
     assert main(["stack", *map(str, cv_runs), "--out", str(out), "--folds", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert f"{out}{os.sep}" in err and "no space left on device" in err and "partial" not in err
+    assert f"cannot copy {cv_runs[0]}{os.sep}" in err and f" to {out}{os.sep}" in err
+    assert "(no space left on device)" in err and "partial" not in err
     assert not list(out.glob(".*.partial"))

@@ -228,22 +228,27 @@ def copy_member(run: Path, dest: Path) -> None:
     staging = dest.with_name(f".{dest.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    copying = (run, dest)  # what is being copied, for the error line
     try:
         for sub in meta.get("members", []):
+            copying = (run / sub, dest / sub)
             shutil.copytree(run / sub, staging / sub, symlinks=False,
                             ignore=shutil.ignore_patterns(*_SKIP_ON_COPY))
         for name in ("model.json", "model.safetensors", OOF_PREDICTIONS, CV_METRICS,
                      "config.json"):
             if (run / name).is_file():
+                copying = (run / name, dest / name)
                 shutil.copy2(run / name, staging / name)
-    except BaseException as e:  # a full disk, Ctrl-C: no half copy is left in --out
+    except (OSError, shutil.Error) as e:  # unreadable, a full disk: no half copy in --out
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(e, shutil.Error):  # copytree lists every file it could not copy
-            _source, target, why = e.args[0][0]  # why: "[Errno 28] No space left on device: ..."
+        source, target, reason = *copying, (getattr(e, "strerror", None) or str(e)).lower()
+        if isinstance(e, shutil.Error):  # copytree's list of every file it could not copy
+            first_source, first_target, why = e.args[0][0]
+            source, target = first_source, dest / Path(first_target).relative_to(staging)
             reason = re.match(r"(?:\[Errno \d+\] )?([^:]*)", why).group(1).lower()
-            raise PneumoscanError(
-                f"{dest / Path(target).relative_to(staging)}: cannot be written ({reason})"
-            ) from None
+        raise PneumoscanError(f"cannot copy {source} to {target} ({reason})") from None
+    except BaseException:  # Ctrl-C
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     if dest.exists():
         shutil.rmtree(dest)

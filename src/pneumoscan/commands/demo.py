@@ -89,8 +89,12 @@ def _write_demo_data(data: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         write_synthetic_dataset(staging, n_train=240, n_test=80, size=96)
-    except BaseException:  # a full disk, Ctrl-C: the half set goes (and frees what it took)
+    except BaseException as e:  # a full disk, Ctrl-C: the half set goes (and frees what it took)
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename and Path(e.filename).is_relative_to(staging):
+            # Named where the user will look for it, not in the staging folder just removed.
+            where = data / Path(e.filename).relative_to(staging)
+            raise OSError(e.errno, e.strerror, str(where)) from None
         raise
     if data.exists():
         data.rmdir()  # empty, checked above
