@@ -438,3 +438,42 @@ def test_a_name_cannot_forge_or_hide_a_row_of_the_table(trained_run, synthetic_d
     assert "scan.png\\r     0.0002" in out and "\\nfake.png" in out
     assert "\r" not in err and not any(line.startswith("warning: ignore") for line in
                                        err.splitlines())
+
+
+def test_a_name_a_spreadsheet_would_run_as_a_formula_is_led_by_dot_slash(
+        trained_run, synthetic_data, tmp_path, monkeypatch):
+    # Opened in LibreOffice, =HYPERLINK(...) showed as a live link and =1+1 as 2, the name
+    # lost. ./ names the same file; the JSON keeps the path as given.
+    import shutil
+
+    source = next((synthetic_data / "test" / "NORMAL").iterdir())
+    names = ["=1+1.png", '=HYPERLINK("http:x","y").png', "+2.png", "-3.png", "@SUM(1).png",
+             "plain.png"]
+    for name in names:
+        shutil.copy(source, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", "--output", "p.csv", "--cam", "cams", "--quiet", "--",
+                 str(trained_run), *names]) == 0
+    with open("p.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == [os.path.join(".", n) for n in names[:-1]] + ["plain.png"]
+    assert all(not r["path"].startswith(("=", "+", "-", "@")) and Path(r["path"]).is_file()
+               for r in rows)
+    assert all(Path(r["cam"]).is_file() for r in rows)
+    assert main(["predict", "--output", "p.json", "--quiet", "--", str(trained_run),
+                 *names]) == 0
+    assert [r["path"] for r in json.loads(Path("p.json").read_text())] == names
+
+
+def test_overlay_names_keep_the_bytes_of_a_name_that_is_not_utf8(tmp_path):
+    # R\xf6ntgen and R\xfcntgen (Latin-1) both became "Rntgen", one of them numbered.
+    from pneumoscan.explain import overlay_name
+    from pneumoscan.fileio import clip_name
+
+    taken: set[str] = set()
+    first = overlay_name(os.fsdecode(b"R\xf6ntgen.jpeg"), taken)
+    second = overlay_name(os.fsdecode(b"R\xfcntgen.jpeg"), taken)
+    assert os.fsencode(first) == b"R\xf6ntgen_gradcam.png"
+    assert os.fsencode(second) == b"R\xfcntgen_gradcam.png"
+    long = "\u80f8" * 100  # 300 bytes of UTF-8: cut on a character boundary
+    assert clip_name(long, 200) == "\u80f8" * 66 and clip_name("abc", 200) == "abc"

@@ -230,9 +230,26 @@ def _write_csv(f: IO[str], rows: Iterable[Row], fields: Sequence[str]) -> int:
         record = row.as_dict(fields)
         # Full precision, so the label can be re-derived from the file exactly.
         record["probability"] = "" if row.probability is None else repr(row.probability)
+        for field in ("path", "cam"):
+            if record.get(field):
+                record[field] = spreadsheet_safe(record[field])
         writer.writerow(record)
         count += 1
     return count
+
+
+def spreadsheet_safe(path: str) -> str:
+    """``path``, led by ./ when a spreadsheet would read it as a formula (=, +, -, @, tab, CR).
+
+    A CSV of results is often opened in Excel or LibreOffice, where a file named
+    ``=HYPERLINK(...).png`` shows as a live link instead of its name. ./ names the same file
+    for every program that opens it, where the usual leading apostrophe would not. Absolute
+    paths never start so.
+    """
+    return os.path.join(os.curdir, path) if path.startswith(_FORMULA_STARTS) else path
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _write_json(f: IO[str], rows: Iterable[Row], fields: Sequence[str]) -> int:
