@@ -54,9 +54,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 def clip_name(name: str, max_bytes: int) -> str:
     """``name`` cut to at most ``max_bytes`` of UTF-8, on a character boundary.
 
-    File names may take 255 bytes: a temporary name built from a long one would not fit.
+    File names may take 255 bytes: a temporary name built from a long one would not fit. Bytes
+    of a name that is not UTF-8 (os.fsdecode's lone surrogates) are kept.
     """
-    return name.encode("utf-8", "surrogateescape")[:max_bytes].decode("utf-8", "ignore")
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= max_bytes:
+        return name
+    cut = max_bytes
+    while cut > 0 and raw[cut] & 0xC0 == 0x80:  # not inside a character's continuation bytes
+        cut -= 1
+    return raw[:cut].decode("utf-8", "surrogateescape")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
