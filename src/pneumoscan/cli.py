@@ -65,8 +65,9 @@ class _DefaultsShown(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (action.option_strings and "default" not in text
-                and all(action.default is not none for none in (None, False, argparse.SUPPRESS))):
+        unsaid = action.default is None or action.default is False  # nothing, or a flag
+        if (action.option_strings and "default" not in text and not unsaid
+                and action.default != argparse.SUPPRESS):
             text += " (default: %(default)s)"
         return text
 

@@ -19,8 +19,8 @@ from pneumoscan.run_folder import has_checkpoint
 from pneumoscan.threshold_rules import parse_threshold_rule
 
 
-def add_device_option(p: argparse.ArgumentParser, default: str = "auto") -> None:
-    p.add_argument("--device", default=default, choices=["auto", "cpu", "cuda"],
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to run: auto is a CUDA GPU when there is one, else the CPU")
 
 
