@@ -47,11 +47,11 @@ SEEDS="0 1 2"
 # name: extra train options. The hold-out variants; strong is the recipe as it stands.
 VARIANTS=(
     "strong:"
-    "strong_light:--augment light"
-    "strong_light_15ep:--augment light --epochs 15"
+    "strong_30ep:--epochs 30"
+    "strong_10ep:--epochs 10"
 )
 DEVICE=cuda TRAIN_SMALL=() SPEED_SMALL=() MODES=eager,graphs,compile,cudagraphs SMALL_MODES=eager,graphs
-HOLDOUT_LIMIT=170  # seconds for each hold-out run (they run side by side)
+HOLDOUT_LIMIT=${HOLDOUT_LIMIT:-170}  # seconds for each hold-out run (they run side by side)
 if [ "${SMOKE:-0}" = 1 ]; then
     DEVICE=cpu TRAIN_SMALL=(--image-size 32 --epochs 1) MODES=eager SMALL_MODES=eager
     SPEED_SMALL=(--image-size 32 --batch-size 16 --plain-batch-size 16 --steps 2 --warmup 1)

@@ -88,7 +88,7 @@ def test_constant_schedule_warm_up_is_linear_then_flat():
 
 def test_compile_only_pays_for_long_runs():
     strong = build_config("strong", "cuda", {})
-    assert not should_compile(strong, CUDA, 4_694)  # 30 epochs: warm-up would dominate
+    assert not should_compile(strong, CUDA, 4_694)  # 15 epochs: warm-up would dominate
     assert should_compile(dataclasses.replace(strong, epochs=500), CUDA, 4_694)
     assert not should_compile(dataclasses.replace(strong, epochs=500), CPU, 4_694)
     # Smaller images are less work per image.
