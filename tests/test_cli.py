@@ -453,12 +453,8 @@ def test_evaluate_warns_when_the_data_is_the_run_own_training_data(synthetic_dat
     assert main(["evaluate", str(run), "--data", str(synthetic_data), "--quiet"]) == 0
     assert "holds the images" not in capsys.readouterr().err
     # A run trained on DATA (train/ and test/): DATA/train is its training data, DATA/test not.
-    assert main(["evaluate", str(trained_run), "--data", str(synthetic_data / "train"),
-                 "--quiet"]) == 0
-    assert "holds the images" in capsys.readouterr().err
-    assert main(["evaluate", str(trained_run), "--data", str(synthetic_data / "test"),
-                 "--quiet"]) == 0
-    assert "holds the images" not in capsys.readouterr().err
+    assert _warned_as_training_data(trained_run, synthetic_data / "train", capsys)
+    assert not _warned_as_training_data(trained_run, synthetic_data / "test", capsys)
     # Without --data: the test split of the data the run was trained on, where there is one.
     out = tmp_path / "own.json"
     assert main(["evaluate", str(trained_run), "--json", str(out), "--quiet"]) == 0
@@ -477,6 +473,12 @@ def test_evaluate_warns_when_the_data_is_the_run_own_training_data(synthetic_dat
     assert "is not there; give --data DIR" in capsys.readouterr().err
 
 
+def _warned_as_training_data(run, data, capsys) -> bool:
+    """Whether ``evaluate RUN --data DATA`` warns that DATA holds the run's training images."""
+    assert main(["evaluate", str(run), "--data", str(data), "--quiet"]) == 0
+    return "holds the images" in capsys.readouterr().err
+
+
 def test_the_training_folder_reached_another_way_still_warns(trained_run, synthetic_data,
                                                              tmp_path, capsys):
     # Another mount of the same folder here; on macOS, the same folder typed in another case.
@@ -489,12 +491,8 @@ def test_the_training_folder_reached_another_way_still_warns(trained_run, synthe
                       capture_output=True).returncode:
         pytest.skip("cannot bind-mount a folder here")
     try:
-        assert main(["evaluate", str(trained_run), "--data", str(other / "train"),
-                     "--quiet"]) == 0
-        assert "holds the images" in capsys.readouterr().err
-        assert main(["evaluate", str(trained_run), "--data", str(other / "test"),
-                     "--quiet"]) == 0
-        assert "holds the images" not in capsys.readouterr().err
+        assert _warned_as_training_data(trained_run, other / "train", capsys)
+        assert not _warned_as_training_data(trained_run, other / "test", capsys)
     finally:
         subprocess.run(["umount", "-l", str(other)], check=False)
 

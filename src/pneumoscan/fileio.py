@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,30 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             tmp_path.unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def staged_folder(dest: Path) -> Iterator[Path]:
+    """A fresh, empty folder beside ``dest`` to fill; once filled it takes ``dest``'s place.
+
+    On any failure (a full disk, Ctrl-C) it is removed, so no half-written folder is left
+    for a later run to take for a whole one; an OSError naming a file in it names that file's
+    place under ``dest`` instead.
+    """
+    staging = dest.with_name(f".{dest.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename and Path(e.filename).is_relative_to(staging):
+            where = dest / Path(e.filename).relative_to(staging)
+            raise OSError(e.errno, e.strerror, str(where)) from None
+        raise
+    if dest.exists():
+        shutil.rmtree(dest)
+    staging.rename(dest)
 
 
 def clip_name(name: str, max_bytes: int) -> str:

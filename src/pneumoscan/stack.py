@@ -34,7 +34,7 @@ from pneumoscan.evaluate import (
     format_figure,
     format_table,
 )
-from pneumoscan.fileio import atomic_write, atomic_write_json
+from pneumoscan.fileio import atomic_write, atomic_write_json, staged_folder
 from pneumoscan.model_io import log_odds, read_meta, save_meta, stack_probabilities
 from pneumoscan.run_folder import CHECKPOINT, VAL_PREDICTIONS
 from pneumoscan.threshold_rules import format_threshold
@@ -225,34 +225,25 @@ def build_stack(
 def copy_member(run: Path, dest: Path) -> None:
     """A cv run's model.json, OOF predictions and member runs, copied into ``dest``."""
     meta = read_meta(run)
-    staging = dest.with_name(f".{dest.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     copying = (run, dest)  # what is being copied, for the error line
-    try:
-        for sub in meta.get("members", []):
-            copying = (run / sub, dest / sub)
-            shutil.copytree(run / sub, staging / sub, symlinks=False,
-                            ignore=shutil.ignore_patterns(*_SKIP_ON_COPY))
-        for name in ("model.json", "model.safetensors", OOF_PREDICTIONS, CV_METRICS,
-                     "config.json"):
-            if (run / name).is_file():
-                copying = (run / name, dest / name)
-                shutil.copy2(run / name, staging / name)
-    except (OSError, shutil.Error) as e:  # unreadable, a full disk: no half copy in --out
-        shutil.rmtree(staging, ignore_errors=True)
-        source, target, reason = *copying, (getattr(e, "strerror", None) or str(e)).lower()
-        if isinstance(e, shutil.Error):  # copytree's list of every file it could not copy
-            first_source, first_target, why = e.args[0][0]
-            source, target = first_source, dest / Path(first_target).relative_to(staging)
-            reason = re.match(r"(?:\[Errno \d+\] )?([^:]*)", why).group(1).lower()
-        raise PneumoscanError(f"cannot copy {source} to {target} ({reason})") from None
-    except BaseException:  # Ctrl-C
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if dest.exists():
-        shutil.rmtree(dest)
-    staging.rename(dest)
+    with staged_folder(dest) as staging:  # no half copy is left in --out
+        try:
+            for sub in meta.get("members", []):
+                copying = (run / sub, dest / sub)
+                shutil.copytree(run / sub, staging / sub, symlinks=False,
+                                ignore=shutil.ignore_patterns(*_SKIP_ON_COPY))
+            for name in ("model.json", "model.safetensors", OOF_PREDICTIONS, CV_METRICS,
+                         "config.json"):
+                if (run / name).is_file():
+                    copying = (run / name, dest / name)
+                    shutil.copy2(run / name, staging / name)
+        except (OSError, shutil.Error) as e:  # unreadable, a full disk
+            source, target, reason = *copying, (getattr(e, "strerror", None) or str(e)).lower()
+            if isinstance(e, shutil.Error):  # copytree's list of every file it could not copy
+                first_source, first_target, why = e.args[0][0]
+                source, target = first_source, dest / Path(first_target).relative_to(staging)
+                reason = re.match(r"(?:\[Errno \d+\] )?([^:]*)", why).group(1).lower()
+            raise PneumoscanError(f"cannot copy {source} to {target} ({reason})") from None
 
 
 def format_comparison(summary: dict) -> str:

@@ -78,27 +78,14 @@ def _write_demo_data(data: Path) -> None:
     Written beside it and renamed into place, so an interrupted demo leaves no half set that
     the next one would take for its own (SYNTHETIC.txt marks a whole one).
     """
-    import shutil
-
     from pneumoscan.data.synthetic import write_synthetic_dataset
+    from pneumoscan.fileio import staged_folder
 
     if data.exists() and (not data.is_dir() or any(data.iterdir())):
         raise PneumoscanError(f"{data}: holds files that are not the demo's synthetic data "
                               "(no SYNTHETIC.txt); give the demo another --out")
-    staging = data.with_name(f".{data.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with staged_folder(data) as staging:  # an empty DATA (checked above) is replaced
         write_synthetic_dataset(staging, n_train=240, n_test=80, size=96)
-    except BaseException as e:  # a full disk, Ctrl-C: the half set goes (and frees what it took)
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(e, OSError) and e.filename and Path(e.filename).is_relative_to(staging):
-            # Named where the user will look for it, not in the staging folder just removed.
-            where = data / Path(e.filename).relative_to(staging)
-            raise OSError(e.errno, e.strerror, str(where)) from None
-        raise
-    if data.exists():
-        data.rmdir()  # empty, checked above
-    staging.rename(data)
 
 
 def _replace_earlier_demo_run(run_dir: Path, data: Path) -> None:
