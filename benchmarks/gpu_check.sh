@@ -3,8 +3,12 @@
 #
 #   bash benchmarks/gpu_check.sh DATA_DIR [OUT_DIR]
 #
+# 0. The process's start-up, each piece in a fresh process, the first time and the best of three
+#    (benchmarks/cli_startup.py --gpu): Python, torch, timm, scikit-learn, the CUDA context, cuDNN.
+#    First in PARTS, on a machine just started, its first column is the cold start.
 # 1. `pneumoscan train --recipe strong` on DATA_DIR from the command to the saved model, decoding
-#    included (empty cache), at the recipe's batch 64 and at batch 256 (learning rate scaled).
+#    included (empty cache), twice: how much the second, with the libraries in the page cache,
+#    differs.
 # 2. Recipe figures on a patient-grouped hold-out of DATA_DIR's train split (benchmarks/holdout.py):
 #    three seeds of each variant below, the runs side by side on the one GPU (they share it, so
 #    their timings mean nothing; part 1 gives the timings).
@@ -29,7 +33,7 @@
 # benchmarks/threshold_rules.py).
 # SMOKE=1 runs every part on the CPU at 32 px for one epoch and a few steps: a check of the
 # script itself, in about 5 minutes on a 2-core CPU, before spending GPU time.
-# PARTS="1 2" (default "1 2 3 4 5") runs only those parts: the whole script's time limits add up
+# PARTS="1 2" (default "0 1 2 3 4 5") runs only those parts: the whole script's time limits add up
 # to more than one device command may take, so run it as two calls, PARTS="1 2" then
 # PARTS="3 4 5", each with its own OUT_DIR.
 
@@ -38,7 +42,7 @@ cd "$(dirname "$0")/.."
 
 DATA=${1:?usage: bash benchmarks/gpu_check.sh DATA_DIR [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_check}}
-PARTS=" ${PARTS:-1 2 3 4 5} "
+PARTS=" ${PARTS:-0 1 2 3 4 5} "
 part() { [[ $PARTS == *" $1 "* ]]; }
 PYTHON=${PYTHON:-python3}
 WORK=/tmp/gpu_check_work  # runs and weights stay here; small files are packed into OUT_DIR
@@ -72,6 +76,16 @@ pack() {  # the runs' small files, refreshed after every part so a timeout keeps
         -o -name '*.png' -o -name '*_predictions.npz' \) -print |
         tar czf "$OUT_DIR/runs.tgz" -T -) 2>/dev/null || true
 }
+
+# ---- 0. start-up, before anything else has read the libraries
+if part 0; then
+    echo "== 0. start-up pieces: benchmarks/cli_startup.py"
+    gpu_flag=(--gpu)
+    [ "$DEVICE" = cuda ] || gpu_flag=()
+    timeout 120 "$PYTHON" benchmarks/cli_startup.py --repeat 3 "${gpu_flag[@]}" |
+        tee "$WORK/startup.log" || failed+=("startup")
+    grep '^{' "$WORK/startup.log" | tail -n 1 >> "$OUT_DIR/speed.jsonl"
+fi
 
 if [ ! -d "$DATA" ]; then
     echo "gpu_check: data folder $DATA not found (see the header of this script)"
@@ -114,7 +128,7 @@ EOF
 }
 if part 1; then
     e2e e2e_strong
-    e2e e2e_strong_b256 --batch-size 256
+    e2e e2e_strong_again
 fi
 
 # ---- 2. recipe variants on a patient-grouped hold-out, three seeds each, side by side

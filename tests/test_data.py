@@ -568,3 +568,88 @@ def test_the_datas_fingerprint_is_the_same_on_windows(tmp_path, monkeypatch):
     monkeypatch.setattr(dataset.os.path, "relpath", ntpath.relpath)  # as Windows writes them
     monkeypatch.setattr(dataset.os, "sep", "\\")
     assert dataset.files_fingerprint(root, samples) == here
+
+
+def test_decoding_stops_when_asked_and_stores_nothing(tmp_path):
+    import threading
+
+    from pneumoscan.data.cache import DecodingStopped
+
+    paths = [write_image(tmp_path / f"{i}.png", _gray(i)) for i in range(cache._CHUNK + 1)]
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(DecodingStopped):
+        decode_files(paths, 16, cache_dir=tmp_path / "cache", workers=2, progress=False,
+                     stop=stop)
+    assert not list((tmp_path / "cache").glob("*.npy"))
+    # Unset, the same call decodes and stores as ever.
+    assert decode_files(paths, 16, cache_dir=tmp_path / "cache", workers=2, progress=False,
+                        stop=threading.Event()).ok.all()
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+
+
+def test_data_loaded_in_the_background_equals_data_loaded_at_once(synthetic_data):
+    from pneumoscan.data.background import loading_in_background
+
+    direct = load_data(str(synthetic_data), 32, progress=False)
+    with loading_in_background(str(synthetic_data), 32, progress=False) as pending:
+        data = pending.result()
+    assert data.fingerprint == direct.fingerprint
+    for name, split in direct.splits().items():
+        assert np.array_equal(data.splits()[name].images, split.images)
+        assert data.splits()[name].paths == split.paths
+
+
+def test_background_loading_raises_its_error_where_the_data_is_asked_for(tmp_path):
+    from pneumoscan.data.background import loading_in_background
+
+    (tmp_path / "NORMAL").mkdir()
+    with loading_in_background(str(tmp_path), 32, progress=False) as pending:
+        with pytest.raises(PneumoscanError, match="no"):
+            pending.result()
+
+
+def test_leaving_the_block_early_stops_the_loading_and_waits_for_it(tmp_path, monkeypatch):
+    import threading
+
+    import pneumoscan.data.background as background
+
+    asked_to_stop, ended = threading.Event(), threading.Event()
+
+    def slow_load(spec, image_size, *, stop, **options):
+        assert stop.wait(timeout=30)  # decoding, until told to stop
+        asked_to_stop.set()
+        time.sleep(0.2)  # the chunks in progress end
+        ended.set()
+        raise cache.DecodingStopped
+
+    monkeypatch.setattr(background, "load_data", slow_load)
+    with pytest.raises(KeyboardInterrupt):
+        with background.loading_in_background("folder", 32):
+            raise KeyboardInterrupt  # e.g. Ctrl-C while torch imports
+    assert asked_to_stop.is_set() and ended.is_set()  # the thread ended before the block's exit
+
+
+def test_without_forked_workers_the_data_loads_when_asked(synthetic_data, monkeypatch):
+    # macOS and Windows start decode workers afresh: only the main thread can have them start
+    # with Ctrl-C ignored, so nothing loads in a thread there.
+    import threading
+
+    import pneumoscan.data.background as background
+
+    loaded_in = []
+
+    def recording_load(*args, **kwargs):
+        loaded_in.append(threading.current_thread())
+        return load_data(*args, **kwargs)
+
+    monkeypatch.setattr(background, "load_data", recording_load)
+    monkeypatch.setattr(background, "workers_are_forked", lambda: False)
+    with background.loading_in_background(str(synthetic_data), 32, progress=False) as pending:
+        assert loaded_in == []
+        assert len(pending.result().train) > 0
+    assert loaded_in == [threading.main_thread()]
+    monkeypatch.setattr(background, "workers_are_forked", lambda: True)
+    with background.loading_in_background(str(synthetic_data), 32, progress=False) as pending:
+        pending.result()
+    assert loaded_in[1] is not threading.main_thread()

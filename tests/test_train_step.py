@@ -252,6 +252,9 @@ def test_run_time_line_adds_start_up_when_known():
     assert line.startswith("done in 29.0 s: start-up 9.0 s, data 2.0 s, "
                            "training 12.0 s (set-up 1.0 s, epochs 10.0 s (the first 6.0 s), ")
     assert line.endswith("plots 6.0 s")
+    # On a GPU the data loads beside the start-up and the GPU's warm-up: their times are said.
+    line = describe_run_time(20.0, 0.5, 12.0, timings, 6.0, startup=9.0, warm_up=1.5)
+    assert line.startswith("done in 29.0 s: start-up 9.0 s, GPU warm-up 1.5 s, data 0.5 s, ")
     assert describe_run_time(20.0, 2.0, 12.0, {}, 6.0).startswith("done in 20.0 s: data 2.0 s, "
                                                                   "training 12.0 s, calibration")
     # One epoch: it is the first, so that is not said twice.
@@ -402,3 +405,22 @@ def test_gpu_profile_counts_each_kernel_once():
     assert sum(e.self_device_time_total for e in kept) == 1000.0
     assert [e.key for e in train_speed.timed_events(events, on_gpu=False)] == [
         "aten::cudnn_convolution", "ProfilerStep"]
+
+
+@pytest.mark.parametrize("model, in_chans", [("seed_cnn", 3), ("resnet10t", 1)])
+def test_the_warm_up_passes_run_the_runs_shapes_and_leave_the_random_streams(
+        model, in_chans, monkeypatch):
+    # On a GPU they run while the images decode (cuDNN picks its algorithms by shape then); the
+    # CPU runs the same passes here, so a wrong shape or argument shows without one.
+    import pneumoscan.train as train
+
+    cfg = _config(model=model, in_chans=in_chans, batch_size=6, eval_batch_size=5)
+    before = torch.get_rng_state()
+    train.throwaway_passes(cfg, torch.device("cpu"), world_size=2)  # three images a process
+    assert torch.equal(torch.get_rng_state(), before)
+
+    def no_passes_on_a_cpu(*args):
+        raise AssertionError("the CPU has nothing to warm up")
+
+    monkeypatch.setattr(train, "throwaway_passes", no_passes_on_a_cpu)
+    train.warm_up(cfg, torch.device("cpu"))

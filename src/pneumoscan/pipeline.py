@@ -13,7 +13,8 @@ import torch
 from pneumoscan import CLASS_NAMES
 from pneumoscan.allocator import low_memory_mode
 from pneumoscan.config import TrainConfig
-from pneumoscan.data.dataset import DataBundle, Split, load_data
+from pneumoscan.data.background import PendingData
+from pneumoscan.data.dataset import DataBundle, Split, load_data, training_data_options
 from pneumoscan.device import resolve_device
 from pneumoscan.distributed import DistInfo, barrier, process_group
 from pneumoscan.environment import run_config
@@ -28,70 +29,94 @@ from pneumoscan.fileio import atomic_write_json
 from pneumoscan.model_io import probabilities, save_model
 from pneumoscan.run_folder import TEST_METRICS, TEST_PREDICTIONS, VAL_PREDICTIONS
 from pneumoscan.threshold_rules import format_threshold
-from pneumoscan.train import CHECKPOINT, describe_fit_timings, fit, predict_logits
+from pneumoscan.train import (
+    CHECKPOINT,
+    describe_fit_timings,
+    fit,
+    predict_logits,
+    run_device,
+    warm_up,
+)
 
 
 def train_run(
     cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
-    process_started: float | None = None,
+    process_started: float | None = None, data: PendingData | None = None,
 ) -> dict:
     """Train one model as ``cfg`` says and leave a complete run directory in ``cfg.out``.
 
     ``process_started``: ``time.perf_counter()``'s reading when the process started, for the
-    start-up (Python, imports, joining a process group) in the closing time line.
+    start-up (Python, imports, joining a process group) in the closing time line. ``data``: the
+    data already loading in the background (data/background.py, with ``training_data_options``
+    and the allocator set for ``cfg.low_memory`` first); by default it is loaded here.
     """
     device = resolve_device(cfg.device)
-    low_memory_mode(cfg.low_memory)  # before anything large is allocated
+    if data is None:
+        low_memory_mode(cfg.low_memory)  # before anything large is allocated
     with process_group(device.type) as dist_info:
-        return _train_run(cfg, dist_info, device.type, resume=resume, progress=progress,
-                          process_started=process_started)
+        return _train_run(cfg, dist_info, resume=resume, progress=progress,
+                          process_started=process_started, data=data)
 
 
 def _train_run(
-    cfg: TrainConfig, dist_info: DistInfo, device_type: str, *, resume: bool, progress: bool,
-    process_started: float | None,
+    cfg: TrainConfig, dist_info: DistInfo, *, resume: bool, progress: bool,
+    process_started: float | None, data: PendingData | None,
 ) -> dict:
     run_dir = Path(cfg.out)
     t_start = time.perf_counter()
     startup_s = None if process_started is None else t_start - process_started
-    data = load_data(
-        cfg.data, cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.seed,
-        progress=progress and dist_info.is_main, warn=dist_info.is_main,
-    )
+    device = run_device(cfg, dist_info)
+    warm_up_s = None
+    if data is None:
+        bundle = load_data(cfg.data, cfg.image_size,
+                           **training_data_options(cfg, progress, dist_info.is_main))
+    else:
+        warm_up(cfg, device, dist_info.world_size)  # the GPU's one-time costs, while decoding
+        if device.type == "cuda":
+            warm_up_s = time.perf_counter() - t_start
+        bundle = data.result()
     if dist_info.is_main:
         # Written once the data is known to be usable, so a refused run leaves no folder behind.
         # A run resumed from its checkpoint keeps its own: fit() refuses other settings there.
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (resume and (run_dir / CHECKPOINT).exists() and (run_dir / "config.json").exists()):
             atomic_write_json(run_dir / "config.json",
-                              run_config(cfg.to_dict(), device_type, dist_info.world_size))
-        describe_data(data)
+                              run_config(cfg.to_dict(), device.type, dist_info.world_size))
+        describe_data(bundle)
     t_data = time.perf_counter()
     result = fit(
-        cfg, data.train, data.val, run_dir, class_counts=data.train_counts,
-        dist_info=dist_info, resume=resume, progress=progress, data_fingerprint=data.fingerprint,
+        cfg, bundle.train, bundle.val, run_dir, class_counts=bundle.train_counts,
+        dist_info=dist_info, resume=resume, progress=progress, data_fingerprint=bundle.fingerprint,
     )
     t_fit = time.perf_counter()
     summary: dict = {}
     if dist_info.is_main:
-        summary = finish_run(cfg, data, result.model, run_dir, result.history, result.best_epoch)
+        summary = finish_run(cfg, bundle, result.model, run_dir, result.history,
+                             result.best_epoch)
         summary["best_epoch"] = result.best_epoch
         summary["stopped_early"] = result.stopped_early
         t_end = time.perf_counter()
-        print(describe_run_time(t_end - t_start, t_data - t_start, t_fit - t_data,
-                                result.timings, t_end - t_fit, startup_s))
+        print(describe_run_time(t_end - t_start, t_data - t_start - (warm_up_s or 0.0),
+                                t_fit - t_data, result.timings, t_end - t_fit, startup_s,
+                                warm_up_s))
     barrier(dist_info)
     return summary
 
 
 def describe_run_time(
     total: float, data: float, training: float, fit_timings: dict[str, float],
-    finishing: float, startup: float | None = None,
+    finishing: float, startup: float | None = None, warm_up: float | None = None,
 ) -> str:
-    """The closing line: where a run's time went, start-up included when it is known."""
+    """The closing line: where a run's time went, start-up included when it is known.
+
+    ``data`` is the time spent waiting for the data: where it loaded in the background, only
+    what its loading took beyond the start-up and the GPU's warm-up.
+    """
     head = f"done in {total + (startup or 0.0):.1f} s:"
     if startup is not None:
         head += f" start-up {startup:.1f} s,"
+    if warm_up is not None:
+        head += f" GPU warm-up {warm_up:.1f} s,"
     inside = describe_fit_timings(fit_timings)
     return (f"{head} data {data:.1f} s, training {training:.1f} s"
             f"{f' ({inside})' if inside else ''}, calibration, saving, test figures and plots "

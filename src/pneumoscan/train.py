@@ -67,6 +67,52 @@ def model_input(images_u8: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     return to_model_input(images_u8, in_chans=cfg.in_chans, mean=cfg.mean, std=cfg.std)
 
 
+def run_device(cfg: TrainConfig, dist_info: DistInfo) -> torch.device:
+    """The device this process trains on: under torchrun, each process its own GPU."""
+    device = resolve_device(cfg.device)
+    if dist_info.enabled and device.type == "cuda":
+        return torch.device("cuda", dist_info.local_rank)
+    return device
+
+
+def warm_up(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> None:
+    """Pay a GPU run's one-time costs early, while its images still decode (data/background.py).
+
+    A throwaway model of the run's architecture takes one training forward and backward at the
+    run's batch shape, and one evaluation batch. That makes the CUDA context, loads the kernels
+    and lets cuDNN choose its convolution algorithms (it keeps them by shape), which fit() would
+    otherwise do after the data came. Nothing else stays: the random streams are put back and
+    the memory handed back, so CUDA graphs' own memory pool finds it free. A CPU has no such
+    costs to pay ahead.
+    """
+    if device.type != "cuda":
+        return
+    configure_device(device)
+    throwaway_passes(cfg, device, world_size)
+    torch.cuda.empty_cache()
+
+
+def throwaway_passes(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> None:
+    """warm_up's passes: a training step's forward and backward and an evaluation batch, on a
+    model of the run's architecture that is then dropped; the random streams are put back."""
+    shapes = {
+        True: check_batch_per_process(cfg.batch_size, world_size),
+        False: cfg.eval_batch_size or eval_batch_size(cfg.image_size, device_type=device.type),
+    }
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # Not pretrained: the shapes are the same, and the weights may need a download.
+        model = build_model(dataclasses.replace(cfg, pretrained="")).to(device)
+        model = model.to(memory_format=torch.channels_last)
+        for training, batch in shapes.items():
+            model.train(training)
+            x = torch.zeros(batch, cfg.in_chans, cfg.image_size, cfg.image_size, device=device)
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.set_grad_enabled(training), autocast(device):
+                out = model(x)
+            if training:
+                out.float().sum().backward()
+
+
 def weighted_loss(
     logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None, smoothing: float
 ) -> torch.Tensor:
@@ -254,9 +300,7 @@ def fit(
     # ---- set-up: seeds, device, data resident on the device as uint8
     t_setup = time.perf_counter()
     timings = {"set-up": 0.0, "epochs": 0.0, "validation": 0.0, "checkpoints": 0.0}
-    device = resolve_device(cfg.device)
-    if dist_info.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
+    device = run_device(cfg, dist_info)
     configure_device(device)
     torch.manual_seed(cfg.seed)
     shuffle_gen = torch.Generator()  # seeded per epoch: same order on every rank

@@ -46,23 +46,36 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pneumoscan.allocator import low_memory_mode
     from pneumoscan.config import check_batch_per_process
-    from pneumoscan.device import resolve_device
-    from pneumoscan.distributed import env_world_size, process_group
-    from pneumoscan.pipeline import train_run
+    from pneumoscan.data.background import loading_in_background
+    from pneumoscan.data.dataset import training_data_options
+    from pneumoscan.distributed import env_is_main, env_world_size
     from pneumoscan.run_folder import check_out_folder
 
     cfg = config_from_args(args)
     check_out_folder(cfg.out, resume=args.resume)
     # Under torchrun the batch is split across the processes: each needs two images or more.
     check_batch_per_process(cfg.batch_size, env_world_size())
+    low_memory_mode(cfg.low_memory)  # before anything large is allocated
     if not args.seeds:
         age = process_age_s()
         started = None if age is None else time.perf_counter() - age
-        train_run(cfg, resume=args.resume, progress=not args.quiet, process_started=started)
+        options = training_data_options(cfg, not args.quiet, env_is_main())
+        # The images decode while the rest of training's modules import (scikit-learn's alone
+        # takes 1-2 s) and the GPU warms up.
+        with loading_in_background(cfg.data, cfg.image_size, **options) as data:
+            from pneumoscan.pipeline import train_run
+
+            train_run(cfg, resume=args.resume, progress=not args.quiet, process_started=started,
+                      data=data)
         return 0
     if args.seed is not None:
         raise PneumoscanError("--seed and --seeds: give one of them")
+    from pneumoscan.device import resolve_device
+    from pneumoscan.distributed import process_group
+    from pneumoscan.pipeline import train_run
+
     seeds = _parse_seeds(args.seeds)
     summaries = []
     # One process group for all the seeds' trainings under torchrun; rank 0 alone speaks.

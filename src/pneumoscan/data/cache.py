@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from pneumoscan.console import printable
 from pneumoscan.data.decode import decoder_signature, read_gray
@@ -40,6 +41,10 @@ _ENTRY_FILE = re.compile(r"^([0-9a-f]{24})\.(npy|json)$")  # what this module wr
 _TEMP_FILE = re.compile(r"^\.[0-9a-f]{24}\.(npy|json)\..*\.tmp$")  # atomic_write's, mid-write
 _STALE_TEMP_S = 24 * 3600.0  # older than any write in progress
 _WINDOWS_MAX_WORKERS = 61  # ProcessPoolExecutor refuses more there
+
+
+class DecodingStopped(Exception):
+    """The caller set ``stop``: it no longer needs the images (it failed, or was interrupted)."""
 
 
 @dataclass
@@ -89,8 +94,13 @@ def decode_files(
     use_cache: bool = True,
     workers: int | None = None,
     progress: bool = True,
+    stop: threading.Event | None = None,
 ) -> Decoded:
-    """Every file as a (size, size) uint8 image, using and filling the on-disk cache."""
+    """Every file as a (size, size) uint8 image, using and filling the on-disk cache.
+
+    ``stop``, when set from another thread, ends decoding after the chunks in progress with
+    DecodingStopped; nothing is stored then.
+    """
     paths = [Path(p) for p in paths]
     fp = fingerprint(paths, size)
     cache_dir = cache_dir or default_cache_dir()
@@ -104,7 +114,7 @@ def decode_files(
             _mark_used(meta_path)
             prune_cache(cache_dir, keep=fp)  # bounds a cache older versions left unbounded
             return _retry_failed(cached, paths, size, workers, array_path, meta_path)
-    decoded = _decode_all(paths, size, workers, progress)
+    decoded = _decode_all(paths, size, workers, progress, stop)
     decoded.fingerprint = fp
     return _store(decoded, array_path, meta_path) if use_cache else decoded
 
@@ -242,7 +252,8 @@ def _write_cache(decoded: Decoded, array_path: Path, meta_path: Path) -> None:
     atomic_write_json(meta_path, {"ok": decoded.ok.tolist()})
 
 
-def _decode_all(paths: list[Path], size: int, workers: int | None, progress: bool) -> Decoded:
+def _decode_all(paths: list[Path], size: int, workers: int | None, progress: bool,
+                stop: threading.Event | None = None) -> Decoded:
     images = np.zeros((len(paths), size, size), dtype=np.uint8)
     ok = np.zeros(len(paths), dtype=bool)
     errors: list[tuple[str, str]] = []
@@ -253,6 +264,10 @@ def _decode_all(paths: list[Path], size: int, workers: int | None, progress: boo
     with contextlib.ExitStack() as stack:
         mapper = map
         if workers > 1 and len(chunks) > 1:
+            # Pillow's format plugins, imported before the workers are forked: a worker forked
+            # while another thread of this process was importing one of them would wait forever
+            # on that module's lock (load_data may run in a thread beside the imports of torch).
+            Image.init()
             # The pool's map() hands each chunk's result over once and forgets it: the results
             # are not all held at once beside the output array, which would double the memory.
             pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
@@ -262,6 +277,8 @@ def _decode_all(paths: list[Path], size: int, workers: int | None, progress: boo
         with _sigint_ignored_while(mapper is not map):  # map() starts the workers
             results = mapper(_decode_chunk, chunks, [size] * len(chunks))
         for start, (chunk_images, chunk_errors) in zip(starts, results, strict=True):
+            if stop is not None and stop.is_set():
+                raise DecodingStopped
             end = start + len(chunk_images)
             images[start:end] = chunk_images
             ok[start:end] = True

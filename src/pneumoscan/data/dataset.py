@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,6 +19,9 @@ from pneumoscan.data.cache import decode_files, describe_errors
 from pneumoscan.data.discover import Sample, discover
 from pneumoscan.data.split import SplitError, patient_split, validation_folds
 from pneumoscan.errors import PneumoscanError
+
+if TYPE_CHECKING:
+    from pneumoscan.config import TrainConfig
 
 MIN_VAL_IMAGES = 200  # a val/ smaller than this is too noisy to select anything on
 
@@ -74,6 +79,7 @@ def load_data(
     carve_val: bool = True,
     as_given: bool = False,
     warn: bool = True,
+    stop: threading.Event | None = None,
 ) -> DataBundle:
     """Decode (or read from the cache) every split of ``spec`` at ``image_size``.
 
@@ -82,13 +88,15 @@ def load_data(
     (cross-validation carves its own folds); ``as_given`` keeps the splits as they are on disk
     (eda describes the data, not a training run's view of it). A val/ or test/ without one
     readable image is left out, with a note. ``warn=False`` leaves the unreadable files unsaid
-    (listed in ``skipped``): torchrun's other processes decode the same files.
+    (listed in ``skipped``): torchrun's other processes decode the same files. ``stop`` ends
+    decoding early from another thread (background.py).
     """
     if spec.lower().startswith("pneumoniamnist"):
         splits, source, fp = _load_medmnist(spec, image_size)
         skipped: list[tuple[str, str]] = []
     else:
-        splits, skipped, fp = _load_folder(Path(spec), image_size, progress, warn=warn)
+        splits, skipped, fp = _load_folder(Path(spec), image_size, progress, warn=warn,
+                                           stop=stop)
         source = str(Path(spec).resolve())
     notes: list[str] = []  # printed with the data summary, by the main process only
     for name in [n for n in splits if n != "train" and len(splits[n]) == 0]:
@@ -138,6 +146,13 @@ def load_data(
         fingerprint=fp,
         train_counts=train_counts,
     )
+
+
+def training_data_options(cfg: TrainConfig, progress: bool, is_main: bool) -> dict:
+    """``load_data``'s options for a training run: validation carved by the run's fraction and
+    seed; under torchrun only the main process shows progress and warns."""
+    return {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "progress": progress and is_main,
+            "warn": is_main}
 
 
 def seen_in_training(splits: dict[str, Split]) -> str:
@@ -199,7 +214,7 @@ def _concat(a: Split, b: Split) -> Split:
 
 def _load_folder(
     root: Path, image_size: int, progress: bool, found: dict[str, list[Sample]] | None = None,
-    *, warn: bool = True,
+    *, warn: bool = True, stop: threading.Event | None = None,
 ) -> tuple[dict[str, Split], list[tuple[str, str]], str]:
     """Decode the splits ``found`` (default: every split of ``root``)."""
     found = discover(root) if found is None else found
@@ -207,7 +222,8 @@ def _load_folder(
     if not everything:
         raise PneumoscanError(f"{root}: the class folders hold no files")
     # One decode over all splits: one cache entry, and no image is decoded twice.
-    decoded = decode_files([s.path for s in everything], image_size, progress=progress)
+    decoded = decode_files([s.path for s in everything], image_size, progress=progress,
+                           stop=stop)
     if decoded.errors and warn:
         print("warning: " + describe_errors(decoded.errors), file=sys.stderr)
     splits, start = {}, 0
