@@ -18,7 +18,8 @@
 #    the strong recipe's batch 64, eager against CUDA graphs.
 # 4. The seed recipe's epoch on DATA_DIR's train split: the project's step against the plain loop,
 #    both at the report's batch 32 (the report: 55 s an epoch); then a profile of part 3's eager
-#    step for each model: the kernels that take its time.
+#    step for each model: the kernels that take its time, and the operators by input shape; then
+#    each model's convolutions timed alone in both layouts (benchmarks/conv_layers.py).
 #
 # DATA_DIR is a Kermany-style folder (train/NORMAL, train/PNEUMONIA). On a machine that receives
 # only the repository tree, copy the data into a git-ignored folder of the tree and send it along
@@ -54,11 +55,12 @@ VARIANTS=(
     "strong_30ep:--epochs 30"
     "strong_10ep:--epochs 10"
 )
-DEVICE=cuda TRAIN_SMALL=() SPEED_SMALL=() MODES=eager,graphs,compile,cudagraphs SMALL_MODES=eager,graphs
+DEVICE=cuda TRAIN_SMALL=() SPEED_SMALL=() LAYERS_SMALL=() MODES=eager,graphs,compile,cudagraphs SMALL_MODES=eager,graphs
 HOLDOUT_LIMIT=${HOLDOUT_LIMIT:-170}  # seconds for each hold-out run (they run side by side)
 if [ "${SMOKE:-0}" = 1 ]; then
     DEVICE=cpu TRAIN_SMALL=(--image-size 32 --epochs 1) MODES=eager SMALL_MODES=eager
     SPEED_SMALL=(--image-size 32 --batch-size 16 --plain-batch-size 16 --steps 2 --warmup 1)
+    LAYERS_SMALL=(--image-size 32 --batch-size 4 --iters 1 --warmup 1)
     VARIANTS=("${VARIANTS[@]:0:2}") SEEDS="0 1" HOLDOUT_LIMIT=400
     # Part 2 runs its trainings side by side: on a small CPU, threads of four processes
     # competing for two cores spin far more than they compute.
@@ -82,7 +84,8 @@ if part 0; then
     echo "== 0. start-up pieces: benchmarks/cli_startup.py"
     gpu_flag=(--gpu)
     [ "$DEVICE" = cuda ] || gpu_flag=()
-    timeout 120 "$PYTHON" benchmarks/cli_startup.py --repeat 3 "${gpu_flag[@]}" |
+    timeout 120 "$PYTHON" benchmarks/cli_startup.py --repeat "${STARTUP_REPEAT:-3}" \
+        "${gpu_flag[@]}" |
         tee "$WORK/startup.log" || failed+=("startup")
     grep '^{' "$WORK/startup.log" | tail -n 1 >> "$OUT_DIR/speed.jsonl"
 fi
@@ -216,7 +219,14 @@ if part 4; then
     speed profile_seed_cnn 60 --model seed_cnn --image-size 224 --batch-size 512 --modes eager \
         --steps 10 --skip-plain --profile 5
     speed profile_resnet18 60 --model resnet18 --image-size 224 --batch-size 512 --modes eager \
-        --steps 10 --skip-plain --profile 5
+        --steps 10 --skip-plain --profile 5    # Each convolution alone, forward and backward, in both layouts: which layers cost most.
+    for model in seed_cnn resnet18; do
+        echo "== 4. conv_layers $model"
+        timeout 90 "$PYTHON" benchmarks/conv_layers.py --model "$model" --device "$DEVICE" \
+            "${LAYERS_SMALL[@]}" > "$WORK/layers_$model.log" 2>&1 || failed+=("layers_$model")
+        grep -v '^{' "$WORK/layers_$model.log" | tail -n 30
+        grep '^{' "$WORK/layers_$model.log" | tail -n 1 >> "$OUT_DIR/speed.jsonl"
+    done
 fi
 
 # ---- 5. the distributed path with NCCL: torchrun, one process on the one GPU, two epochs

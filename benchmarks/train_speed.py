@@ -194,10 +194,12 @@ def profile_project(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray,
     sync(device)
     on_gpu = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=on_gpu) as prof:
         for idx in batches[warmup:]:
             step(train_images[idx], train_labels[idx])
         sync(device)
+    if on_gpu:
+        print_operators_by_shape(prof, steps, rows)
     key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     events = timed_events(prof.key_averages(), on_gpu=on_gpu)
     whole = sum(getattr(e, key) for e in events) or 1.0
@@ -212,6 +214,24 @@ def profile_project(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray,
         print(f"  {row['share']:6.1%} {row['ms_per_step']:9.3f} ms {row['calls_per_step']:6.1f}x  "
               f"{row['op']}")
     return table
+
+
+def print_operators_by_shape(prof, steps: int, rows: int) -> None:
+    """On a GPU: the operators whose kernels take the step's time, each with its input shapes,
+    which tell the layers apart (the kernels' own names rarely do)."""
+    from torch.autograd import DeviceType
+
+    events = [e for e in prof.key_averages(group_by_input_shape=True)
+              if e.device_type == DeviceType.CPU and e.self_device_time_total > 0]
+    whole = sum(e.self_device_time_total for e in events) or 1.0
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    print(f"profile: the operators that launched the step's kernels, by input shape "
+          f"({whole / steps / 1000:.1f} ms a step):")
+    for e in events[:rows]:
+        shapes = ", ".join(str(list(s)) for s in e.input_shapes if s)[:110]
+        print(f"  {e.self_device_time_total / whole:6.1%} "
+              f"{e.self_device_time_total / steps / 1000:9.3f} ms {e.count / steps:5.1f}x  "
+              f"{e.key} {shapes}")
 
 
 def _index_batches(n: int, batch: int, count: int, device: torch.device):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REAL_DATA
+from conftest import REAL_DATA, load_benchmark
 from pneumoscan.cli import main
 from pneumoscan.model_io import read_meta
 
@@ -331,13 +331,8 @@ def test_help_does_not_wait_for_torch_or_scikit_learn():
 
 
 def test_cli_startup_benchmark_times_each_command(trained_run, synthetic_data, capsys):
-    import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cli_startup.py"
-    spec = importlib.util.spec_from_file_location("cli_startup", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("cli_startup")
     image = next((synthetic_data / "test").rglob("*.png"))
     assert bench.main(["--run", str(trained_run), "--image", str(image), "--repeat", "1"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from conftest import load_benchmark
 from pneumoscan.evaluate import (
     RATE_KEYS,
     _weighted_rates,
@@ -327,13 +328,8 @@ def test_summarize_runs():
 
 
 def test_threshold_rules_benchmark_scores_rules_chosen_on_validation(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "threshold_rules.py"
-    spec = importlib.util.spec_from_file_location("threshold_rules", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("threshold_rules")
     rng = np.random.default_rng(0)
     runs = []
     for k in range(2):  # two runs: noisy scores, the positives shifted up

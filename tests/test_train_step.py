@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import load_benchmark
 from pneumoscan.augment import augment_batch
 from pneumoscan.commands.train import process_age_s
 from pneumoscan.config import AugmentConfig, TrainConfig
@@ -335,13 +336,8 @@ def test_augment_repeats_edge_pixels():
 
 def test_train_speed_benchmark_runs_on_cpu(capsys):
     pytest.importorskip("torchvision")
-    import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_speed.py"
-    spec = importlib.util.spec_from_file_location("train_speed", path)
-    train_speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_speed)
+    train_speed = load_benchmark("train_speed")
     argv = ["--model", "seed_cnn", "--image-size", "32", "--batch-size", "8", "--device", "cpu",
             "--steps", "2", "--warmup", "1", "--threads", "1"]
     assert train_speed.main(argv) == 0
@@ -358,13 +354,8 @@ def test_train_speed_benchmark_runs_on_cpu(capsys):
 
 def test_train_speed_profile_names_the_convolutions(capsys):
     # The profile is there to say where a step's time goes: for a CNN, into its convolutions.
-    import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_speed.py"
-    spec = importlib.util.spec_from_file_location("train_speed", path)
-    train_speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_speed)
+    train_speed = load_benchmark("train_speed")
     argv = ["--model", "seed_cnn", "--image-size", "32", "--batch-size", "8", "--device", "cpu",
             "--steps", "1", "--warmup", "1", "--threads", "1", "--skip-plain", "--profile", "2"]
     assert train_speed.main(argv) == 0
@@ -381,16 +372,11 @@ def test_train_speed_profile_names_the_convolutions(capsys):
 def test_gpu_profile_counts_each_kernel_once():
     # On a GPU the operator that launched a kernel reports that kernel's time as its own device
     # time too: only the device's own events may be summed (as torch's table does).
-    import importlib.util
-    from pathlib import Path
     from types import SimpleNamespace
 
     from torch.autograd import DeviceType
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_speed.py"
-    spec = importlib.util.spec_from_file_location("train_speed", path)
-    train_speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_speed)
+    train_speed = load_benchmark("train_speed")
 
     def event(key, device, device_us, cpu_us=5.0, annotation=False):
         return SimpleNamespace(key=key, device_type=device, self_device_time_total=device_us,
@@ -424,3 +410,65 @@ def test_the_warm_up_passes_run_the_runs_shapes_and_leave_the_random_streams(
 
     monkeypatch.setattr(train, "throwaway_passes", no_passes_on_a_cpu)
     train.warm_up(cfg, torch.device("cpu"))
+
+
+def test_train_speed_profile_on_a_gpu_names_each_operators_input_shapes(capsys):
+    # The kernels' names rarely tell the layers apart; the operators' input shapes do.
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    train_speed = load_benchmark("train_speed")
+
+    def event(key, shapes, device_us, device=DeviceType.CPU):
+        return SimpleNamespace(key=key, device_type=device, self_device_time_total=device_us,
+                               input_shapes=shapes, count=4)
+
+    prof = SimpleNamespace(key_averages=lambda group_by_input_shape: [
+        event("aten::convolution_backward", [[512, 16, 224, 224], [16, 16, 3, 3], []], 3000.0),
+        event("aten::relu_", [[512, 16, 224, 224]], 1000.0),
+        event("sm90_xmma_wgrad", [], 3000.0, DeviceType.CUDA),  # a kernel: counted in its op
+        event("aten::view", [[512, 16]], 0.0),  # launched nothing
+    ])
+    train_speed.print_operators_by_shape(prof, steps=2, rows=5)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("(2.0 ms a step):")
+    assert lines[1].split() == ["75.0%", "1.500", "ms", "2.0x", "aten::convolution_backward",
+                                "[512,", "16,", "224,", "224],", "[16,", "16,", "3,", "3]"]
+    assert "aten::relu_ [512, 16, 224, 224]" in lines[2] and len(lines) == 3
+
+
+def test_step_traffic_counts_one_images_share_of_the_step(capsys):
+    step_traffic = load_benchmark("step_traffic")
+    figures = {}
+    for size in (32, 64):
+        assert step_traffic.main(["--model", "seed_cnn", "--image-size", str(size)]) == 0
+        figures[size] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    small, large = figures[32], figures[64]
+    # One image's share is its activations: four times the pixels, about four times the bytes
+    # and the arithmetic (the weights' traffic, per step, drops out of the difference).
+    assert 3.5 < large["mb_per_image"]["eager"] / small["mb_per_image"]["eager"] < 4.5
+    assert 3.5 < large["gflop_per_image"] / small["gflop_per_image"] < 4.5
+    assert 0 < large["mb_per_image"]["compute_ops_only"] < large["mb_per_image"]["eager"]
+    bounds = large["images_per_s_bound"]
+    assert bounds["eager"] < bounds["compute ops only"] <= large["arithmetic_bound_images_per_s"]
+    # The report's CNN at 64 px: 2 full-resolution convolutions of 16 channels, each output
+    # 64 * 64 * 16 bf16 values (131 kB) written in forward: a floor for what the step moves.
+    assert large["mb_per_image"]["compute_ops_only"] > 2 * 0.131
+
+
+def test_conv_layers_times_each_convolution_in_both_layouts(capsys):
+    conv_layers = load_benchmark("conv_layers")
+    argv = ["--model", "seed_cnn", "--image-size", "32", "--batch-size", "2", "--device", "cpu",
+            "--iters", "1", "--warmup", "1"]
+    assert conv_layers.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    kinds = [row["kind"].split()[0] for row in result["layers"]]
+    assert kinds == ["full", "full"] + ["depthwise", "pointwise"] * 8  # the report's CNN
+    assert result["layers"][0]["input"] == [3, 32, 32]
+    last = result["layers"][-1]
+    assert last["input"] == [256, 2, 2] and last["out_channels"] == 256
+    for row in result["layers"]:
+        for layout in ("channels_last", "default"):
+            assert 0 < row[layout]["forward_ms"] and 0 < row[layout]["forward_backward_ms"]
+    assert result["best_layouts_ms"] <= min(result["total_forward_backward_ms"].values())
