@@ -88,6 +88,17 @@ if part 0; then
         "${gpu_flag[@]}" |
         tee "$WORK/startup.log" || failed+=("startup")
     grep '^{' "$WORK/startup.log" | tail -n 1 >> "$OUT_DIR/speed.jsonl"
+    # Whether imports read compiled bytecode or compile every time, and the slowest imports.
+    "$PYTHON" - <<'EOF'
+import importlib.util, os, sys, torch
+cached = importlib.util.cache_from_source(torch.__file__)
+print(f"python {sys.version.split()[0]}; torch {torch.__file__}; its bytecode cached: "
+      f"{os.path.exists(cached)}; writable: {os.access(os.path.dirname(torch.__file__), os.W_OK)}; "
+      f"dont_write_bytecode {sys.flags.dont_write_bytecode}")
+EOF
+    "$PYTHON" -X importtime -c "import torch, timm, sklearn.metrics" 2> "$WORK/importtime.log"
+    echo "slowest imports (cumulative microseconds):"
+    sort -t'|' -k2 -n "$WORK/importtime.log" | tail -n 12
 fi
 
 if [ ! -d "$DATA" ]; then
