@@ -20,6 +20,7 @@
 #    both at the report's batch 32 (the report: 55 s an epoch); then a profile of part 3's eager
 #    step for each model: the kernels that take its time, and the operators by input shape; then
 #    each model's convolutions timed alone in both layouts (benchmarks/conv_layers.py).
+# 5. torchrun with one process on the GPU (NCCL), two epochs of the strong recipe.
 #
 # DATA_DIR is a Kermany-style folder (train/NORMAL, train/PNEUMONIA). On a machine that receives
 # only the repository tree, copy the data into a git-ignored folder of the tree and send it along
@@ -35,8 +36,8 @@
 # SMOKE=1 runs every part on the CPU at 32 px for one epoch and a few steps: a check of the
 # script itself, in about 5 minutes on a 2-core CPU, before spending GPU time.
 # PARTS="1 2" (default "0 1 2 3 4 5") runs only those parts: the whole script's time limits add up
-# to more than one device command may take, so run it as two calls, PARTS="1 2" then
-# PARTS="3 4 5", each with its own OUT_DIR.
+# to more than one device command may take, so run it as two calls, PARTS="0 1 2" then
+# PARTS="3 4 5", each with its own OUT_DIR. STARTUP_REPEAT (default 3): part 0's runs of each.
 
 set -uo pipefail
 cd "$(dirname "$0")/.."
