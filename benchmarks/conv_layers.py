@@ -5,8 +5,8 @@
 
 The model's convolutions are found by running it once; each is then copied and timed on its own
 at the training batch: forward, and forward with backward (the gradients of the input, unless
-it is the model's first layer, and of the weights), in channels_last and in PyTorch's default
-layout, under the training step's autocast (bf16 on a GPU, float32 on a CPU), with cuDNN's
+it is the model's first layer, and of the weights and bias), in channels_last and in PyTorch's
+default layout, under the training step's autocast (bf16 on a GPU, float32 on a CPU), with cuDNN's
 algorithm search on as in training. It tells which layers take a step's time, and whether any
 would be faster in the other layout. The last line printed is one JSON object.
 """
@@ -49,18 +49,26 @@ def model_convolutions(model: nn.Module, in_chans: int, size: int) -> list[tuple
 
 def time_layer(conv: nn.Conv2d, shape: tuple, batch: int, layout, device: torch.device, *,
                input_grad: bool, iters: int, warmup: int) -> tuple[float, float]:
-    """Milliseconds for a forward, and for a forward with backward."""
+    """Milliseconds for a forward, and for a forward with backward.
+
+    The input comes in autocast's precision, as from the layer before in training (bf16 on a
+    GPU); the backward computes the gradients training needs and nothing more: no cast of the
+    input's gradient, no accumulation into ``.grad``.
+    """
     conv = copy.deepcopy(conv).to(device).to(memory_format=layout)
-    x = torch.randn(batch, *shape, device=device).contiguous(memory_format=layout)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x = torch.randn(batch, *shape, device=device, dtype=dtype).contiguous(memory_format=layout)
     x.requires_grad_(input_grad)
+    wrt = [*conv.parameters(), *([x] if input_grad else [])]
 
     def forward():
         with autocast(device):
             return conv(x)
 
+    grad_out = torch.ones_like(forward())
+
     def forward_backward():
-        y = forward()
-        y.backward(torch.ones_like(y))
+        torch.autograd.grad(forward(), wrt, grad_out)
 
     timings = []
     for fn in (forward, forward_backward):

@@ -571,85 +571,137 @@ def test_the_datas_fingerprint_is_the_same_on_windows(tmp_path, monkeypatch):
 
 
 def test_decoding_stops_when_asked_and_stores_nothing(tmp_path):
-    import threading
-
-    from pneumoscan.data.cache import DecodingStopped
+    from pneumoscan.data.cache import DecodingStopped, Steering
 
     paths = [write_image(tmp_path / f"{i}.png", _gray(i)) for i in range(cache._CHUNK + 1)]
-    stop = threading.Event()
-    stop.set()
+    steering = Steering()
+    steering.stop.set()
     with pytest.raises(DecodingStopped):
         decode_files(paths, 16, cache_dir=tmp_path / "cache", workers=2, progress=False,
-                     stop=stop)
+                     steering=steering)
+    assert steering.started.is_set()  # the workers had started
     assert not list((tmp_path / "cache").glob("*.npy"))
-    # Unset, the same call decodes and stores as ever.
+    # Not stopped, the same call decodes and stores as ever.
     assert decode_files(paths, 16, cache_dir=tmp_path / "cache", workers=2, progress=False,
-                        stop=threading.Event()).ok.all()
+                        steering=Steering()).ok.all()
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
 
 
 def test_data_loaded_in_the_background_equals_data_loaded_at_once(synthetic_data):
     from pneumoscan.data.background import loading_in_background
 
-    direct = load_data(str(synthetic_data), 32, progress=False)
-    with loading_in_background(str(synthetic_data), 32, progress=False) as pending:
+    direct = load_data(str(synthetic_data), 32, progress=False, val_fraction=0.2, seed=3)
+    with loading_in_background(str(synthetic_data), 32, progress=False, val_fraction=0.2,
+                               seed=3) as pending:
         data = pending.result()
-    assert data.fingerprint == direct.fingerprint
+    assert data.fingerprint == direct.fingerprint and data.notes == direct.notes
+    assert data.splits().keys() == direct.splits().keys()
     for name, split in direct.splits().items():
         assert np.array_equal(data.splits()[name].images, split.images)
         assert data.splits()[name].paths == split.paths
 
 
-def test_background_loading_raises_its_error_where_the_data_is_asked_for(tmp_path):
+def test_an_error_found_before_decoding_is_raised_at_once(tmp_path):
+    # A folder without images is said before the command goes on to import and warm up.
     from pneumoscan.data.background import loading_in_background
 
     (tmp_path / "NORMAL").mkdir()
-    with loading_in_background(str(tmp_path), 32, progress=False) as pending:
-        with pytest.raises(PneumoscanError, match="no"):
-            pending.result()
+    entered = False
+    with pytest.raises(PneumoscanError, match="no"):
+        with loading_in_background(str(tmp_path), 32, progress=False):
+            entered = True
+    assert not entered
 
 
-def test_leaving_the_block_early_stops_the_loading_and_waits_for_it(tmp_path, monkeypatch):
+def test_the_decoding_thread_blocks_ctrl_c_and_carves_nothing(synthetic_data, monkeypatch):
+    # Ctrl-C is the main thread's (the workers forked from the thread start with it blocked),
+    # and the thread only decodes: validation, which imports scikit-learn, is carved in the
+    # main thread, so the two never import one package at once.
+    import signal
+    import threading
+
+    import pneumoscan.data.background as background
+
+    seen = {}
+    decode = background.read_splits
+
+    def recording_read(*args, **kwargs):
+        seen["blocked"] = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        seen["reader"] = threading.current_thread()
+        return decode(*args, **kwargs)
+
+    def recording_arrange(*args, **kwargs):
+        seen["arranger"] = threading.current_thread()
+        return dataset_arrange(*args, **kwargs)
+
+    dataset_arrange = background.arrange
+    monkeypatch.setattr(background, "read_splits", recording_read)
+    monkeypatch.setattr(background, "arrange", recording_arrange)
+    monkeypatch.setattr(background, "workers_are_forked", lambda: True)
+    with background.loading_in_background(str(synthetic_data), 32, progress=False) as pending:
+        assert len(pending.result().val) > 0
+    assert seen["blocked"] and seen["reader"] is not threading.main_thread()
+    assert seen["arranger"] is threading.main_thread()
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # main's untouched
+
+
+def test_a_decode_worker_forked_with_ctrl_c_blocked_ignores_it_and_unblocks_it():
+    import signal
+
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    old_handler = signal.getsignal(signal.SIGINT)
+    try:
+        cache._ignore_sigint()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def test_leaving_the_block_early_stops_the_decoding_and_waits_for_it(monkeypatch):
     import threading
 
     import pneumoscan.data.background as background
 
     asked_to_stop, ended = threading.Event(), threading.Event()
 
-    def slow_load(spec, image_size, *, stop, **options):
-        assert stop.wait(timeout=30)  # decoding, until told to stop
+    def slow_read(spec, image_size, *, steering, **options):
+        steering.started.set()  # the workers are running
+        assert steering.stop.wait(timeout=30)  # decoding, until told to stop
         asked_to_stop.set()
         time.sleep(0.2)  # the chunks in progress end
         ended.set()
         raise cache.DecodingStopped
 
-    monkeypatch.setattr(background, "load_data", slow_load)
+    monkeypatch.setattr(background, "read_splits", slow_read)
+    monkeypatch.setattr(background, "workers_are_forked", lambda: True)
     with pytest.raises(KeyboardInterrupt):
         with background.loading_in_background("folder", 32):
             raise KeyboardInterrupt  # e.g. Ctrl-C while torch imports
     assert asked_to_stop.is_set() and ended.is_set()  # the thread ended before the block's exit
 
 
-def test_without_forked_workers_the_data_loads_when_asked(synthetic_data, monkeypatch):
-    # macOS and Windows start decode workers afresh: only the main thread can have them start
-    # with Ctrl-C ignored, so nothing loads in a thread there.
+@pytest.mark.parametrize("spec, forked", [("SYNTHETIC", False), ("pneumoniamnist:28", True)])
+def test_some_data_loads_in_the_main_thread_when_asked(spec, forked, synthetic_data,
+                                                        monkeypatch):
+    # Where workers start afresh (macOS, Windows) only the main thread can have them start with
+    # Ctrl-C ignored; and PneumoniaMNIST's download could not be stopped half way by Ctrl-C.
     import threading
 
     import pneumoscan.data.background as background
 
-    loaded_in = []
+    read_in = []
 
-    def recording_load(*args, **kwargs):
-        loaded_in.append(threading.current_thread())
-        return load_data(*args, **kwargs)
+    def fake_read(spec, image_size, **kwargs):  # PneumoniaMNIST's files are not fetched here
+        read_in.append(threading.current_thread())
+        return real_read(str(synthetic_data), image_size, **kwargs)
 
-    monkeypatch.setattr(background, "load_data", recording_load)
-    monkeypatch.setattr(background, "workers_are_forked", lambda: False)
-    with background.loading_in_background(str(synthetic_data), 32, progress=False) as pending:
-        assert loaded_in == []
+    real_read = background.read_splits
+    monkeypatch.setattr(background, "read_splits", fake_read)
+    monkeypatch.setattr(background, "workers_are_forked", lambda: forked)
+    spec = str(synthetic_data) if spec == "SYNTHETIC" else spec
+    with background.loading_in_background(spec, 32, progress=False) as pending:
+        assert read_in == []
         assert len(pending.result().train) > 0
-    assert loaded_in == [threading.main_thread()]
-    monkeypatch.setattr(background, "workers_are_forked", lambda: True)
-    with background.loading_in_background(str(synthetic_data), 32, progress=False) as pending:
-        pending.result()
-    assert loaded_in[1] is not threading.main_thread()
+    assert read_in == [threading.main_thread()]

@@ -81,9 +81,9 @@ def warm_up(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> None
     A throwaway model of the run's architecture takes one training forward and backward at the
     run's batch shape, and one evaluation batch. That makes the CUDA context, loads the kernels
     and lets cuDNN choose its convolution algorithms (it keeps them by shape), which fit() would
-    otherwise do after the data came. Nothing else stays: the random streams are put back and
-    the memory handed back, so CUDA graphs' own memory pool finds it free. A CPU has no such
-    costs to pay ahead.
+    otherwise do after the data came. Nothing else stays: the random streams are put back, and
+    the activations' and gradients' memory is handed back, so CUDA graphs' own memory pool finds
+    it free. A CPU has no such costs to pay ahead.
     """
     if device.type != "cuda":
         return
@@ -111,6 +111,7 @@ def throwaway_passes(cfg: TrainConfig, device: torch.device, world_size: int = 1
                 out = model(x)
             if training:
                 out.float().sum().backward()
+        model.zero_grad(set_to_none=True)  # freed even while a reference cycle keeps the model
 
 
 def weighted_loss(

@@ -118,7 +118,9 @@ def _trained_on(spec: str, held_out: bool, trained_on: object) -> bool:
     import os
     from pathlib import Path
 
-    if not isinstance(trained_on, str) or spec.lower().startswith("pneumoniamnist"):
+    from pneumoscan.data.dataset import is_medmnist
+
+    if not isinstance(trained_on, str) or is_medmnist(spec):
         return False
     folder, source = Path(spec).resolve(), Path(trained_on)
 

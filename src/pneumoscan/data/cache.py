@@ -44,7 +44,21 @@ _WINDOWS_MAX_WORKERS = 61  # ProcessPoolExecutor refuses more there
 
 
 class DecodingStopped(Exception):
-    """The caller set ``stop``: it no longer needs the images (it failed, or was interrupted)."""
+    """Another thread set ``Steering.stop``: it no longer needs the images (it failed, or was
+    interrupted)."""
+
+
+@dataclass
+class Steering:
+    """How a thread steers a decode that runs in another (data/background.py).
+
+    ``stop``: set by the steering thread; decoding ends after the chunks in progress, storing
+    nothing. ``started``: set here once the decode workers exist (forked while the steering
+    thread waits, so that no module is half imported by it in their copy of the process).
+    """
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    started: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -94,12 +108,12 @@ def decode_files(
     use_cache: bool = True,
     workers: int | None = None,
     progress: bool = True,
-    stop: threading.Event | None = None,
+    steering: Steering | None = None,
 ) -> Decoded:
     """Every file as a (size, size) uint8 image, using and filling the on-disk cache.
 
-    ``stop``, when set from another thread, ends decoding after the chunks in progress with
-    DecodingStopped; nothing is stored then.
+    ``steering``: another thread's hold on the decoding (its ``stop`` ends it with
+    DecodingStopped, storing nothing).
     """
     paths = [Path(p) for p in paths]
     fp = fingerprint(paths, size)
@@ -114,7 +128,7 @@ def decode_files(
             _mark_used(meta_path)
             prune_cache(cache_dir, keep=fp)  # bounds a cache older versions left unbounded
             return _retry_failed(cached, paths, size, workers, array_path, meta_path)
-    decoded = _decode_all(paths, size, workers, progress, stop)
+    decoded = _decode_all(paths, size, workers, progress, steering)
     decoded.fingerprint = fp
     return _store(decoded, array_path, meta_path) if use_cache else decoded
 
@@ -253,7 +267,7 @@ def _write_cache(decoded: Decoded, array_path: Path, meta_path: Path) -> None:
 
 
 def _decode_all(paths: list[Path], size: int, workers: int | None, progress: bool,
-                stop: threading.Event | None = None) -> Decoded:
+                steering: Steering | None = None) -> Decoded:
     images = np.zeros((len(paths), size, size), dtype=np.uint8)
     ok = np.zeros(len(paths), dtype=bool)
     errors: list[tuple[str, str]] = []
@@ -264,9 +278,9 @@ def _decode_all(paths: list[Path], size: int, workers: int | None, progress: boo
     with contextlib.ExitStack() as stack:
         mapper = map
         if workers > 1 and len(chunks) > 1:
-            # Pillow's format plugins, imported before the workers are forked: a worker forked
-            # while another thread of this process was importing one of them would wait forever
-            # on that module's lock (load_data may run in a thread beside the imports of torch).
+            # Pillow's format plugins, imported before the workers are forked: a worker importing
+            # one itself could find it half imported by another thread of this process at the
+            # fork, and wait on its lock forever.
             Image.init()
             # The pool's map() hands each chunk's result over once and forgets it: the results
             # are not all held at once beside the output array, which would double the memory.
@@ -276,8 +290,10 @@ def _decode_all(paths: list[Path], size: int, workers: int | None, progress: boo
             mapper = pool.map
         with _sigint_ignored_while(mapper is not map):  # map() starts the workers
             results = mapper(_decode_chunk, chunks, [size] * len(chunks))
+        if steering is not None:
+            steering.started.set()
         for start, (chunk_images, chunk_errors) in zip(starts, results, strict=True):
-            if stop is not None and stop.is_set():
+            if steering is not None and steering.stop.is_set():
                 raise DecodingStopped
             end = start + len(chunk_images)
             images[start:end] = chunk_images
@@ -315,8 +331,12 @@ def _sigint_ignored_while(starting_workers: bool):
 def _ignore_sigint() -> None:
     """In each decode worker: Ctrl-C reaches the whole process group, and a worker killed by
     it mid-chunk left the pool's shutdown racing the main process's (a traceback, a hang).
-    The main process alone handles it and stops the pool."""
+    The main process alone handles it and stops the pool. A worker forked from a thread that
+    blocks Ctrl-C (background.py) starts with it blocked: ignored first, it is unblocked, and
+    one that came meanwhile is dropped."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # not on Windows
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _decode_chunk(paths: list[Path], size: int) -> tuple[np.ndarray, list[tuple[int, str]]]:

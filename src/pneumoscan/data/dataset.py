@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,7 +14,7 @@ import numpy as np
 from pneumoscan import CLASS_NAMES
 from pneumoscan.console import printable
 from pneumoscan.data import medmnist
-from pneumoscan.data.cache import decode_files, describe_errors
+from pneumoscan.data.cache import Steering, decode_files, describe_errors
 from pneumoscan.data.discover import Sample, discover
 from pneumoscan.data.split import SplitError, patient_split, validation_folds
 from pneumoscan.errors import PneumoscanError
@@ -69,6 +68,16 @@ class DataBundle:
         return out
 
 
+@dataclass
+class DecodedSplits:
+    """The splits as read from ``--data``, before validation is carved (``arrange``)."""
+
+    splits: dict[str, Split]
+    source: str
+    fingerprint: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
 def load_data(
     spec: str,
     image_size: int,
@@ -79,7 +88,6 @@ def load_data(
     carve_val: bool = True,
     as_given: bool = False,
     warn: bool = True,
-    stop: threading.Event | None = None,
 ) -> DataBundle:
     """Decode (or read from the cache) every split of ``spec`` at ``image_size``.
 
@@ -88,16 +96,39 @@ def load_data(
     (cross-validation carves its own folds); ``as_given`` keeps the splits as they are on disk
     (eda describes the data, not a training run's view of it). A val/ or test/ without one
     readable image is left out, with a note. ``warn=False`` leaves the unreadable files unsaid
-    (listed in ``skipped``): torchrun's other processes decode the same files. ``stop`` ends
-    decoding early from another thread (background.py).
+    (listed in ``skipped``): torchrun's other processes decode the same files.
     """
-    if spec.lower().startswith("pneumoniamnist"):
+    return arrange(read_splits(spec, image_size, progress=progress, warn=warn),
+                   val_fraction=val_fraction, seed=seed, carve_val=carve_val, as_given=as_given)
+
+
+def read_splits(
+    spec: str, image_size: int, *, progress: bool = True, warn: bool = True,
+    steering: Steering | None = None,
+) -> DecodedSplits:
+    """load_data's first half: every split of ``spec`` decoded (or read from the cache).
+
+    ``steering`` lets another thread stop the decoding or learn when its workers have started
+    (background.py)."""
+    if is_medmnist(spec):
         splits, source, fp = _load_medmnist(spec, image_size)
-        skipped: list[tuple[str, str]] = []
-    else:
-        splits, skipped, fp = _load_folder(Path(spec), image_size, progress, warn=warn,
-                                           stop=stop)
-        source = str(Path(spec).resolve())
+        return DecodedSplits(splits, source, fp)
+    splits, skipped, fp = _load_folder(Path(spec), image_size, progress, warn=warn,
+                                       steering=steering)
+    return DecodedSplits(splits, str(Path(spec).resolve()), fp, skipped)
+
+
+def is_medmnist(spec: str) -> bool:
+    return spec.lower().startswith("pneumoniamnist")
+
+
+def arrange(
+    decoded: DecodedSplits, *, val_fraction: float = 0.1, seed: int = 0, carve_val: bool = True,
+    as_given: bool = False,
+) -> DataBundle:
+    """load_data's second half: the checks, and validation carved from train by patient."""
+    splits, source, fp, skipped = (decoded.splits, decoded.source, decoded.fingerprint,
+                                   decoded.skipped)
     notes: list[str] = []  # printed with the data summary, by the main process only
     for name in [n for n in splits if n != "train" and len(splits[n]) == 0]:
         notes.append(f"{name}/ has no readable images: ignored")
@@ -153,6 +184,9 @@ def training_data_options(cfg: TrainConfig, progress: bool, is_main: bool) -> di
     seed; under torchrun only the main process shows progress and warns."""
     return {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "progress": progress and is_main,
             "warn": is_main}
+
+
+READ_OPTIONS = ("progress", "warn")  # load_data's options that read_splits takes; arrange the rest
 
 
 def seen_in_training(splits: dict[str, Split]) -> str:
@@ -214,7 +248,7 @@ def _concat(a: Split, b: Split) -> Split:
 
 def _load_folder(
     root: Path, image_size: int, progress: bool, found: dict[str, list[Sample]] | None = None,
-    *, warn: bool = True, stop: threading.Event | None = None,
+    *, warn: bool = True, steering: Steering | None = None,
 ) -> tuple[dict[str, Split], list[tuple[str, str]], str]:
     """Decode the splits ``found`` (default: every split of ``root``)."""
     found = discover(root) if found is None else found
@@ -223,7 +257,7 @@ def _load_folder(
         raise PneumoscanError(f"{root}: the class folders hold no files")
     # One decode over all splits: one cache entry, and no image is decoded twice.
     decoded = decode_files([s.path for s in everything], image_size, progress=progress,
-                           stop=stop)
+                           steering=steering)
     if decoded.errors and warn:
         print("warning: " + describe_errors(decoded.errors), file=sys.stderr)
     splits, start = {}, 0
@@ -302,7 +336,7 @@ class EvalSplit:
 
 def load_eval_split(spec: str, image_size: int, *, progress: bool = True) -> EvalSplit:
     """The images to evaluate on: a test split if the source has one, else all of it."""
-    if spec.lower().startswith("pneumoniamnist"):
+    if is_medmnist(spec):
         splits, source, _ = _load_medmnist(spec, image_size)
         return EvalSplit(splits["test"], f"{source}, test split", held_out=True)
     root = Path(spec)
