@@ -579,21 +579,43 @@ def test_decoding_stops_when_asked_and_stores_nothing(tmp_path):
     with pytest.raises(DecodingStopped):
         decode_files(paths, 16, cache_dir=tmp_path / "cache", workers=2, progress=False,
                      steering=steering)
-    assert steering.started.is_set()  # the workers had started
+    assert not steering.started.is_set()  # stopped before any worker was started
     assert not list((tmp_path / "cache").glob("*.npy"))
-    # Not stopped, the same call decodes and stores as ever.
+    # Not stopped, the same call decodes and stores as ever, and says its workers started.
+    steering = Steering()
     assert decode_files(paths, 16, cache_dir=tmp_path / "cache", workers=2, progress=False,
-                        steering=Steering()).ok.all()
+                        steering=steering).ok.all()
+    assert steering.started.is_set()
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
 
 
-def test_data_loaded_in_the_background_equals_data_loaded_at_once(synthetic_data):
-    from pneumoscan.data.background import loading_in_background
+def _forked(monkeypatch):
+    """Load in the background as Linux does, on any system."""
+    import pneumoscan.data.background as background
 
-    direct = load_data(str(synthetic_data), 32, progress=False, val_fraction=0.2, seed=3)
-    with loading_in_background(str(synthetic_data), 32, progress=False, val_fraction=0.2,
-                               seed=3) as pending:
+    monkeypatch.setattr(background, "workers_are_forked", lambda: True)
+    return background
+
+
+_DECODE_CHUNK = cache._decode_chunk
+
+
+def _slow_decode_chunk(paths, size):  # at module level: the pool sends it by name
+    time.sleep(0.3)
+    return _DECODE_CHUNK(paths, size)
+
+
+def test_data_loaded_in_the_background_equals_data_loaded_at_once(synthetic_data, tmp_path,
+                                                                  monkeypatch):
+    background = _forked(monkeypatch)
+    options = {"progress": False, "val_fraction": 0.2, "seed": 3}
+    monkeypatch.setenv("PNEUMOSCAN_CACHE", str(tmp_path / "direct"))
+    direct = load_data(str(synthetic_data), 32, **options)
+    monkeypatch.setenv("PNEUMOSCAN_CACHE", str(tmp_path / "background"))  # decoded afresh
+    with background.loading_in_background(str(synthetic_data), 32, **options) as pending:
+        pending.imports_done()
         data = pending.result()
+    assert list((tmp_path / "background").rglob("*.npy"))
     assert data.fingerprint == direct.fingerprint and data.notes == direct.notes
     assert data.splits().keys() == direct.splits().keys()
     for name, split in direct.splits().items():
@@ -601,47 +623,57 @@ def test_data_loaded_in_the_background_equals_data_loaded_at_once(synthetic_data
         assert data.splits()[name].paths == split.paths
 
 
-def test_an_error_found_before_decoding_is_raised_at_once(tmp_path):
-    # A folder without images is said before the command goes on to import and warm up.
-    from pneumoscan.data.background import loading_in_background
+def test_the_workers_exist_before_the_block_goes_on(synthetic_data, tmp_path, monkeypatch):
+    # Forked while the main thread waits, not while it imports (a module half imported at the
+    # fork stays locked in the worker's copy of the process).
+    import multiprocessing
 
+    background = _forked(monkeypatch)
+    monkeypatch.setattr(cache, "_decode_chunk", _slow_decode_chunk)
+    monkeypatch.setenv("PNEUMOSCAN_CACHE", str(tmp_path / "cache"))
+    with background.loading_in_background(str(synthetic_data), 32, progress=False) as pending:
+        assert multiprocessing.active_children()
+        pending.result()
+
+
+def test_an_error_found_before_decoding_is_raised_at_once(tmp_path, monkeypatch):
+    # A folder without images is said before the command goes on to import and warm up.
+    background = _forked(monkeypatch)
     (tmp_path / "NORMAL").mkdir()
     entered = False
     with pytest.raises(PneumoscanError, match="no"):
-        with loading_in_background(str(tmp_path), 32, progress=False):
+        with background.loading_in_background(str(tmp_path), 32, progress=False):
             entered = True
     assert not entered
 
 
-def test_the_decoding_thread_blocks_ctrl_c_and_carves_nothing(synthetic_data, monkeypatch):
-    # Ctrl-C is the main thread's (the workers forked from the thread start with it blocked),
-    # and the thread only decodes: validation, which imports scikit-learn, is carved in the
-    # main thread, so the two never import one package at once.
+def test_the_thread_blocks_ctrl_c_and_carves_only_after_the_main_threads_imports(
+        synthetic_data, monkeypatch):
+    # Ctrl-C is the main thread's (the workers forked from the thread start with it blocked);
+    # validation, which imports scikit-learn, waits until the main thread has imported its own.
     import signal
     import threading
 
-    import pneumoscan.data.background as background
-
+    background = _forked(monkeypatch)
     seen = {}
-    decode = background.read_splits
+    read, arrange = background.read_splits, background.arrange
 
     def recording_read(*args, **kwargs):
         seen["blocked"] = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
-        seen["reader"] = threading.current_thread()
-        return decode(*args, **kwargs)
+        return read(*args, **kwargs)
 
     def recording_arrange(*args, **kwargs):
-        seen["arranger"] = threading.current_thread()
-        return dataset_arrange(*args, **kwargs)
+        seen["arranged in"] = threading.current_thread()
+        return arrange(*args, **kwargs)
 
-    dataset_arrange = background.arrange
     monkeypatch.setattr(background, "read_splits", recording_read)
     monkeypatch.setattr(background, "arrange", recording_arrange)
-    monkeypatch.setattr(background, "workers_are_forked", lambda: True)
     with background.loading_in_background(str(synthetic_data), 32, progress=False) as pending:
+        time.sleep(0.3)  # long enough to decode these images and carve, were it allowed
+        assert "arranged in" not in seen
+        pending.imports_done()
         assert len(pending.result().val) > 0
-    assert seen["blocked"] and seen["reader"] is not threading.main_thread()
-    assert seen["arranger"] is threading.main_thread()
+    assert seen["blocked"] and seen["arranged in"] is not threading.main_thread()
     assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # main's untouched
 
 
@@ -662,8 +694,7 @@ def test_a_decode_worker_forked_with_ctrl_c_blocked_ignores_it_and_unblocks_it()
 def test_leaving_the_block_early_stops_the_decoding_and_waits_for_it(monkeypatch):
     import threading
 
-    import pneumoscan.data.background as background
-
+    background = _forked(monkeypatch)
     asked_to_stop, ended = threading.Event(), threading.Event()
 
     def slow_read(spec, image_size, *, steering, **options):
@@ -675,11 +706,55 @@ def test_leaving_the_block_early_stops_the_decoding_and_waits_for_it(monkeypatch
         raise cache.DecodingStopped
 
     monkeypatch.setattr(background, "read_splits", slow_read)
-    monkeypatch.setattr(background, "workers_are_forked", lambda: True)
     with pytest.raises(KeyboardInterrupt):
         with background.loading_in_background("folder", 32):
             raise KeyboardInterrupt  # e.g. Ctrl-C while torch imports
     assert asked_to_stop.is_set() and ended.is_set()  # the thread ended before the block's exit
+
+
+CTRL_C_WHILE_WAITING = """
+import os, signal, sys, threading, time
+import pneumoscan.data.cache as cache
+from pneumoscan.data import background
+decode, chunks = cache._decode_chunk, []
+def slow(paths, size):
+    time.sleep(0.4)
+    return decode(paths, size)
+cache._decode_chunk = slow
+class Bar:
+    def update(self, n):
+        chunks.append(n)
+    def close(self):
+        pass
+cache._progress_bar = lambda total, enabled: Bar()
+try:
+    with background.loading_in_background(sys.argv[1], 16, progress=False) as data:
+        data.imports_done()
+        threading.Timer(0.6, os.kill, (os.getpid(), signal.SIGINT)).start()
+        data.result()
+except KeyboardInterrupt:
+    import multiprocessing
+    workers = len(multiprocessing.active_children())  # the decoding had ended: none left
+    seen = len(chunks)
+    time.sleep(1.0)
+    print(workers, seen, len(chunks))
+"""
+
+
+def test_ctrl_c_while_waiting_for_the_data_waits_for_the_thread_to_stop(tmp_path):
+    # On Python 3.11 a Ctrl-C in Thread.join() marks the thread finished while it still runs:
+    # the command would end and leave it decoding and writing the cache.
+    for i in range(6 * cache._CHUNK):  # 12 chunks of 0.4 s on 2 workers: 2.4 s of decoding
+        write_image(tmp_path / "data" / ("NORMAL" if i % 2 else "PNEUMONIA") / f"p{i}.png",
+                    _gray(i, 20))
+    env = {**os.environ, "PNEUMOSCAN_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_WAITING, str(tmp_path / "data")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    workers, seen, later = out.stdout.split()
+    assert workers == "0" and seen == later, out.stdout + out.stderr
+    assert int(seen) < 6 * cache._CHUNK  # interrupted half way
+    assert not list((tmp_path / "cache").rglob("*.tmp")) and not list(
+        (tmp_path / "cache").rglob("*.npy"))
 
 
 @pytest.mark.parametrize("spec, forked", [("SYNTHETIC", False), ("pneumoniamnist:28", True)])
@@ -692,12 +767,12 @@ def test_some_data_loads_in_the_main_thread_when_asked(spec, forked, synthetic_d
     import pneumoscan.data.background as background
 
     read_in = []
+    real_read = background.read_splits
 
     def fake_read(spec, image_size, **kwargs):  # PneumoniaMNIST's files are not fetched here
         read_in.append(threading.current_thread())
         return real_read(str(synthetic_data), image_size, **kwargs)
 
-    real_read = background.read_splits
     monkeypatch.setattr(background, "read_splits", fake_read)
     monkeypatch.setattr(background, "workers_are_forked", lambda: forked)
     spec = str(synthetic_data) if spec == "SYNTHETIC" else spec
@@ -705,3 +780,11 @@ def test_some_data_loads_in_the_main_thread_when_asked(spec, forked, synthetic_d
         assert read_in == []
         assert len(pending.result().train) > 0
     assert read_in == [threading.main_thread()]
+
+
+def test_a_pneumoniamnist_size_it_does_not_come_in_is_said_at_once(monkeypatch):
+    background = _forked(monkeypatch)
+    with pytest.raises(PneumoscanError, match="comes in sizes"):
+        with background.loading_in_background("pneumoniamnist:999", 32):
+            pass
+    assert not background.is_medmnist("pneumoniamnist_scans")  # a folder of that name

@@ -214,9 +214,13 @@ def test_low_memory_without_glibc_says_what_it_still_does(monkeypatch, capsys):
     import pneumoscan.allocator as allocator
 
     monkeypatch.setattr(allocator, "return_large_buffers", lambda: False)
+    allocator.low_memory_mode.cache_clear()  # an earlier test may have switched it already
     allocator.low_memory_mode(True)
     warning = capsys.readouterr().err
     assert "cannot give freed memory back" in warning and "no effect" not in warning
+    allocator.low_memory_mode(True)  # train --seeds: once a process, not once a seed
+    assert capsys.readouterr().err == ""
+    allocator.low_memory_mode.cache_clear()
 
 
 def test_low_memory_flag_reaches_the_run_and_does_not_block_resume(synthetic_data, tmp_path):

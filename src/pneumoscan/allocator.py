@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
@@ -28,6 +29,7 @@ def return_large_buffers(threshold: int = THRESHOLD_BYTES) -> bool:
         return False
 
 
+@functools.cache  # once a process: each call after the first would warn again
 def low_memory_mode(enabled: bool) -> None:
     """``--low-memory``: switch the allocator, or say why it cannot be."""
     if enabled and not return_large_buffers():

@@ -57,16 +57,17 @@ def _train(args: argparse.Namespace) -> int:
     check_out_folder(cfg.out, resume=args.resume)
     # Under torchrun the batch is split across the processes: each needs two images or more.
     check_batch_per_process(cfg.batch_size, env_world_size())
+    low_memory_mode(cfg.low_memory)  # before anything large is allocated
     if not args.seeds:
         age = process_age_s()
         started = None if age is None else time.perf_counter() - age
-        low_memory_mode(cfg.low_memory)  # before anything large is allocated
         options = training_data_options(cfg, not args.quiet, env_is_main())
         # The images decode while the rest of training's modules import (scikit-learn's alone
         # takes 1-2 s) and the GPU warms up.
         with loading_in_background(cfg.data, cfg.image_size, **options) as data:
             from pneumoscan.pipeline import train_run
 
+            data.imports_done()
             train_run(cfg, resume=args.resume, progress=not args.quiet, process_started=started,
                       data=data)
         return 0

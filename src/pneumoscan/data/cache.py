@@ -53,8 +53,9 @@ class Steering:
     """How a thread steers a decode that runs in another (data/background.py).
 
     ``stop``: set by the steering thread; decoding ends after the chunks in progress, storing
-    nothing. ``started``: set here once the decode workers exist (forked while the steering
-    thread waits, so that no module is half imported by it in their copy of the process).
+    nothing. ``started``: set here once the decode workers exist, or once the cache answered
+    (the workers are forked while the steering thread waits, so that no module is half imported
+    by it in their copy of the process).
     """
 
     stop: threading.Event = field(default_factory=threading.Event)
@@ -127,7 +128,10 @@ def decode_files(
         else:
             _mark_used(meta_path)
             prune_cache(cache_dir, keep=fp)  # bounds a cache older versions left unbounded
-            return _retry_failed(cached, paths, size, workers, array_path, meta_path)
+            decoded = _retry_failed(cached, paths, size, workers, array_path, meta_path)
+            if steering is not None:
+                steering.started.set()  # no worker will be forked any more
+            return decoded
     decoded = _decode_all(paths, size, workers, progress, steering)
     decoded.fingerprint = fp
     return _store(decoded, array_path, meta_path) if use_cache else decoded
@@ -275,6 +279,8 @@ def _decode_all(paths: list[Path], size: int, workers: int | None, progress: boo
     chunks = [[paths[i] for i in range(s, min(s + _CHUNK, len(paths)))] for s in starts]
     workers = decode_workers(workers)
     bar = _progress_bar(len(paths), progress)
+    if steering is not None and steering.stop.is_set():
+        raise DecodingStopped  # before any worker is started
     with contextlib.ExitStack() as stack:
         mapper = map
         if workers > 1 and len(chunks) > 1:

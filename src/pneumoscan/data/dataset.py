@@ -119,7 +119,8 @@ def read_splits(
 
 
 def is_medmnist(spec: str) -> bool:
-    return spec.lower().startswith("pneumoniamnist")
+    """``pneumoniamnist`` or ``pneumoniamnist:SIZE``; anything else names a folder."""
+    return spec.partition(":")[0].lower() == "pneumoniamnist"
 
 
 def arrange(
