@@ -65,7 +65,6 @@ class _LoadingThread(threading.Thread):
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             decoded = read_splits(*self._args, steering=self.steering, **self._read_options)
-            self.steering.started.set()
             self.may_import.wait()
             if self.steering.stop.is_set():
                 raise DecodingStopped
