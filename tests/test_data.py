@@ -14,6 +14,7 @@ import PIL
 import pytest
 
 from conftest import REAL_DATA, write_image
+from pneumoscan import CLASS_NAMES
 from pneumoscan.data import cache, decode
 from pneumoscan.data.cache import (
     DEFAULT_LIMIT_GB,
@@ -21,7 +22,7 @@ from pneumoscan.data.cache import (
     decode_files,
     prune_cache,
 )
-from pneumoscan.data.dataset import load_data
+from pneumoscan.data.dataset import DecodedSplits, Split, arrange, load_data
 from pneumoscan.data.discover import discover, patient_id, pneumonia_kind
 from pneumoscan.data.split import SplitError, patient_folds, patient_split
 from pneumoscan.errors import PneumoscanError, UnreadableImage
@@ -163,6 +164,46 @@ def test_small_val_folder_is_ignored_and_validation_carved(tmp_path):
     assert any("too few" in note for note in data.notes)
     assert len(data.val) > 2 and len(data.train) + len(data.val) == 40
     assert data.train_counts.tolist() == [14, 26]
+
+
+def _named_split(folder: str, patients: list[str], labels: list[int]) -> Split:
+    paths = [f"{folder}/{CLASS_NAMES[y]}/{p}_bacteria_{i}.jpeg"
+             for i, (p, y) in enumerate(zip(patients, labels, strict=True))]
+    return Split(images=np.zeros((len(paths), 8, 8), np.uint8), labels=np.array(labels),
+                 patients=list(patients), paths=paths)
+
+
+def _train_and_val(val_patients: list[str]) -> DecodedSplits:
+    train_patients = [f"person{i}" for i in range(300)]
+    train = _named_split("train", train_patients, [i % 2 for i in range(300)])
+    val = _named_split("val", val_patients, [i % 2 for i in range(len(val_patients))])
+    return DecodedSplits(splits={"train": train, "val": val}, source="data", fingerprint="x")
+
+
+def test_a_val_folder_sharing_patients_with_train_is_ignored_and_validation_carved():
+    """A given val/ was used as it was, even where its patients were also in train/: epochs,
+    temperature and threshold were then chosen on patients the model had trained on."""
+    val_patients = [f"person{i}" for i in range(1000, 1200)] + ["person7", "person7"]
+    data = arrange(_train_and_val(val_patients), val_fraction=0.1)
+    assert data.notes[0] == (
+        "val/ shares 1 patient with train/ (e.g. person7): it would select epochs and the "
+        "threshold on patients the model trained on: ignored")
+    assert "person1000" not in data.val.patients + data.train.patients  # carved from train/
+    assert len(data.train) + len(data.val) == 300
+    assert not set(data.train.patients) & set(data.val.patients)
+
+
+def test_a_val_folder_of_other_patients_is_the_validation_split():
+    val_patients = [f"person{i}" for i in range(1000, 1202)]
+    data = arrange(_train_and_val(val_patients), val_fraction=0.1)
+    assert data.notes == ["validation: the given val/ split (202 images)"]
+    assert data.val.patients == val_patients and len(data.train) == 300
+
+
+def test_files_without_patient_ids_are_not_shared_between_folders():
+    root = Path("/data")
+    assert (patient_id(root / "train" / "NORMAL" / "scan_1.png", root)
+            != patient_id(root / "val" / "NORMAL" / "scan_1.png", root))
 
 
 def test_patient_split_keeps_patients_together_and_stratifies():

@@ -92,11 +92,11 @@ def load_data(
     """Decode (or read from the cache) every split of ``spec`` at ``image_size``.
 
     Validation is carved from train by patient, stratified, unless a val/ of at least
-    MIN_VAL_IMAGES of both classes is given. ``carve_val=False`` keeps all of train
-    (cross-validation carves its own folds); ``as_given`` keeps the splits as they are on disk
-    (eda describes the data, not a training run's view of it). A val/ or test/ without one
-    readable image is left out, with a note. ``warn=False`` leaves the unreadable files unsaid
-    (listed in ``skipped``): torchrun's other processes decode the same files.
+    MIN_VAL_IMAGES of both classes, and no patient of train/, is given. ``carve_val=False``
+    keeps all of train (cross-validation carves its own folds); ``as_given`` keeps the splits as
+    they are on disk (eda describes the data, not a training run's view of it). A val/ or test/
+    without one readable image is left out, with a note. ``warn=False`` leaves the unreadable
+    files unsaid (listed in ``skipped``): torchrun's other processes decode the same files.
     """
     return arrange(read_splits(spec, image_size, progress=progress, warn=warn),
                    val_fraction=val_fraction, seed=seed, carve_val=carve_val, as_given=as_given)
@@ -150,13 +150,9 @@ def arrange(
             notes.append(f"val/ ({len(val)} images) is cross-validated with train/")
             train = _concat(train, val)
         val = train.subset(np.arange(0))
-    elif val is None or len(val) < MIN_VAL_IMAGES or len(set(val.labels.tolist())) < 2:
-        if val is not None and len(val) < MIN_VAL_IMAGES:
-            notes.append(f"val/ has {len(val)} images, too few to select anything on: ignored")
-        elif val is not None:
-            only = CLASS_NAMES[int(val.labels[0])]
-            notes.append(f"val/ has only {only} images, and validation needs both classes: "
-                         "ignored")
+    elif val is None or (unfit := why_val_unfit(val, train)):
+        if val is not None:
+            notes.append(f"val/ {unfit}: ignored")
         try:
             train_idx, val_idx = patient_split(train.labels, train.patients, val_fraction, seed)
         except SplitError as e:
@@ -178,6 +174,24 @@ def arrange(
         fingerprint=fp,
         train_counts=train_counts,
     )
+
+
+def why_val_unfit(val: Split, train: Split) -> str:
+    """Why a given val/ cannot be the validation split, or "" when it can."""
+    if len(val) < MIN_VAL_IMAGES:
+        return f"has {len(val)} images, too few to select anything on"
+    if len(set(val.labels.tolist())) < 2:
+        return (f"has only {CLASS_NAMES[int(val.labels[0])]} images, and validation needs both "
+                "classes")
+    # Patients come from Kermany-style file names; any other file is its own patient, named by
+    # its path under the data folder, so it can never be in both splits.
+    shared = sorted(set(val.patients) & set(train.patients))
+    if shared:
+        return printable(
+            f"shares {len(shared)} patient{'s' if len(shared) > 1 else ''} with train/ (e.g. "
+            f"{shared[0]}): it would select epochs and the threshold on patients the model "
+            "trained on")
+    return ""
 
 
 def training_data_options(cfg: TrainConfig, progress: bool, is_main: bool) -> dict:
