@@ -268,10 +268,32 @@ def test_what_cannot_train_is_refused_before_decoding(capsys, tmp_path, monkeypa
                                         str(tmp_path / "missing.pth")], capsys)
     assert status == 2 and "missing.pth: pretrained weights file not found" in err
     monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun --nproc_per_node=4 sets it
+    monkeypatch.setenv("RANK", "0")
     status, err = _exit_status_and_err(["train", "--data", "/nonexistent", "--out", str(out),
                                         "--batch-size", "6"], capsys)
     assert status == 2 and "--batch-size 6 over 4 processes leaves 1 image(s)" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("rank, message", [
+    (None, "WORLD_SIZE is set in the environment but RANK is not; unset WORLD_SIZE, or start "
+           "the command with torchrun"),
+    ("two", "RANK='two' in the environment is not a process's rank"),
+    ("2", "RANK=2 and LOCAL_RANK=0 in the environment do not fit WORLD_SIZE=2"),
+])
+def test_a_stray_world_size_is_one_line_before_decoding(rank, message, capsys, tmp_path,
+                                                        monkeypatch):
+    """WORLD_SIZE without torchrun's RANK ended in a KeyError traceback, after decoding."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    if rank is not None:
+        monkeypatch.setenv("RANK", rank)
+    for seeds in ([], ["--seeds", "0,1"]):
+        status, err = _exit_status_and_err(
+            ["train", "--data", "/nonexistent", "--out", str(tmp_path / "r"), *seeds], capsys)
+        assert status == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()
 
 
 def test_an_unknown_option_is_named_with_its_command(capsys):

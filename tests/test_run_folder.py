@@ -187,6 +187,7 @@ def test_a_refused_run_without_out_leaves_no_folder(tmp_path, monkeypatch, capsy
     assert "missing" in _one_line(capsys)
     assert not (tmp_path / "runs" / "run-1").exists()
     monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun the processes need one --out
+    monkeypatch.setenv("RANK", "1")
     assert main(["train", "--data", str(tmp_path / "missing"), "--quiet"]) == 2
     assert "under torchrun, give --out" in _one_line(capsys)
 

@@ -32,19 +32,41 @@ class DistInfo:
 
 
 def env_world_size() -> int:
-    """How many processes torchrun started (its WORLD_SIZE); 1 without torchrun."""
-    text = os.environ.get("WORLD_SIZE", "").strip() or "1"
+    """How many processes torchrun started (its WORLD_SIZE); 1 without torchrun. Above 1, this
+    process's ranks must be there too: a stray WORLD_SIZE is refused before anything decodes."""
+    world_size = max(1, _env_number("WORLD_SIZE", "1", "a number of processes"))
+    if world_size > 1:
+        env_ranks(world_size)
+    return world_size
+
+
+def env_ranks(world_size: int) -> tuple[int, int]:
+    """This process's RANK and LOCAL_RANK under torchrun, checked."""
+    rank = _env_number("RANK", None, "a process's rank")
+    local_rank = _env_number("LOCAL_RANK", "0", "a process's rank on its machine")
+    if not 0 <= rank < world_size or local_rank < 0:
+        raise PneumoscanError(f"RANK={rank} and LOCAL_RANK={local_rank} in the environment do not "
+                              f"fit WORLD_SIZE={world_size}; start the command with torchrun")
+    return rank, local_rank
+
+
+def _env_number(name: str, default: str | None, meaning: str) -> int:
+    text = os.environ.get(name, "").strip() or default
+    if text is None:  # WORLD_SIZE is set by hand, or left over from another launcher
+        raise PneumoscanError(f"WORLD_SIZE is set in the environment but {name} is not; unset "
+                              "WORLD_SIZE, or start the command with torchrun")
     try:
-        return max(1, int(text))
+        return int(text)
     except ValueError:
-        raise PneumoscanError(f"WORLD_SIZE={text!r} in the environment is not a number of "
-                              "processes; unset it, or start the command with torchrun") from None
+        raise PneumoscanError(f"{name}={text!r} in the environment is not {meaning}; unset it, "
+                              "or start the command with torchrun") from None
 
 
 def env_is_main() -> bool:
     """Whether this process will be the main one (init_distributed's is_main), before joining:
     a process on its own, or torchrun's RANK 0."""
-    return env_world_size() <= 1 or os.environ.get("RANK", "").strip() == "0"
+    world_size = env_world_size()
+    return world_size <= 1 or env_ranks(world_size)[0] == 0
 
 
 def init_distributed(device_type: str) -> DistInfo:
@@ -52,11 +74,8 @@ def init_distributed(device_type: str) -> DistInfo:
     world_size = env_world_size()
     if world_size <= 1:
         return DistInfo()
-    info = DistInfo(
-        rank=int(os.environ["RANK"]),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        world_size=world_size,
-    )
+    rank, local_rank = env_ranks(world_size)
+    info = DistInfo(rank=rank, local_rank=local_rank, world_size=world_size)
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
