@@ -6,6 +6,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from pneumoscan.cli import main
 
@@ -225,6 +226,29 @@ def test_a_full_disk_while_saving_weights_or_checkpoint_is_an_oserror_naming_it(
     assert full.value.errno == errno.ENOSPC
     assert full.value.filename == str(small_disk / "checkpoint.pt")
     assert [p.name for p in small_disk.rglob("*") if p.is_file()] == []
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_is_the_interrupt_and_leaves_no_file(
+        tmp_path, monkeypatch):
+    """torch's writer turned a Ctrl-C in the middle of a write into a RuntimeError ("unexpected
+    pos") as it closed the file: the command printed a traceback and exited 1, not 130."""
+    from pneumoscan import checkpoint
+    from pneumoscan.fileio import atomic_write
+
+    writes = [0]
+    real_write = checkpoint._RecordingWriter.write
+
+    def interrupted(self, data):
+        writes[0] += 1
+        if writes[0] == 3:
+            raise KeyboardInterrupt
+        return real_write(self, data)
+
+    monkeypatch.setattr(checkpoint._RecordingWriter, "write", interrupted)
+    state = {"a": torch.zeros(1000), "b": torch.ones(100_000)}
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "checkpoint.pt", lambda tmp: checkpoint._save(state, tmp))
+    assert writes[0] == 3 and list(tmp_path.iterdir()) == []
 
 
 def test_a_full_disk_while_the_demo_writes_its_images_names_the_file(small_disk, capsys):

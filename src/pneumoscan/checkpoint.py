@@ -45,15 +45,18 @@ def save_checkpoint(
 
 
 def _save(state: dict, path: Path) -> None:
-    """torch.save, with a full disk reported as the OSError that names the file in one line:
-    torch's writer turns it into a RuntimeError ("unexpected pos") when it meets it."""
+    """torch.save, with a full disk reported as the OSError that names the file in one line, and
+    Ctrl-C as the interrupt it is: torch's writer turns either into a RuntimeError ("unexpected
+    pos") as it closes the file on it."""
     with open(path, "wb") as f:
         writer = _RecordingWriter(f)
         try:
             torch.save(state, writer)
-        except RuntimeError:
+        except RuntimeError as e:
             if writer.error is not None:
                 raise writer.error from None
+            if isinstance(e.__context__, KeyboardInterrupt):
+                raise e.__context__ from None
             raise
 
 
