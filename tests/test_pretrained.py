@@ -106,3 +106,29 @@ def test_weights_of_another_network_say_what_does_not_fit(tmp_path):
     # Before: "...: Error(s) in loading state_dict for ResNet:" and nothing more.
     assert message.startswith(f"{path}: cannot load pretrained weights for 'resnet10t'")
     assert "does not fit this network (size mismatch for " in message and "\n" not in message
+
+
+def test_a_weights_file_that_does_not_fit_is_refused_before_out_is_touched(
+        tmp_path, synthetic_data, capsys, monkeypatch):
+    """The file was read only once the images had decoded, after config.json was written
+    (over a file of that name already in --out)."""
+    from pneumoscan.cli import main
+    from pneumoscan.data import background
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoding started")
+
+    monkeypatch.setattr(background, "read_splits", no_decoding)
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not weights")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("mine")
+    status = main(["train", "--data", str(synthetic_data), "--out", str(out), "--recipe",
+                   "quick", "--image-size", "32", "--epochs", "1", "--quiet",
+                   "--pretrained", str(junk)])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "notes.txt: not a weights file timm can read" in err
+    assert len(err.splitlines()) == 1
+    assert [p.name for p in out.iterdir()] == ["config.json"]
+    assert (out / "config.json").read_text() == "mine"

@@ -148,7 +148,7 @@ def config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
     # Imported here, not at the top: building the parser (and --help) must not wait for torch.
     from pneumoscan.device import resolve_device
     from pneumoscan.distributed import env_world_size
-    from pneumoscan.models import check_input_size
+    from pneumoscan.models import check_input_size, create_model
 
     device_type = resolve_device(args.device).type
     overrides = {
@@ -184,6 +184,11 @@ def config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
         raise PneumoscanError(CUDA_GRAPHS_REFUSED)
     check_pretrained(cfg.model, cfg.pretrained, source=not resuming)
     check_input_size(cfg.model, in_chans=cfg.in_chans, image_size=cfg.image_size)
+    if not resuming and cfg.pretrained not in ("", "timm"):
+        # A weights file is read and fitted to the network now, so that one which does not
+        # fit is refused before any image decodes and before --out is touched.
+        create_model(cfg.model, in_chans=cfg.in_chans, image_size=cfg.image_size,
+                     pretrained=cfg.pretrained)
     return cfg
 
 
