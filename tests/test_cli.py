@@ -627,3 +627,44 @@ def test_every_option_with_a_default_says_it_in_help():
                 continue  # a flag
             shown = formatter._get_help_string(action) if action.help else ""
             assert "default" in shown, (verb, action.option_strings)
+
+
+@pytest.mark.parametrize("own", ["model.json", "config.json", "test_metrics.json"])
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_an_output_over_one_of_the_runs_own_files_is_refused(command, own, trained_run,
+                                                            synthetic_data, tmp_path, capsys):
+    """predict --output and evaluate --json wrote over model.json (exit 0), and the run no
+    longer loaded."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    target = run / own
+    image = next((synthetic_data / "test").rglob("*.png"))
+    argv = (["predict", str(run), str(image), "--output", str(target)] if command == "predict"
+            else ["evaluate", str(run), "--json", str(target)])
+    status, err = _exit_status_and_err([*argv, "--quiet"], capsys)
+    option = argv[-2]
+    assert status == 2
+    assert err == f"pneumoscan {command}: error: {option} {target}: is one of the run's own " \
+                  "files; name a new file"
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # A file of the user's own beside them is written, and written again.
+    mine = run / "mine.json"
+    argv = (["predict", str(run), str(image), "--output", str(mine)] if command == "predict"
+            else ["evaluate", str(run), "--json", str(mine)])
+    for _ in range(2):
+        assert main([*argv, "--quiet"]) == 0 and json.loads(mine.read_text())
+
+
+def test_evaluate_json_where_it_cannot_be_written_fails_before_the_work(trained_run, tmp_path,
+                                                                       capsys):
+    """The figures were computed and printed first, then the write failed."""
+    afile = tmp_path / "afile"
+    afile.write_text("a file, not a folder")
+    status = main(["evaluate", str(trained_run), "--json", str(afile / "x.json"), "--quiet"])
+    captured = capsys.readouterr()
+    assert status == 2 and captured.out == ""
+    assert captured.err.strip() == (f"pneumoscan evaluate: error: {afile}: exists and is not "
+                                    "a folder")

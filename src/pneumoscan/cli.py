@@ -111,8 +111,10 @@ def _main(argv: Sequence[str] | None) -> int:
         raise  # the reader went away: main() ends quietly
     except OSError as e:  # the system refused: a folder that cannot be written, a full disk
         where = f"{e.filename}: " if e.filename else ""
-        print(printable(f"pneumoscan {args.command}: error: {where}{e.strerror or e}"),
-              file=sys.stderr)
+        reason = e.strerror or e
+        if isinstance(e, FileExistsError) and e.filename and not os.path.isdir(e.filename):
+            reason = "exists and is not a folder"  # met making a folder: a file has its name
+        print(printable(f"pneumoscan {args.command}: error: {where}{reason}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = ("; the same command with --resume continues from the last checkpoint"

@@ -46,11 +46,14 @@ from pneumoscan.evaluate import (
 )
 from pneumoscan.fileio import atomic_write, atomic_write_json
 from pneumoscan.model_io import load_predictor, log_odds, probabilities, read_meta, save_meta
-from pneumoscan.run_folder import TEST_METRICS, TEST_PREDICTIONS, VAL_PREDICTIONS
+from pneumoscan.run_folder import (
+    CV_METRICS,
+    OOF_PREDICTIONS,
+    TEST_METRICS,
+    TEST_PREDICTIONS,
+    VAL_PREDICTIONS,
+)
 from pneumoscan.threshold_rules import format_threshold
-
-OOF_PREDICTIONS = "oof_predictions.npz"
-CV_METRICS = "cv_metrics.json"
 
 THRESHOLD_NOTE = (
     "threshold chosen on the pooled out-of-fold probabilities, each from one fold model; the "

@@ -18,12 +18,25 @@ METRICS = "metrics.jsonl"  # one line an epoch
 TEST_METRICS = "test_metrics.json"  # the test split's figures, when the data has one
 VAL_PREDICTIONS = "val_predictions.npz"  # labels and probabilities the threshold came from
 TEST_PREDICTIONS = "test_predictions.npz"
+OOF_PREDICTIONS = "oof_predictions.npz"  # cv's out-of-fold probabilities
+CV_METRICS = "cv_metrics.json"
+STACK_METRICS = "stack_metrics.json"
 RUN_FILES = ("model.json", CHECKPOINT, METRICS)  # a run, finished or not
 # Everything train writes into a run folder (temporary files aside).
 RUN_CONTENTS = frozenset({"config.json", "model.json", "model.safetensors", "plots",
                           "report.html", CHECKPOINT, METRICS, TEST_METRICS, VAL_PREDICTIONS,
                           TEST_PREDICTIONS})
 SUB_RUNS = ("seed-*", "fold-*")  # the per-seed runs of train --seeds, the folds of cv
+# What cv and stack write besides: the names no command's output may take inside a run.
+OWN_FILES = RUN_CONTENTS | {OOF_PREDICTIONS, CV_METRICS, STACK_METRICS}
+
+
+def refuse_own_file(run_dir: str | Path, path: str | Path, option: str) -> None:
+    """Refuse an output ``path`` that is one of ``run_dir``'s own files (a fold's or member's
+    included): the command would succeed and leave a run that no longer loads."""
+    target = Path(path).resolve()
+    if target.is_relative_to(Path(run_dir).resolve()) and target.name in OWN_FILES:
+        raise PneumoscanError(f"{option} {path}: is one of the run's own files; name a new file")
 
 
 def new_run_folder(parent: Path = Path("runs")) -> Path:

@@ -36,10 +36,9 @@ from pneumoscan.evaluate import (
 )
 from pneumoscan.fileio import atomic_write, atomic_write_json, staged_folder
 from pneumoscan.model_io import log_odds, read_meta, save_meta, stack_probabilities
-from pneumoscan.run_folder import CHECKPOINT, VAL_PREDICTIONS
+from pneumoscan.run_folder import CHECKPOINT, STACK_METRICS, VAL_PREDICTIONS
 from pneumoscan.threshold_rules import format_threshold
 
-STACK_METRICS = "stack_metrics.json"
 NESTED_PREDICTIONS = VAL_PREDICTIONS  # nested-CV predictions, in the single-run format
 _SKIP_ON_COPY = (CHECKPOINT,)  # resume state: several times the weights, never needed here
 

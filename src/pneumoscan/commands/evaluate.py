@@ -29,10 +29,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pneumoscan.fileio import atomic_write, json_text
+    from pneumoscan.run_folder import refuse_own_file
+
+    if not args.json:
+        _evaluate(args)
+        return 0
+    refuse_own_file(args.run, args.json, "--json")
+    # The file is opened before the work, so a folder it cannot be written in is said at once.
+    atomic_write(args.json, lambda tmp: tmp.write_text(json_text(_evaluate(args)),
+                                                       encoding="utf-8"))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> dict:
+    """Score the run on the data, print the figures and return them."""
     from pneumoscan.data.dataset import load_eval_split
     from pneumoscan.device import resolve_device
     from pneumoscan.evaluate import evaluate_predictions, format_table
-    from pneumoscan.fileio import atomic_write_json
     from pneumoscan.model_io import load_predictor
 
     predictor = load_predictor(args.run, resolve_device(args.device))
@@ -48,9 +62,7 @@ def run(args: argparse.Namespace) -> int:
                                    groups=data.split.patients, paths=data.split.paths)
     print(f"{args.run} on {data.description}:")
     print(format_table(metrics))
-    if args.json:
-        atomic_write_json(args.json, metrics)
-    return 0
+    return metrics
 
 
 def own_test_data(run: str, meta: dict) -> str:

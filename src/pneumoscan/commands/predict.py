@@ -43,7 +43,10 @@ def run(args: argparse.Namespace) -> int:
     )
 
     if args.output:
+        from pneumoscan.run_folder import refuse_own_file
+
         output_format(args.output)  # refuse a bad extension before any work
+        refuse_own_file(args.run, args.output, "--output")
     if args.batch_size < 1:
         raise PneumoscanError(f"--batch-size must be positive, got {args.batch_size}")
     if args.cam:
