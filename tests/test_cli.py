@@ -668,3 +668,19 @@ def test_evaluate_json_where_it_cannot_be_written_fails_before_the_work(trained_
     assert status == 2 and captured.out == ""
     assert captured.err.strip() == (f"pneumoscan evaluate: error: {afile}: exists and is not "
                                     "a folder")
+
+
+def test_a_file_where_a_folder_is_needed_is_named(tmp_path):
+    """'File exists' (making the folder) and 'Not a directory' (entering it) said the same
+    thing two ways, each naming another path."""
+    import errno
+
+    from pneumoscan.cli import _file_in_the_way
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    made = FileExistsError(errno.EEXIST, "File exists", str(afile))
+    entered = NotADirectoryError(errno.ENOTDIR, "Not a directory", str(afile / "x" / "y.png"))
+    assert _file_in_the_way(made) == _file_in_the_way(entered) == str(afile)
+    assert _file_in_the_way(FileExistsError(errno.EEXIST, "File exists", str(tmp_path))) is None
+    assert _file_in_the_way(PermissionError(errno.EACCES, "Permission denied", str(afile))) is None

@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pneumoscan import __version__
 from pneumoscan.console import printable
@@ -94,6 +95,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _file_in_the_way(e: OSError) -> str | None:
+    """The file that stands where a folder was to be made or entered ("File exists", "Not a
+    directory"), or None."""
+    if not isinstance(e, (FileExistsError, NotADirectoryError)) or not e.filename:
+        return None
+    path = Path(os.fsdecode(e.filename))
+    for candidate in (*reversed(path.parents), path):  # the outermost first
+        if os.path.lexists(candidate) and not os.path.isdir(candidate):
+            return str(candidate)
+    return None
+
+
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
@@ -110,10 +123,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except BrokenPipeError:
         raise  # the reader went away: main() ends quietly
     except OSError as e:  # the system refused: a folder that cannot be written, a full disk
-        where = f"{e.filename}: " if e.filename else ""
-        reason = e.strerror or e
-        if isinstance(e, FileExistsError) and e.filename and not os.path.isdir(e.filename):
-            reason = "exists and is not a folder"  # met making a folder: a file has its name
+        where, reason = (f"{e.filename}: " if e.filename else ""), e.strerror or e
+        if blocker := _file_in_the_way(e):
+            where, reason = f"{blocker}: ", "exists and is not a folder"
         print(printable(f"pneumoscan {args.command}: error: {where}{reason}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
