@@ -496,6 +496,12 @@ def test_fifo_is_not_read(tmp_path):
         (b"GIF89a\x01\x00", "gif"),
         (b"GIF87a\x01\x00", "gif"),
         (b"RIFF\x00\x00\x00\x00WEBPVP8 ", "webp"),
+        # DICOM without its preamble: the meta header first, or the data set alone
+        (b"\x02\x00\x00\x00UL\x04\x00\xc2\x00\x00\x00", "dicom"),
+        (b"\x08\x00\x16\x00UI\x1a\x001.2.840", "dicom"),  # explicit VR
+        (b"\x08\x00\x16\x00\x1a\x00\x00\x001.2.840", "dicom"),  # implicit VR
+        (b"\x08\x00\x16\x00\xff\xff\xff\x7f1.2.840", None),  # no such length
+        (b"\x08\x00\x16\x01UI\x1a\x00", None),
         (b"BMW owners' manual", None),
         (b"RIFF\x00\x00\x00\x00WAVEfmt ", None),
         (b"%PDF-1.7", None),
@@ -553,6 +559,25 @@ def test_dicom_monochrome2_12_in_16(tmp_path):
     assert out.dtype == np.uint8 and out.shape == source.shape
     assert np.abs(out.astype(int) - source).max() <= 1
     np.testing.assert_array_equal(read_gray(data), out)
+
+
+@pytest.mark.parametrize("implicit_vr", [True, False])
+def test_dicom_without_its_preamble_decodes(implicit_vr):
+    """Older systems and network captures write the data set without the 128-byte preamble
+    and b"DICM", and at times without the meta header: 'not an image' before."""
+    import pydicom
+
+    source = gradient()
+    full = dicom_bytes(twelve_bit(source), BitsStored=12)
+    expected = read_gray(full)
+    np.testing.assert_array_equal(read_gray(full[132:]), expected)  # meta header kept
+    ds = pydicom.dcmread(io.BytesIO(full))
+    del ds.file_meta
+    ds.preamble = None
+    bare = io.BytesIO()
+    pydicom.dcmwrite(bare, ds, implicit_vr=implicit_vr, little_endian=True)
+    assert not bare.getvalue().startswith(b"\x00" * 128)
+    np.testing.assert_array_equal(read_gray(bare.getvalue()), expected)
 
 
 def test_dicom_monochrome1_is_inverted():

@@ -171,7 +171,19 @@ def sniff_kind(head: bytes) -> str | None:
         return "webp"
     if _is_bmp(head):
         return "bmp"
+    if _is_bare_dicom(head):
+        return "dicom"
     return None
+
+
+def _is_bare_dicom(head: bytes) -> bool:
+    """A DICOM data set without its 128-byte preamble and b"DICM", as older systems and network
+    captures write it: a first element of the file meta (group 0002) or identifying (group 0008)
+    group, little endian, followed by a two-letter VR or, implicit, a 4-byte length."""
+    if len(head) < 8 or head[:2] not in (b"\x02\x00", b"\x08\x00") or head[3] != 0:
+        return False
+    vr = head[4:6]
+    return (vr.isalpha() and vr.isupper()) or int.from_bytes(head[4:8], "little") < 1 << 16
 
 
 def _is_bmp(head: bytes) -> bool:
@@ -536,11 +548,22 @@ def _silence_pydicom() -> None:
 
 
 def _read_dataset(pydicom: Any, data: bytes) -> Any:
+    from pydicom import uid
+
     try:
-        # The sniffer saw the preamble and b"DICM"; force only tolerates an odd meta header.
-        return pydicom.dcmread(BytesIO(data), force=True)
+        # force: the sniffer saw a DICOM preamble, or a bare data set, which pydicom reads only
+        # when forced (and it tolerates an odd meta header).
+        ds = pydicom.dcmread(BytesIO(data), force=True)
     except Exception as e:  # pydicom's parser raises whatever a malformed element provokes
         raise _Refused(f"corrupt DICOM ({_first_line(e)})") from e
+    implicit, little = ds.original_encoding
+    if "TransferSyntaxUID" not in ds.file_meta and implicit is not None and little is not None:
+        # A data set without a meta header: its pixels are in the encoding its elements were
+        # read in, which pydicom worked out; it decodes no pixels without being told.
+        ds.file_meta.TransferSyntaxUID = (
+            uid.ImplicitVRLittleEndian if implicit
+            else uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian)
+    return ds
 
 
 def _check_dicom_header(ds: Any) -> None:
