@@ -661,6 +661,8 @@ def test_an_output_over_one_of_the_runs_own_files_is_refused(command, own, train
 def test_evaluate_json_where_it_cannot_be_written_fails_before_the_work(trained_run, tmp_path,
                                                                        capsys):
     """The figures were computed and printed first, then the write failed."""
+    import subprocess
+
     afile = tmp_path / "afile"
     afile.write_text("a file, not a folder")
     status = main(["evaluate", str(trained_run), "--json", str(afile / "x.json"), "--quiet"])
@@ -668,6 +670,41 @@ def test_evaluate_json_where_it_cannot_be_written_fails_before_the_work(trained_
     assert status == 2 and captured.out == ""
     assert captured.err.strip() == (f"pneumoscan evaluate: error: {afile}: exists and is not "
                                     "a folder")
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(readonly)],
+                      capture_output=True).returncode != 0:
+        return  # cannot mount here: the case above stands
+    try:
+        status = main(["evaluate", str(trained_run), "--json", str(readonly / "a" / "x.json"),
+                       "--quiet"])
+        captured = capsys.readouterr()
+        assert status == 2 and captured.out == ""
+        assert captured.err.strip() == (f"pneumoscan evaluate: error: {readonly}: Read-only "
+                                        "file system")
+    finally:
+        subprocess.run(["umount", "-l", str(readonly)], check=False)
+
+
+def test_evaluate_json_leaves_nothing_when_refused_and_blames_no_file_for_the_work(
+        trained_run, tmp_path, capsys, monkeypatch):
+    """Run inside the --json file's write, the work's errors that named no file were said as
+    the --json file's, and a refused run left the folders made for it."""
+    import errno
+
+    from pneumoscan.data import dataset
+
+    out = tmp_path / "new" / "sub" / "x.json"
+    assert main(["evaluate", str(tmp_path / "no-run"), "--json", str(out), "--quiet"]) == 2
+    assert "no-run" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+    def too_many(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(dataset, "load_eval_split", too_many)
+    assert main(["evaluate", str(trained_run), "--json", str(out), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == "pneumoscan evaluate: error: Too many open files"
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_file_where_a_folder_is_needed_is_named(tmp_path):

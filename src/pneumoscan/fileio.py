@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -100,13 +101,27 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def json_text(obj: Any) -> str:
-    """How the project writes a JSON file: indented, keys in their order, a final newline."""
-    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
-
-
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json_text(obj))
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def check_writable(path: str | Path) -> None:
+    """Raise now the OSError that writing ``path`` later would meet for its folder (a file
+    where a folder is needed, a folder that may not be written in, a read-only file system),
+    leaving nothing behind. A full disk shows only when the file is written."""
+    path = Path(path)
+    folder = path.parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent  # atomic_write makes the folders missing below this one
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if not folder.is_dir():  # a file where a folder is needed: the command line names it
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
+    try:
+        with tempfile.TemporaryFile(dir=folder):  # gone when closed, on every system
+            pass
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(folder)) from None
 
 
 def read_json(path: str | Path) -> Any:

@@ -29,16 +29,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pneumoscan.fileio import atomic_write, json_text
+    from pneumoscan.fileio import atomic_write_json, check_writable
     from pneumoscan.run_folder import refuse_own_file
 
-    if not args.json:
-        _evaluate(args)
-        return 0
-    refuse_own_file(args.run, args.json, "--json")
-    # The file is opened before the work, so a folder it cannot be written in is said at once.
-    atomic_write(args.json, lambda tmp: tmp.write_text(json_text(_evaluate(args)),
-                                                       encoding="utf-8"))
+    if args.json:  # what would stop the write is said before the work
+        refuse_own_file(args.run, args.json, "--json")
+        check_writable(args.json)
+    metrics = _evaluate(args)
+    if args.json:
+        atomic_write_json(args.json, metrics)
     return 0
 
 
