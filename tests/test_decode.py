@@ -497,11 +497,16 @@ def test_fifo_is_not_read(tmp_path):
         (b"GIF87a\x01\x00", "gif"),
         (b"RIFF\x00\x00\x00\x00WEBPVP8 ", "webp"),
         # DICOM without its preamble: the meta header first, or the data set alone
-        (b"\x02\x00\x00\x00UL\x04\x00\xc2\x00\x00\x00", "dicom"),
-        (b"\x08\x00\x16\x00UI\x1a\x001.2.840", "dicom"),  # explicit VR
-        (b"\x08\x00\x16\x00\x1a\x00\x00\x001.2.840", "dicom"),  # implicit VR
-        (b"\x08\x00\x16\x00\xff\xff\xff\x7f1.2.840", None),  # no such length
-        (b"\x08\x00\x16\x01UI\x1a\x00", None),
+        (b"\x02\x00\x00\x00UL\x04\x00\xc2\x00\x00\x00\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00",
+         "dicom"),
+        (b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100\x08\x00\x16\x00UI\x1a\x00", "dicom"),
+        (b"\x08\x00\x05\x00\x0a\x00\x00\x00ISO_IR 100\x08\x00\x16\x00\x1a\x00\x00\x00", "dicom"),
+        (b"\x08\x00\x16\x00UI\x1a\x001.2.840", None),  # one element: not enough to tell
+        (b"\x08\x00\x16\x00\x02\x00\x00\x001.\x08\x00\x05\x00\x00\x00\x00\x00", None),  # descending
+        # A Targa header with an 8-byte image id: one 'implicit element' of group 0008, then
+        # the image's origin where a second element's tag would be.
+        (b"\x08\x00\x03\x00\x00\x00\x00\x00\x00\x00\x00\x00\x10\x00\x10\x00\x08\x00SCANNER1",
+         None),
         (b"BMW owners' manual", None),
         (b"RIFF\x00\x00\x00\x00WAVEfmt ", None),
         (b"%PDF-1.7", None),
@@ -510,6 +515,16 @@ def test_fifo_is_not_read(tmp_path):
 )
 def test_sniff_kind(head, kind):
     assert sniff_kind(head) == kind
+
+
+@pytest.mark.parametrize("image_id", [b"SCANNER1", b"XR"])
+def test_a_targa_file_is_not_taken_for_dicom(image_id, tmp_path):
+    """Its header starts as a bare DICOM element of group 0008 does when its id is 2 or 8 bytes
+    long: predict named such files 'DICOM has no pixel data' instead of skipping them."""
+    path = tmp_path / "scan.tga"
+    Image.new("L", (16, 16)).save(path, id_section=image_id)
+    assert path.read_bytes()[:2] == len(image_id).to_bytes(2, "little")
+    assert sniff_kind(path.read_bytes()) is None and not looks_like_image(path)
 
 
 def test_looks_like_image(tmp_path):

@@ -153,6 +153,13 @@ def _installed_version(distribution: str) -> str:
         return "none"
 
 
+# DICOM's value representations; those of the second set have a 4-byte length (PS3.5 7.1.2).
+_DICOM_LONG_VRS = frozenset(
+    b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_DICOM_VRS = _DICOM_LONG_VRS | frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US".split())
+
+
 def sniff_kind(head: bytes) -> str | None:
     """The image format named by the magic number at the start of ``head``, or None."""
     head = bytes(head[:SNIFF_BYTES])
@@ -178,12 +185,32 @@ def sniff_kind(head: bytes) -> str | None:
 
 def _is_bare_dicom(head: bytes) -> bool:
     """A DICOM data set without its 128-byte preamble and b"DICM", as older systems and network
-    captures write it: a first element of the file meta (group 0002) or identifying (group 0008)
-    group, little endian, followed by a two-letter VR or, implicit, a 4-byte length."""
-    if len(head) < 8 or head[:2] not in (b"\x02\x00", b"\x08\x00") or head[3] != 0:
-        return False
-    vr = head[4:6]
-    return (vr.isalpha() and vr.isupper()) or int.from_bytes(head[4:8], "little") < 1 << 16
+    captures write it: its first two elements parse, little endian, explicit or implicit VR, in
+    ascending order within the file meta (0002) and identifying (0008) groups. One element's
+    worth of bytes is not enough: a Targa header can look like that."""
+    first = _element_at(head, 0)
+    second = first and _element_at(head, first[1], explicit=first[2])
+    return bool(second) and first[0] < second[0] and second[0][0] in (0x0002, 0x0008)
+
+
+def _element_at(head: bytes, at: int, explicit: bool | None = None):
+    """((group, element), where the next element starts, explicit VR?) of the element at
+    ``at``, or None where ``head`` holds none there."""
+    if len(head) < at + 8:
+        return None
+    tag = (int.from_bytes(head[at:at + 2], "little"), int.from_bytes(head[at + 2:at + 4], "little"))
+    if tag[0] not in (0x0002, 0x0008):
+        return None
+    vr = head[at + 4:at + 6]
+    if explicit is None:
+        explicit = vr in _DICOM_VRS
+    if not explicit:
+        return tag, at + 8 + int.from_bytes(head[at + 4:at + 8], "little"), False
+    if vr not in _DICOM_VRS:
+        return None
+    if vr in _DICOM_LONG_VRS:  # two reserved bytes, then a 4-byte length
+        return tag, at + 12 + int.from_bytes(head[at + 8:at + 12], "little"), True
+    return tag, at + 8 + int.from_bytes(head[at + 6:at + 8], "little"), True
 
 
 def _is_bmp(head: bytes) -> bool:
