@@ -291,6 +291,29 @@ def test_resume_follows_the_run_folder_and_the_data_not_their_spelling(tmp_path)
         load_checkpoint(tmp_path / "checkpoint.pt", moved, FILES + "abc", 3, processes=2)
 
 
+def test_a_resume_validating_on_other_patients_is_refused(tmp_path):
+    """The same files carved otherwise (another scikit-learn; a given val/ now refused for
+    sharing patients) resumed on another split, or was refused only by chance, as another
+    number of steps an epoch."""
+    from pneumoscan.checkpoint import load_checkpoint
+    from pneumoscan.data.dataset import split_identity
+    from pneumoscan.errors import PneumoscanError
+
+    cfg = _checkpointed_run(tmp_path)
+    path = tmp_path / "checkpoint.pt"
+    same = Split(images=np.zeros((2, 8, 8), np.uint8), labels=np.array([0, 1]),
+                 patients=[str(i) for i in reversed(range(12))], paths=["a", "b"])
+    assert load_checkpoint(path, cfg, FILES + "abc", 3, validation=split_identity(same))
+    other = Split(images=same.images, labels=same.labels, patients=["0", "1"], paths=["a", "b"])
+    with pytest.raises(PneumoscanError, match="other validation patients"):
+        load_checkpoint(path, cfg, FILES + "abc", 3, validation=split_identity(other))
+    # A checkpoint from before the split was recorded resumes as it did.
+    state = torch.load(path, weights_only=True)
+    del state["validation"]
+    torch.save(state, path)
+    assert load_checkpoint(path, cfg, FILES + "abc", 3, validation=split_identity(other))
+
+
 def test_every_epochs_random_streams_follow_from_seed_epoch_and_rank():
     """Nothing random is carried between epochs: a resume draws what an uninterrupted run
     draws; the shuffle is shared by the ranks, augmentation and dropout are not."""

@@ -24,9 +24,10 @@ CHECKPOINT_INTERVAL_S = {"cpu": 0.0, "cuda": 30.0}
 
 def save_checkpoint(
     path, cfg, epoch, model, optimizer, scheduler, stopper, best_state, history,
-    data_fingerprint, steps_per_epoch, processes,
+    data_fingerprint, steps_per_epoch, processes, validation="",
 ) -> None:
-    """Everything needed to continue exactly where this epoch ended, written atomically."""
+    """Everything needed to continue exactly where this epoch ended, written atomically.
+    ``validation``: the validation split's identity (``dataset.split_identity``)."""
     state = {
         "config": json.dumps(cfg.to_dict(), sort_keys=True),
         "epoch": epoch,
@@ -38,6 +39,7 @@ def save_checkpoint(
         "data_fingerprint": data_fingerprint,
         "steps_per_epoch": steps_per_epoch,
         "processes": processes,
+        "validation": validation,
     }
     if best_state is not None:
         state["best_model"] = best_state
@@ -89,12 +91,14 @@ _FREE_ON_RESUME = ("out", "data", "device", "compile", "cuda_graphs", "low_memor
 
 
 def load_checkpoint(path: Path, cfg: TrainConfig, data_fingerprint: str = "",
-                    steps_per_epoch: int | None = None, processes: int = 1) -> dict:
+                    steps_per_epoch: int | None = None, processes: int = 1,
+                    validation: str = "") -> dict:
     """Resume state, loaded with weights_only=True so a planted pickle cannot run code.
 
-    Refused when the run would go on differently: other settings, other data, another number
-    of processes (each trains its own shard), or another number of steps an epoch (compiled
-    and graphed runs leave out the last partial batch).
+    Refused when the run would go on differently: other settings, other data, other
+    validation patients (carved otherwise by another version), another number of processes
+    (each trains its own shard), or another number of steps an epoch (compiled and graphed
+    runs leave out the last partial batch).
     """
     try:
         with warnings.catch_warnings():  # e.g. "pickle protocol 4": noise for a user
@@ -134,6 +138,13 @@ def load_checkpoint(path: Path, cfg: TrainConfig, data_fingerprint: str = "",
         raise PneumoscanError(
             f"{path}: --resume on other data than the run started with (the images differ); "
             "resume with its own --data or start a new --out"
+        )
+    saved_validation = state.get("validation")
+    if validation and saved_validation and saved_validation != validation:
+        raise PneumoscanError(
+            f"{path}: --resume would select on other validation patients than the run started "
+            "with (this version of pneumoscan or scikit-learn chooses them otherwise); start a "
+            "new --out"
         )
     saved_processes = state.get("processes", 1)
     if saved_processes != processes:

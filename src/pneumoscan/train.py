@@ -29,7 +29,7 @@ from pneumoscan.config import (
     check_pretrained,
     describe_lr,
 )
-from pneumoscan.data.dataset import Split
+from pneumoscan.data.dataset import Split, split_identity
 from pneumoscan.device import (
     CPU_HOURS_WORK_224,
     autocast,
@@ -352,7 +352,7 @@ def fit(
             print(f"--resume: no {CHECKPOINT} in {run_dir}; starting from epoch 1")
     if resuming:
         state = load_checkpoint(run_dir / CHECKPOINT, cfg, data_fingerprint, steps_per_epoch,
-                                dist_info.world_size)
+                                dist_info.world_size, split_identity(val))
         stopper, best_state, history = _restore(state, model, optimizer, scheduler)
         start_epoch = int(state["epoch"]) + 1
         # A run that had already stopped early must not train one epoch more on resume.
@@ -465,7 +465,7 @@ def fit(
                 save_checkpoint(
                     run_dir / CHECKPOINT, cfg, epoch, model, optimizer, scheduler, stopper,
                     best_state, history, data_fingerprint, steps_per_epoch,
-                    dist_info.world_size,
+                    dist_info.world_size, split_identity(val),
                 )
                 last_checkpoint = time.monotonic()
             write_metrics(run_dir, history)

@@ -194,6 +194,13 @@ def why_val_unfit(val: Split, train: Split) -> str:
     return ""
 
 
+def split_identity(split: Split) -> str:
+    """Which patients a split holds, as a short digest: recorded with a run's resume state, so
+    that a resume validates on the same patients (the files themselves have the fingerprint)."""
+    names = "\n".join(sorted(set(split.patients)))
+    return hashlib.sha256(names.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
 def training_data_options(cfg: TrainConfig, progress: bool, is_main: bool) -> dict:
     """``load_data``'s options for a training run: validation carved by the run's fraction and
     seed; under torchrun only the main process shows progress and warns."""
