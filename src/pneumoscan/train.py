@@ -313,6 +313,7 @@ def fit(
     rows_on_device = torch.from_numpy(rows).to(device)
     val_images = torch.from_numpy(np.ascontiguousarray(val.images))
     val_labels = torch.from_numpy(val.labels)
+    validation = split_identity(val)  # kept with the resume state: a resume validates alike
 
     # Same initial weights on every rank; a resumed run's come from its checkpoint, so the
     # pretrained ones (a file that may be gone, a download) are not needed.
@@ -352,7 +353,7 @@ def fit(
             print(f"--resume: no {CHECKPOINT} in {run_dir}; starting from epoch 1")
     if resuming:
         state = load_checkpoint(run_dir / CHECKPOINT, cfg, data_fingerprint, steps_per_epoch,
-                                dist_info.world_size, split_identity(val))
+                                dist_info.world_size, validation)
         stopper, best_state, history = _restore(state, model, optimizer, scheduler)
         start_epoch = int(state["epoch"]) + 1
         # A run that had already stopped early must not train one epoch more on resume.
@@ -465,7 +466,7 @@ def fit(
                 save_checkpoint(
                     run_dir / CHECKPOINT, cfg, epoch, model, optimizer, scheduler, stopper,
                     best_state, history, data_fingerprint, steps_per_epoch,
-                    dist_info.world_size, split_identity(val),
+                    dist_info.world_size, validation,
                 )
                 last_checkpoint = time.monotonic()
             write_metrics(run_dir, history)
