@@ -47,12 +47,11 @@ def train_run(
 
     ``process_started``: ``time.perf_counter()``'s reading when the process started, for the
     start-up (Python, imports, joining a process group) in the closing time line. ``data``: the
-    data already loading in the background (data/background.py, with ``training_data_options``
-    and the allocator set for ``cfg.low_memory`` first); by default it is loaded here.
+    data already loading in the background (data/background.py, with ``training_data_options``);
+    by default it is loaded here.
     """
     device = resolve_device(cfg.device)
-    if data is None:
-        low_memory_mode(cfg.low_memory)  # before anything large is allocated
+    low_memory_mode(cfg.low_memory)  # before anything large is allocated (once a process)
     with process_group(device.type) as dist_info:
         return _train_run(cfg, dist_info, resume=resume, progress=progress,
                           process_started=process_started, data=data)
