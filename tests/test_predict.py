@@ -315,6 +315,20 @@ def test_cam_in_the_table_and_no_cam_column_without_cam(trained_run, same_stems,
     assert list(json.loads(out.read_text())[0]) == list(FIELDS)
 
 
+def test_cam_folder_blocked_by_a_file_is_one_line_before_any_row(trained_run, same_stems,
+                                                                 tmp_path, capsys):
+    pytest.importorskip("captum")
+    files, _ = same_stems
+    blocker = tmp_path / "cams"
+    blocker.write_text("notes")
+    assert main(["predict", str(trained_run), str(files[0]), "--cam", str(blocker),
+                 "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # no table header printed ahead of the refusal
+    assert err.strip() == f"pneumoscan predict: error: {blocker}: exists and is not a folder"
+    assert blocker.read_text() == "notes"
+
+
 def test_no_progress_bar_when_stderr_is_not_a_terminal(trained_run, synthetic_data, capsys,
                                                        monkeypatch):
     import io

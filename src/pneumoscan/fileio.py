@@ -124,6 +124,11 @@ def check_writable(path: str | Path) -> None:
         raise OSError(e.errno, e.strerror or str(e), str(folder)) from None
 
 
+def check_writable_folder(folder: str | Path) -> None:
+    """``check_writable`` for the files a command will write into ``folder``."""
+    check_writable(Path(folder) / "file")
+
+
 def read_json(path: str | Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)

@@ -50,7 +50,10 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise PneumoscanError(f"--batch-size must be positive, got {args.batch_size}")
     if args.cam:
+        from pneumoscan.fileio import check_writable_folder
+
         _require_gradcam()
+        check_writable_folder(args.cam)  # before the table's header is printed
     predictor = load_predictor(args.run, resolve_device(args.device))
     if args.cam:
         from pneumoscan.explain import gradcam_problem
