@@ -99,3 +99,49 @@ def test_a_data_set_smaller_than_the_batch_is_measured_whole_and_said(synthetic_
     n_train = int(out.split("train ")[1].split()[0])
     assert f"the batch of 512 is more than the {n_train} training images" in out
     assert f"BatchNorm statistics measured again on {n_train} training images" in out
+
+
+
+def _learnable_split(n: int, seed: int):
+    from pneumoscan.data.dataset import Split
+
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % 3 != 0).astype(np.int64)
+    images = rng.integers(0, 120, (n, 32, 32), dtype=np.uint8)
+    images[labels == 1, 8:24, 8:24] += 120  # something to learn
+    return Split(images, labels, [f"p{i}" for i in range(n)], [f"{i}.png" for i in range(n)])
+
+
+def _short_fit(tmp_path, name: str):
+    from pneumoscan.config import AugmentConfig, TrainConfig
+    from pneumoscan.train import fit
+
+    cfg = TrainConfig(model="seed_cnn", image_size=32, epochs=3, batch_size=8, device="cpu",
+                      augment=AugmentConfig(0, 0, 0), compile=False, early_stop_patience=0)
+    return fit(cfg, _learnable_split(48, 1), _learnable_split(24, 2), tmp_path / name,
+               class_counts=np.array([16, 32]), progress=False)
+
+
+def test_epochs_are_judged_on_the_model_as_it_would_be_saved(tmp_path, monkeypatch):
+    # Six steps an epoch with Keras' momentum: the running averages never settle during the run.
+    # The validation loss that chose the best epoch must be the one the saved model (whose
+    # statistics are measured again at the end) has, not that of the unsettled averages.
+    from pneumoscan import train as train_module
+    from pneumoscan.config import TrainConfig
+    from pneumoscan.train import validation_figures
+
+    result = _short_fit(tmp_path, "judged")
+    val = _learnable_split(24, 2)
+    saved = validation_figures(result.model, torch.from_numpy(val.images),
+                               torch.from_numpy(val.labels),
+                               TrainConfig(model="seed_cnn", image_size=32, device="cpu"),
+                               torch.device("cpu"))
+    best = result.history[result.best_epoch - 1]
+    assert best["val_loss"] == pytest.approx(saved["val_loss"], rel=1e-5)
+    assert best["val_accuracy"] == pytest.approx(saved["val_accuracy"])
+
+    # Judging on a measured copy leaves training itself as it was.
+    monkeypatch.setattr(train_module, "UNSETTLED_SHARE", 1.0)  # no copy is measured
+    plain = _short_fit(tmp_path, "plain")
+    assert [r["train_loss"] for r in plain.history] == [r["train_loss"] for r in result.history]
+    assert [r["val_loss"] for r in plain.history] != [r["val_loss"] for r in result.history]

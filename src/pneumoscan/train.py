@@ -7,6 +7,7 @@ and optimizer, the step, evaluation, early stopping and checkpoint, log.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pneumoscan.augment import augment_batch
-from pneumoscan.batchnorm import settle_batchnorm
+from pneumoscan.batchnorm import UNSETTLED_SHARE, settle_batchnorm, unsettled_share
 from pneumoscan.checkpoint import CHECKPOINT_INTERVAL_S, load_checkpoint, save_checkpoint
 from pneumoscan.config import (
     GPU_RECIPES,
@@ -438,7 +439,11 @@ def fit(
         }
         if dist_info.is_main:
             t_val = time.perf_counter()
-            row.update(validation_figures(model, val_images, val_labels, cfg, device))
+            # Early stopping and the best epoch judge the model as it would be saved now.
+            judged = _as_saved(model, train_images, rows_on_device, per_rank_batch, cfg, device,
+                               val_images)
+            row.update(validation_figures(judged, val_images, val_labels, cfg, device))
+            del judged
             timings["validation"] += time.perf_counter() - t_val
         row["lr"] = epoch_lr
         row["seconds"] = round(seconds, 3)
@@ -541,6 +546,23 @@ def _settle_batchnorm(model, train_images, rows, batch, cfg, device) -> int:
     torch.manual_seed(stream_seed(cfg.seed, 0, 2, 0))
     with autocast(device):
         return settle_batchnorm(model, batches)
+
+
+def _as_saved(model, train_images, rows, batch, cfg, device, val_images) -> nn.Module:
+    """The model as training would save it now: where BatchNorm's running averages have not
+    settled, a copy of it with them measured again as at the end of training (batchnorm.py),
+    else the model itself.
+
+    Unsettled averages give every image nearly the same answer (Keras' momentum keeps them so
+    for hundreds of steps): a validation loss taken through them would choose the epoch and
+    stop the run on figures the saved model never has.
+    """
+    if len(val_images) == 0 or unsettled_share(model) <= UNSETTLED_SHARE:
+        return model
+    measured = copy.deepcopy(model)
+    release_cuda_graphs(measured)  # its own forward, not the original's captured graphs
+    _settle_batchnorm(measured, train_images, rows, batch, cfg, device)
+    return measured
 
 
 def validation_figures(model, images, labels, cfg, device) -> dict:
