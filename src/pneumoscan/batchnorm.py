@@ -8,7 +8,8 @@ that CNN's separable blocks have real variances of 1e-5 down to 1e-8 at 64 px: e
 divides by variances thousands of times too large and every image gets about the same
 probability, while training accuracy looks fine. Such statistics are measured again at the end
 of training, over training images as evaluation will see them (no augmentation), with torch's
-``update_bn``.
+``update_bn``; until then, each epoch is validated on a copy of the model measured so
+(train._as_saved), so that early stopping judges the model that would be saved.
 """
 
 from __future__ import annotations
