@@ -111,6 +111,22 @@ def test_table_on_stdout_and_missing_paths(trained_run, synthetic_data, tmp_path
     assert f"{missing}: no such file or folder" in captured.err
 
 
+def test_mistyped_paths_alone_leave_an_earlier_output_as_it_was(trained_run, synthetic_data,
+                                                               tmp_path, capsys):
+    out = tmp_path / "results.csv"
+    assert main(["predict", str(trained_run), str(_some_images(synthetic_data, 1)[0]),
+                 "--output", str(out), "--quiet"]) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    typo, glob = tmp_path / "typo_folder", str(tmp_path / "*.jpgg")
+    assert main(["predict", str(trained_run), str(typo), glob, "--output", str(out),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"pneumoscan predict: {typo}: no such file or folder",
+                   f"pneumoscan predict: {glob}: no files match this pattern"]
+    assert out.read_bytes() == before  # not replaced by a file of no rows
+
+
 def test_bad_output_extension_is_one_line(trained_run, synthetic_data, tmp_path, capsys):
     files = _some_images(synthetic_data, 1)
     status = main(["predict", str(trained_run), str(files[0]), "--output", str(tmp_path / "x.txt")])

@@ -61,9 +61,14 @@ def run(args: argparse.Namespace) -> int:
         if problem := gradcam_problem(predictor):
             raise PneumoscanError(f"--cam: {problem}")
     inputs = expand_paths(args.paths)
-    if not inputs.files and not inputs.missing:
-        raise PneumoscanError(f"no image files found in {' '.join(args.paths)}")
     failures = [f"{spec}: {reason}" for spec, reason in inputs.missing]
+    if not inputs.files:
+        if not inputs.missing:
+            raise PneumoscanError(f"no image files found in {' '.join(args.paths)}")
+        # Nothing to predict: an --output file from an earlier call is left as it was.
+        for line in failures:
+            print(printable(f"pneumoscan predict: {line}"), file=sys.stderr)
+        return 2
     if inputs.skipped:
         print(f"pneumoscan predict: skipped {inputs.skipped} non-image file(s) in folders",
               file=sys.stderr)
