@@ -231,6 +231,49 @@ def test_names_stay_unique_across_calls_that_share_taken(blob_predictor, tmp_pat
         "x-2_gradcam.png", "x_gradcam.png"]
 
 
+def test_a_later_call_never_overwrites_another_files_overlay(blob_predictor, tmp_path):
+    # Two patients' files share a name, explained in two calls into one folder: the first
+    # overlay (which an earlier results file names) keeps its picture; the same file explained
+    # again brings its own overlay up to date; a user's file of that name is never replaced.
+    from pneumoscan.explain import SOURCE_KEY, overlay_source
+
+    images, _, _ = blob_images(1, seed=11)
+    a = _write_png(tmp_path / "A" / "IM0001.png", images[0])
+    b = _write_png(tmp_path / "B" / "IM0001.png", images[1])
+    out = tmp_path / "cams"
+    (first,) = write_overlays(blob_predictor, [a], out)
+    before = first.file.read_bytes()
+    (second,) = write_overlays(blob_predictor, [b], out)
+    assert (first.file.name, second.file.name) == ("IM0001_gradcam.png", "IM0001-2_gradcam.png")
+    assert first.file.read_bytes() == before
+    with Image.open(second.file) as im:
+        assert im.info[SOURCE_KEY] == overlay_source(b)  # the overlay names its input
+    (again,) = write_overlays(blob_predictor, [a], out)
+    assert again.file == first.file  # its own overlay, rewritten in place
+    assert sorted(p.name for p in out.iterdir()) == ["IM0001-2_gradcam.png", "IM0001_gradcam.png"]
+    mine = out / "c_gradcam.png"
+    mine.write_text("my notes")
+    c = _write_png(tmp_path / "c.png", images[0])
+    (third,) = write_overlays(blob_predictor, [c], out)
+    assert third.file.name == "c-2_gradcam.png" and mine.read_text() == "my notes"
+
+
+def test_files_named_by_their_uid_keep_the_whole_name(blob_run, tmp_path, capsys):
+    # DICOMs named by their instance UID differ only after the last dot, which a stem drops.
+    images, _, _ = blob_images(1, seed=12)
+    uids = [tmp_path / "in" / f"1.2.826.0.1.3680043.8.498.{n}" for n in (100, 101)]
+    for uid, image in zip(uids, images, strict=True):
+        uid.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(uid, format="PNG")  # no image extension: found by content
+    out = tmp_path / "out"
+    assert main(["explain", str(blob_run), str(tmp_path / "in"), "--out",
+                 str(out), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [f"{u.name}_gradcam.png" for u in uids]
+    lines = capsys.readouterr().out.splitlines()
+    for uid in uids:  # each input's line says which overlay is its own
+        assert f"{uid}  -> {out / (uid.name + '_gradcam.png')}" in lines
+
+
 def test_long_file_names_get_overlays_too(blob_predictor, tmp_path):
     """Names near the 255-byte limit are legal, but the overlay's suffix and the temporary name
     it is written under made them too long: the whole command stopped, overlays and all."""

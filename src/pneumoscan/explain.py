@@ -16,6 +16,7 @@ a heat map, instead of crashing or drawing a meaningless one.
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -36,6 +37,7 @@ COLORMAP = "jet"
 # side brought within these bounds: the model's input (often 64 px and square) is too small to
 # read, a 3,000 px original needlessly large.
 DISPLAY_MIN_SIDE, DISPLAY_MAX_SIDE = 256, 1024
+SOURCE_KEY = "Source"  # the PNG text chunk naming the file an overlay was drawn for
 
 
 def gradcam(predictor, images: np.ndarray) -> np.ndarray:
@@ -202,13 +204,36 @@ def _resize(cam: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return t[0, 0].clamp(0.0, 1.0).numpy()
 
 
-def overlay_png(image: np.ndarray, cam: np.ndarray) -> bytes:
-    """PNG bytes of ``overlay(image, cam)``."""
+def overlay_png(image: np.ndarray, cam: np.ndarray, source: str | None = None) -> bytes:
+    """PNG bytes of ``overlay(image, cam)``; ``source`` (``overlay_source``) is kept in it as
+    the text chunk ``Source``, naming the file it was drawn for."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
+    info = None
+    if source is not None:
+        info = PngInfo()
+        info.add_text(SOURCE_KEY, source)  # international text when not Latin-1
     buffer = io.BytesIO()
-    Image.fromarray(overlay(image, cam), mode="RGB").save(buffer, format="PNG")
+    Image.fromarray(overlay(image, cam), mode="RGB").save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
+
+
+def overlay_source(path: str | Path) -> str:
+    """The input an overlay file names: its absolute path (a name's bytes that are not UTF-8
+    shown as escapes)."""
+    return os.fsencode(os.path.abspath(path)).decode("utf-8", "backslashreplace")
+
+
+def drawn_for(file: Path) -> str | None:
+    """The ``Source`` of an overlay file; None for any other file (a user's, an older one)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as im:
+            return im.info.get(SOURCE_KEY) if im.format == "PNG" else None
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
 
 
 def display_image(path: str | Path) -> np.ndarray:
@@ -228,14 +253,31 @@ def display_image(path: str | Path) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
 
 
-def overlay_name(path: str | Path, taken: set[str]) -> str:
-    """``<stem>_gradcam.png``, numbered when two inputs share a stem so none is overwritten.
+def overlay_name(path: str | Path, taken: set[str], out_dir: Path | None = None) -> str:
+    """``<stem>_gradcam.png``, numbered (``<stem>-2_gradcam.png``, ...) so that none is
+    overwritten: not one of this call's (``taken``, updated), nor a file already in ``out_dir``
+    other than this input's own overlay from an earlier call, which is brought up to date.
 
-    A stem too long for a file name once the suffix is added (names take 255 bytes) is cut.
+    The stem is the whole file name when its extension is not an image's: DICOMs are often
+    named by their instance UID (``1.2.826.0.1.3680043.8.498.101``), whose last part is what
+    tells one from the next. A stem too long for a file name once the suffix is added (names
+    take 255 bytes) is cut.
     """
-    stem = clip_name(Path(path).stem, 230) or "image"
+    from pneumoscan.data.decode import IMAGE_SUFFIXES
+
+    path = Path(path)
+    stem = path.stem if path.suffix.lower() in IMAGE_SUFFIXES else path.name
+    stem = clip_name(stem, 230) or "image"
+    source = overlay_source(path)
+
+    def free(name: str) -> bool:
+        if name in taken:
+            return False
+        file = None if out_dir is None else out_dir / name
+        return file is None or not os.path.lexists(file) or drawn_for(file) == source
+
     name, n = f"{stem}_gradcam.png", 1
-    while name in taken:
+    while not free(name):
         n += 1
         name = f"{stem}-{n}_gradcam.png"
     taken.add(name)
@@ -251,7 +293,8 @@ class Overlay(NamedTuple):
 def write_overlays(
     predictor, paths: Sequence[str | Path], out_dir: str | Path, *, taken: set[str] | None = None
 ) -> list[Overlay]:
-    """Write ``OUT/<stem>_gradcam.png`` for each readable file; an ``Overlay`` for each.
+    """Write ``OUT/<stem>_gradcam.png`` (``overlay_name``) for each readable file; an
+    ``Overlay`` for each.
 
     Files are decoded with ``read_gray`` at the predictor's size and explained a batch at a time,
     so memory stays bounded however many paths are given; each map is then drawn over the file
@@ -285,8 +328,8 @@ def write_overlays(
             except UnreadableImage as e:  # changed or removed since it was first read
                 results.append(Overlay(path, None, e.reason))
                 continue
-            file = out_dir / overlay_name(path, taken)
-            atomic_write_bytes(file, overlay_png(image, cam))
+            file = out_dir / overlay_name(path, taken, out_dir)
+            atomic_write_bytes(file, overlay_png(image, cam, overlay_source(path)))
             results.append(Overlay(path, file, None))
     order = {p: i for i, p in enumerate(paths)}
     results.sort(key=lambda r: order[r.path])  # the caller's order, errors and all

@@ -23,7 +23,7 @@ import numpy as np
 
 from pneumoscan import CLASS_NAMES
 from pneumoscan.console import printable
-from pneumoscan.data.decode import looks_like_image, read_gray
+from pneumoscan.data.decode import IMAGE_SUFFIXES, looks_like_image, read_gray
 from pneumoscan.errors import PneumoscanError, UnreadableImage
 from pneumoscan.fileio import atomic_write
 from pneumoscan.progress import progress_bar
@@ -32,11 +32,6 @@ FIELDS = ("path", "probability", "label", "threshold", "error")
 # With --cam only, after FIELDS so that readers of the documented columns are unaffected: the
 # overlay written for the row, since numbered names (x-2_gradcam.png) do not say which file.
 CAM_FIELD = "cam"
-# Extensions taken from a folder without sniffing; other files in a folder are taken only when
-# their content starts like an image (DICOMs often have no extension at all).
-IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".dcm", ".dicom", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
-)
 _GLOB_CHARS = frozenset("*?[")
 NOT_FINITE = "the model's probability is not finite (NaN or infinity)"
 _DECODE_THREADS = 4  # Pillow and pydicom release the GIL while decoding

@@ -1,7 +1,7 @@
 """pneumoscan explain: Grad-CAM overlays (where the evidence for PNEUMONIA lies) for files.
 
-Every readable file gets ``OUT/<stem>_gradcam.png`` even when some are not; the command then
-exits 2 and names each failed file and why on stderr, one line each.
+Every readable file gets ``OUT/<stem>_gradcam.png`` (a line says which) even when some are not;
+the command then exits 2 and names each failed file and why on stderr, one line each.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
         raise PneumoscanError("no image files found in the paths given")
     results = write_overlays(predictor, inputs.files, args.out)
     failures += [f"{r.path}: {r.error}" for r in results if r.error is not None]
+    for r in results:  # which overlay is whose: names may be numbered
+        if r.file is not None:
+            print(printable(f"{r.path}  -> {r.file}"))
     written = sum(r.error is None for r in results)
     print(f"{written} Grad-CAM overlay(s) -> {args.out}")
     for line in failures:

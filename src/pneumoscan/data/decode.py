@@ -220,6 +220,13 @@ def _is_bmp(head: bytes) -> bool:
     return int.from_bytes(head[14:18], "little") in _BMP_HEADER_SIZES
 
 
+# Extensions taken from a folder without sniffing; other files in a folder are taken only when
+# their content starts like an image (DICOMs often have no extension at all).
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".dcm", ".dicom", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+)
+
+
 def looks_like_image(path: str | Path) -> bool:
     """Whether the file at ``path`` starts like an image this module can try to decode."""
     try:
