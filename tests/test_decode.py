@@ -601,6 +601,34 @@ def test_dicom_monochrome1_is_inverted():
     assert np.abs(read_gray(data).astype(int) - (255 - source.astype(int))).max() <= 1
 
 
+def test_raw_12_bit_dicom_that_declares_16_bits_decodes_like_12():
+    # No window to say the range: the 16-bit range made it nearly black, and the model's
+    # answer flipped; the data's own detector depth is taken, as for 16-bit PNGs.
+    source = gradient()
+    declared_12 = read_gray(dicom_bytes(twelve_bit(source), BitsStored=12))
+    declared_16 = read_gray(dicom_bytes(twelve_bit(source), BitsStored=16))
+    np.testing.assert_array_equal(declared_16, declared_12)
+    full = np.round(source.astype(float) * 65535 / 255).astype(np.uint16)
+    assert np.abs(read_gray(dicom_bytes(full)).astype(int) - source).max() <= 1  # 16 bits used
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+def test_dicom_presentation_lut_shape_inverse_inverts_once(photometric):
+    # The standard pairs INVERSE with MONOCHROME1 (one inversion, named twice); on MONOCHROME2
+    # it alone asks for the image to be shown inverted.
+    source = gradient()
+    data = dicom_bytes(twelve_bit(source), BitsStored=12, PhotometricInterpretation=photometric,
+                       PresentationLUTShape="INVERSE")
+    assert np.abs(read_gray(data).astype(int) - (255 - source.astype(int))).max() <= 1
+
+
+def test_dicom_window_of_no_width_is_ignored_not_refused():
+    source = gradient()
+    plain = read_gray(dicom_bytes(twelve_bit(source), BitsStored=12))
+    zero = dicom_bytes(twelve_bit(source), BitsStored=12, WindowCenter=2048, WindowWidth=0)
+    np.testing.assert_array_equal(read_gray(zero), plain)
+
+
 def test_dicom_rescale_is_applied():
     # A negative slope reverses the stored values; only an applied rescale can show that.
     source = gradient()

@@ -565,9 +565,17 @@ def _decode_dicom(data: bytes) -> np.ndarray:
         raise
     except Exception as e:  # pydicom's LUT code trusts the header; a bad one raises anything
         raise _Refused(f"corrupt DICOM ({_first_line(e)})") from e
-    if _dicom_str(dataset, "PhotometricInterpretation") == "MONOCHROME1":
+    if pixels.ndim == 2 and _shown_inverted(dataset):
         gray = 255 - gray
     return gray
+
+
+def _shown_inverted(ds: Any) -> bool:
+    """Whether a grey image is meant to be shown with its values inverted: MONOCHROME1 (low
+    values white), or a Presentation LUT Shape of INVERSE. The standard pairs the two for
+    MONOCHROME1, both naming the one inversion; on MONOCHROME2, INVERSE alone asks for it."""
+    return (_dicom_str(ds, "PhotometricInterpretation") == "MONOCHROME1"
+            or _dicom_str(ds, "PresentationLUTShape") == "INVERSE")
 
 
 @functools.cache
@@ -694,6 +702,7 @@ def _dicom_to_uint8(pixels: np.ndarray, ds: Any) -> np.ndarray:
     low, high = _modality_output_range(ds)
     voi_range = _voi_output_range(ds, low, high)
     if voi_range is None:
+        low, high = _unwindowed_range(pixels, ds, low, high)
         return _linear_to_uint8(values, min(low, high), max(low, high))
     return _linear_to_uint8(apply_voi_lut(values, ds, prefer_lut=True), *voi_range)
 
@@ -725,6 +734,24 @@ def _modality_output_range(ds: Any) -> tuple[float, float]:
     return low, high
 
 
+def _unwindowed_range(pixels: np.ndarray, ds: Any, low: float, high: float
+                      ) -> tuple[float, float]:
+    """The range shown as black to white where no window says it: the modality range, except
+    for plain unsigned values that fill fewer bits than the header declares (raw 12-bit data in
+    a file that says 16 bits, which would come out nearly black). Those get the smallest usual
+    detector depth that holds them, as 16-bit PNGs without sBIT do."""
+    identity = (low, high) == (0.0, float((1 << _dicom_bits_stored(ds)) - 1))  # no rescale
+    plain = (identity and not ds.get("ModalityLUTSequence")
+             and _dicom_int(ds, "PixelRepresentation", 0) == 0)
+    if not plain or pixels.size == 0:
+        return low, high
+    peak = int(pixels.max())
+    depth = next((d for d in DETECTOR_DEPTHS if peak < 1 << d), None)
+    if depth is None or (1 << depth) - 1 >= high:
+        return low, high
+    return 0.0, float((1 << depth) - 1)
+
+
 def _voi_output_range(ds: Any, low: float, high: float) -> tuple[float, float] | None:
     """The range ``apply_voi_lut(prefer_lut=True)`` maps into, or None if it does nothing."""
     from pydicom.pixels import apply_voi
@@ -736,5 +763,18 @@ def _voi_output_range(ds: Any, low: float, high: float) -> tuple[float, float] |
         table = apply_voi(np.arange(first, first + entries, dtype=np.int64), ds)
         return float(table.min()), float(table.max())
     if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        if _first_value(ds, "WindowWidth") < 1:  # the standard wants 1 or more: no window
+            return None
         return low, high
     return None
+
+
+def _first_value(ds: Any, keyword: str) -> float:
+    """A numeric element's first value (windows may come several to a file)."""
+    from pydicom.multival import MultiValue
+
+    try:
+        value = ds.get(keyword)
+        return float(value[0] if isinstance(value, MultiValue) else value)
+    except Exception as e:  # a malformed value fails on first access, with any exception
+        raise _Refused(f"corrupt DICOM (bad {keyword})") from e
