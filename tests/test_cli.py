@@ -272,6 +272,12 @@ def test_what_cannot_train_is_refused_before_decoding(capsys, tmp_path, monkeypa
     status, err = _exit_status_and_err(["train", "--data", "/nonexistent", "--out", str(out),
                                         "--batch-size", "6"], capsys)
     assert status == 2 and "--batch-size 6 over 4 processes leaves 1 image(s)" in err
+    # A batch the processes cannot share evenly would train a smaller one than the run states
+    # (and its learning rate was scaled for): refused before decoding, with the nearest that fit.
+    status, err = _exit_status_and_err(["train", "--data", "/nonexistent", "--out", str(out),
+                                        "--batch-size", "18"], capsys)
+    assert status == 2 and err.strip().endswith(
+        "the batch of 18 does not split evenly over 4 processes; give --batch-size 16 or 20")
     assert not out.exists()
 
 

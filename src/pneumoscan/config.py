@@ -204,12 +204,20 @@ def check_pretrained(model: str, pretrained: str, *, source: bool = False) -> No
 
 
 def check_batch_per_process(batch_size: int, world_size: int) -> int:
-    """The batch each process trains on; BatchNorm needs at least two images in it."""
+    """The batch each process trains on; BatchNorm needs at least two images in it, and the
+    processes' batches must add up to the global one, whose learning rate the run uses."""
     per_process = batch_size // world_size
     if per_process < 2:
         raise PneumoscanError(
             f"--batch-size {batch_size} over {world_size} processes leaves {per_process} "
             f"image(s) a step to each; use --batch-size {2 * world_size} or more"
+        )
+    if batch_size % world_size:
+        fits = [b for b in (per_process * world_size, (per_process + 1) * world_size)
+                if b >= 2 * world_size]
+        raise PneumoscanError(
+            f"the batch of {batch_size} does not split evenly over {world_size} processes; "
+            f"give --batch-size {' or '.join(map(str, fits))}"
         )
     return per_process
 
