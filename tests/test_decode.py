@@ -414,6 +414,17 @@ def test_binary_junk():
     assert refused(bytes(range(256)) * 4) == "not an image (unrecognised format)"
 
 
+@pytest.mark.parametrize("value", [0, 255])
+def test_blank_image_is_refused(value):
+    # A failed export or an empty frame: a model would still give it a confident answer.
+    image = Image.new("L", (64, 48), value)
+    assert refused(encode(image, "PNG")) == f"blank image (every pixel is {value})"
+    assert refused(dicom_bytes(np.full((48, 64), value, np.uint8))).startswith("blank image")
+    nearly = np.full((48, 64), value, np.uint8)
+    nearly[0, 0] = 128
+    assert read_gray(encode(Image.fromarray(nearly), "PNG")).shape == (48, 64)  # not blank
+
+
 def test_one_pixel_image():
     data = encode(Image.new("L", (1, 1)), "PNG")
     assert refused(data) == "image too small: 1x1 pixels"

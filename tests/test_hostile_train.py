@@ -100,6 +100,8 @@ TABLE: dict[str, tuple[str, Maker, str | None]] = {
     "html-as-png": ("page.png", lambda: b"<!DOCTYPE html><html><body>404</body></html>\n",
                     "not an image (content is text/HTML)"),
     "1x1-image": ("dot.png", lambda: encoded(Image.new("L", (1, 1)), "PNG"), "image too small"),
+    "blank-image": ("blank.png", lambda: encoded(Image.new("L", (64, 64), 0), "PNG"),
+                    "blank image (every pixel is 0)"),
     "bomb-header": ("bomb.png", bomb_png, "image too large"),
     "dicom-no-pixels": ("no-pixels.dcm", lambda: dicom(None), "DICOM has no pixel data"),
     "16-bit-png": ("sixteen.png",

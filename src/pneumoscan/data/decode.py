@@ -285,6 +285,9 @@ def _read_gray(source: str | os.PathLike | bytes, size: int | None,
         image = Image.fromarray(_decode_dicom(data))
     else:
         image = _decode_pillow(data, kind, size)
+    low, high = image.getextrema()
+    if low == high:  # a failed export or an empty frame: no X-ray, whatever a model would say
+        raise _Refused(f"blank image (every pixel is {low})")
     if size is not None:
         target = (size, size)
         if keep_aspect:
