@@ -127,7 +127,7 @@ def test_mismatch_fails_loudly_and_writes_nothing(run_copy, tmp_path, monkeypatc
     assert (run_copy / "model.json").read_text() == before
 
 
-@pytest.mark.parametrize("name", ["model.safetensors", "model.json"])
+@pytest.mark.parametrize("name", ["model.safetensors", "model.json", "report.html"])
 def test_onnx_never_replaces_one_of_the_runs_own_files(name, run_copy, capsys):
     """--onnx RUN/model.safetensors succeeded and left weights that were ONNX: a dead run."""
     before = {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file()}

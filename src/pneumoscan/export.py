@@ -33,6 +33,7 @@ from pneumoscan.model_io import (
     log_odds,
     update_meta,
 )
+from pneumoscan.run_folder import refuse_own_file
 
 OPSET = 18  # the torch.export-based exporter's default
 INPUT_NAME = "image"
@@ -149,7 +150,7 @@ def export_onnx(run_dir: str | Path, onnx_path: str | Path) -> dict:
             "pip install 'pneumoscan[export]'"
         ) from None
     run_dir, onnx_path = Path(run_dir), Path(onnx_path)
-    _check_not_a_run_file(run_dir, onnx_path)
+    refuse_own_file(run_dir, onnx_path, "--onnx")  # a run whose weights became ONNX is dead
     predictor = load_predictor(run_dir, "cpu")
     size = predictor.image_size
     _check_member_sizes(predictor, size)
@@ -179,16 +180,6 @@ def export_onnx(run_dir: str | Path, onnx_path: str | Path) -> dict:
     atomic_write(onnx_path, write)
     update_meta(run_dir, onnx=entry)
     return {**entry, "max_abs_difference": worst, "compared": f"log-odds on {compared}"}
-
-
-def _check_not_a_run_file(run_dir: Path, onnx_path: Path) -> None:
-    """Refuse an --onnx that would replace one of the run's own files (its weights, model.json):
-    the export would succeed and leave a run that no longer loads."""
-    target = onnx_path.resolve()
-    inside = target.is_relative_to(run_dir.resolve())
-    if inside and target.exists() and target.suffix.lower() != ".onnx":
-        raise PneumoscanError(f"--onnx {onnx_path}: is one of the run's own files; name a new "
-                              "file, e.g. model.onnx")
 
 
 def _check_member_sizes(predictor, size: int) -> None:
