@@ -82,6 +82,40 @@ def test_an_empty_val_or_test_is_left_out_with_a_note(tmp_path):
     assert data.test is None and len(data.val) > 0  # validation carved instead
     assert "val/ has no readable images: ignored" in data.notes
     assert "test/ has no readable images: ignored" in data.notes
+    # Bare folders made ahead of time, with no class folders in them, alike; a bare train/ not.
+    shutil.rmtree(tmp_path / "val")
+    shutil.rmtree(tmp_path / "test")
+    (tmp_path / "val").mkdir()
+    (tmp_path / "test").mkdir()
+    data = load_data(str(tmp_path), 32, progress=False)
+    assert data.test is None and "val/ has no readable images: ignored" in data.notes
+    shutil.rmtree(tmp_path / "train")
+    (tmp_path / "train").mkdir()
+    with pytest.raises(PneumoscanError, match="train: expected class folders"):
+        discover(tmp_path)
+
+
+def test_folders_that_are_not_read_are_named(tmp_path, capsys):
+    """Class folders named otherwise (PNEUMONIA_virus/) and split folders named otherwise
+    (testing/) were passed over without a word: an evaluation scored half the data."""
+    from pneumoscan.data.dataset import load_eval_split
+
+    for i in range(12):
+        for cls in ("NORMAL", "PNEUMONIA"):
+            write_image(tmp_path / "train" / cls / f"person{i}_x_{i}.png", _gray(i))
+    write_image(tmp_path / "train" / "PNEUMONIA_virus" / "v.png", _gray(1))
+    write_image(tmp_path / "testing" / "NORMAL" / "t.png", _gray(2))
+    (tmp_path / ".git").mkdir()  # hidden: not a data folder anyone expects read
+    load_data(str(tmp_path), 32, progress=False)
+    err = capsys.readouterr().err
+    assert "not read, being neither split nor class folders: testing/, " in err
+    assert f"{Path('train') / 'PNEUMONIA_virus'}/ (splits are" in err and ".git" not in err
+    # Evaluation names the test folder as it is spelled on disk.
+    for cls in ("NORMAL", "PNEUMONIA"):
+        write_image(tmp_path / "Test" / cls / "t.png", _gray(3 if cls == "NORMAL" else 4))
+    split = load_eval_split(str(tmp_path), 32, progress=False)
+    assert split.description.startswith(f"{tmp_path / 'Test'} (2 images")
+    assert "testing/" in capsys.readouterr().err
 
 
 def test_eda_describes_the_splits_on_disk(tmp_path):

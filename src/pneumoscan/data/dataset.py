@@ -15,7 +15,13 @@ from pneumoscan import CLASS_NAMES
 from pneumoscan.console import printable
 from pneumoscan.data import medmnist
 from pneumoscan.data.cache import Steering, decode_files, describe_errors
-from pneumoscan.data.discover import Sample, discover
+from pneumoscan.data.discover import (
+    Sample,
+    describe_unread,
+    discover,
+    split_folder,
+    unread_folders,
+)
 from pneumoscan.data.split import SplitError, patient_split, validation_folds
 from pneumoscan.errors import PneumoscanError
 
@@ -274,6 +280,8 @@ def _load_folder(
 ) -> tuple[dict[str, Split], list[tuple[str, str]], str]:
     """Decode the splits ``found`` (default: every split of ``root``)."""
     found = discover(root) if found is None else found
+    if warn and (unread := unread_folders(root, tuple(found))):
+        print("warning: " + describe_unread(unread), file=sys.stderr)
     everything: list[Sample] = [s for samples in found.values() for s in samples]
     if not everything:
         raise PneumoscanError(f"{root}: the class folders hold no files")
@@ -368,7 +376,7 @@ def load_eval_split(spec: str, image_size: int, *, progress: bool = True) -> Eva
         found = {"test": found["test"]}
     splits, _, _ = _load_folder(root, image_size, progress, found)
     if held_out:
-        split, description = splits["test"], f"{root / 'test'}"
+        split, description = splits["test"], str(split_folder(root, "test"))
     elif len(splits) == 1:
         split, description = next(iter(splits.values())), str(root)
     else:

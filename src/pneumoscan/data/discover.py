@@ -54,7 +54,8 @@ def discover(root: str | Path, *, need_train: bool = True) -> dict[str, list[Sam
         raise PneumoscanError(f"{root}: not a folder (expected class folders NORMAL/ PNEUMONIA/)")
     splits = _children(root, SPLIT_NAMES)
     if splits:
-        found = {name: _class_samples(sub, root) for name, sub in splits.items()}
+        found = {name: _class_samples(sub, root, empty_ok=name != "train")
+                 for name, sub in splits.items()}
     elif _class_folders(root):
         found = {"train": _class_samples(root, root)}
     else:
@@ -93,8 +94,49 @@ def _class_folders(folder: Path) -> dict[int, Path]:
             if name.lower() in children}
 
 
-def _class_samples(folder: Path, root: Path) -> list[Sample]:
+def split_folder(root: str | Path, name: str) -> Path:
+    """The folder of split ``name`` under ``root`` as it is spelled there (Test/, test/)."""
+    return _children(Path(root), SPLIT_NAMES).get(name, Path(root) / name)
+
+
+def unread_folders(root: str | Path, splits: tuple[str, ...] = SPLIT_NAMES) -> list[str]:
+    """Folders ``discover`` passes over, by their path under ``root``: at the top, those that are
+    no split folder (when there are split folders), and in ``splits``' folders (or the top, when
+    it holds class folders) those that are no class folder. Their images are not read, so a
+    user should hear of them: ``PNEUMONIA_virus/`` is no ``PNEUMONIA/``."""
+    root = Path(root)
+    split_dirs = _children(root, SPLIT_NAMES)
+    if split_dirs:
+        skipped = [f"{d.name}/" for d in _subfolders(root) if d.name.lower() not in SPLIT_NAMES]
+        holders = [split_dirs[name] for name in splits if name in split_dirs]
+    else:
+        skipped, holders = [], [root]
+    classes = {name.lower() for name in CLASS_NAMES}
+    for holder in holders:
+        skipped += [f"{d.relative_to(root)}/" for d in _subfolders(holder)
+                    if d.name.lower() not in classes]
+    return skipped
+
+
+def describe_unread(folders: list[str]) -> str:
+    shown = ", ".join(folders[:10]) + (f" and {len(folders) - 10} more" if len(folders) > 10
+                                      else "")
+    return (f"not read, being neither split nor class folders: {shown} (splits are train/, "
+            f"val/ and test/; classes {' and '.join(n + '/' for n in CLASS_NAMES)}, any case)")
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(Path(e.path) for e in os.scandir(folder)
+                  if e.is_dir() and not e.name.startswith("."))
+
+
+def _class_samples(folder: Path, root: Path, *, empty_ok: bool = False) -> list[Sample]:
+    """The samples in ``folder``'s class folders. ``empty_ok``: a folder with no class folders
+    and no files at all (a val/ or test/ made ahead of time) holds none, rather than being
+    refused."""
     classes = _class_folders(folder)
+    if not classes and empty_ok and not _files_under(folder):
+        return []
     if not classes:
         raise PneumoscanError(
             f"{folder}: expected class folders {' and '.join(n + '/' for n in CLASS_NAMES)}"
