@@ -52,6 +52,30 @@ def test_an_empty_folder_or_one_with_other_files_takes_a_run(synthetic_data, tmp
     assert (tmp_path / "notes" / "model.json").is_file()
 
 
+@pytest.mark.parametrize("command", ["train", "cv"])
+def test_a_folder_holding_files_of_a_runs_names_but_no_run_is_refused(command, synthetic_data,
+                                                                       tmp_path, capsys):
+    """A user's own config.json, plots/ and test_metrics.json were replaced without a word."""
+    out = tmp_path / "mine"
+    (out / "plots").mkdir(parents=True)
+    (out / "plots" / "roc_val.png").write_bytes(b"my figure")
+    (out / "config.json").write_text('{"my": "settings"}')
+    (out / "test_metrics.json").write_text("{}")
+    before = _snapshot(out)
+    argv = [command, "--data", str(synthetic_data), "--out", str(out), "--recipe", "cpu",
+            "--model", "seed_cnn", "--image-size", "32", "--epochs", "1", "--quiet"]
+    assert main(argv + (["--folds", "2"] if command == "cv" else [])) == 2
+    assert _one_line(capsys).endswith(
+        f"--out {out}: holds config.json, plots/, test_metrics.json, which a run would "
+        "replace; choose another --out, or move them first")
+    assert _snapshot(out) == before
+    # A config.json a run wrote, and nothing else, is a run stopped before its first checkpoint.
+    shutil.rmtree(out)
+    out.mkdir()
+    (out / "config.json").write_text('{"pneumoscan": "0.1.0", "model": "seed_cnn"}')
+    assert _train(synthetic_data, out) == 0 and (out / "model.json").is_file()
+
+
 @pytest.mark.parametrize("command", ["train", "cv", "stack"])
 def test_an_out_that_is_a_file_or_under_one_is_refused(command, synthetic_data, trained_run,
                                                        tmp_path, capsys):

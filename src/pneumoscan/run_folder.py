@@ -8,6 +8,7 @@ anything is decoded or written.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -73,6 +74,27 @@ def has_checkpoint(out: Path) -> bool:
     return (out / CHECKPOINT).is_file() or any(out.glob(f"seed-*/{CHECKPOINT}"))
 
 
+def files_in_the_way(out: Path) -> list[str]:
+    """The names a run writes that ``out`` already holds, though it holds no run: someone's own
+    files, which a run would replace. A config.json that a run wrote (it names pneumoscan's
+    version) only shows a run stopped before its first checkpoint, and is not in the way."""
+    if not out.is_dir():
+        return []
+    return [f"{name}/" if (out / name).is_dir() else name for name in sorted(OWN_FILES)
+            if os.path.lexists(out / name) and not _written_by_a_run(out / name)]
+
+
+def _written_by_a_run(path: Path) -> bool:
+    if path.name != "config.json":
+        return False
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "pneumoscan" in config
+
+
 def check_out_folder(out: str | Path, *, resume: bool | None = None) -> None:
     """Refuse, in one line, an output folder that cannot take a new run.
 
@@ -99,6 +121,11 @@ def check_out_folder(out: str | Path, *, resume: bool | None = None) -> None:
         raise PneumoscanError(
             f"--out {out}: already holds a run ({found.relative_to(out)}); {hint}"
             "choose another --out, or delete it first"
+        )
+    if found is None and (in_the_way := files_in_the_way(out)):
+        raise PneumoscanError(
+            f"--out {out}: holds {', '.join(in_the_way)}, which a run would replace; choose "
+            "another --out, or move them first"
         )
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not existing.is_dir():
