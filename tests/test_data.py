@@ -15,6 +15,7 @@ import pytest
 
 from conftest import REAL_DATA, write_image
 from pneumoscan import CLASS_NAMES
+from pneumoscan.cli import main
 from pneumoscan.data import cache, decode
 from pneumoscan.data.cache import (
     DEFAULT_LIMIT_GB,
@@ -545,6 +546,16 @@ def test_test_images_that_are_also_training_images_are_named(synthetic_data, tmp
     (warning,) = [n for n in load_data(str(data), 32, progress=False).notes if "training" in n]
     assert warning.startswith("warning: 1 of 31 test images are also in the training data")
     assert f"copied.png = {source}" in warning and "not held out" in warning
+    # The figures' heading says so too, rather than "held out".
+    from pneumoscan.data.dataset import test_heading
+
+    assert test_heading("test", "") == "test (held out; nothing was selected on it):"
+    assert "not held out" in test_heading("test", warning)
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--recipe", "cpu",
+                 "--model", "seed_cnn", "--image-size", "32", "--epochs", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "test (nothing was selected on it, but it is not held out" in out
+    assert "held out; nothing" not in out
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty"])

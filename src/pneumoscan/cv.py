@@ -33,7 +33,7 @@ import torch
 from pneumoscan import CLASS_NAMES
 from pneumoscan.allocator import low_memory_mode
 from pneumoscan.config import TrainConfig
-from pneumoscan.data.dataset import DataBundle, Split, load_data
+from pneumoscan.data.dataset import DataBundle, Split, load_data, test_heading
 from pneumoscan.data.split import SplitError, patient_folds, patient_split
 from pneumoscan.device import resolve_device
 from pneumoscan.environment import run_config
@@ -148,7 +148,7 @@ def cross_validate(
     summary = _pool_folds(cfg, data, pool, results)
     if data.test is not None:
         summary["test"] = evaluate_ensemble_on_test(out, data.test, float(summary["threshold"]),
-                                                    device)
+                                                    device, data.test_overlap)
     return summary
 
 
@@ -263,7 +263,7 @@ def _pool_folds(cfg: TrainConfig, data: DataBundle, pool: Split, results: list[F
 
 
 def evaluate_ensemble_on_test(
-    run_dir: Path, test: Split, threshold: float, device: torch.device
+    run_dir: Path, test: Split, threshold: float, device: torch.device, overlap: str = ""
 ) -> dict:
     """The saved ensemble's figures on the test split; nothing is selected on them."""
     predictor = load_predictor(run_dir, device)
@@ -274,8 +274,8 @@ def evaluate_ensemble_on_test(
                                    paths=test.paths)
     _save_val_predictions(run_dir / TEST_PREDICTIONS, test.labels, prob, test.paths, logits)
     atomic_write_json(run_dir / TEST_METRICS, metrics)
-    print(f"\ntest, ensemble of {len(predictor.members)} fold models (held out; nothing was "
-          "selected on it):")
+    print("\n" + test_heading(f"test, ensemble of {len(predictor.members)} fold models",
+                              overlap))
     print(format_table(metrics))
     return metrics
 

@@ -14,7 +14,13 @@ from pneumoscan import CLASS_NAMES
 from pneumoscan.allocator import low_memory_mode
 from pneumoscan.config import TrainConfig
 from pneumoscan.data.background import PendingData
-from pneumoscan.data.dataset import DataBundle, Split, load_data, training_data_options
+from pneumoscan.data.dataset import (
+    DataBundle,
+    Split,
+    load_data,
+    test_heading,
+    training_data_options,
+)
 from pneumoscan.device import resolve_device
 from pneumoscan.distributed import DistInfo, barrier, process_group
 from pneumoscan.environment import run_config
@@ -178,7 +184,7 @@ def finish_run(
                                             groups=data.test.patients, paths=data.test.paths)
         save_predictions(run_dir / TEST_PREDICTIONS, data.test, test_logits.numpy(), test_prob)
         atomic_write_json(run_dir / TEST_METRICS, test_metrics)
-        print("test (held out; nothing was selected on it):")
+        print(test_heading("test", data.test_overlap))
         print(format_table(test_metrics))
         summary["test"] = test_metrics
     write_run_plots(run_dir)

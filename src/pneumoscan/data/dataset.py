@@ -63,6 +63,7 @@ class DataBundle:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     fingerprint: str = ""
     train_counts: np.ndarray | None = None  # per class, train before validation was carved
+    test_overlap: str = ""  # the warning when test images are also training images
 
     def splits(self) -> dict[str, Split]:
         """The splits that hold images (cross-validation and eda may have no validation)."""
@@ -141,8 +142,9 @@ def arrange(
         notes.append(f"{name}/ has no readable images: ignored")
         del splits[name]
     _check_classes(splits["train"], f"{source} (train)", both=not as_given)
-    if "test" in splits and (seen := seen_in_training(splits)):
-        notes.append(f"warning: {seen}")
+    test_overlap = seen_in_training(splits) if "test" in splits else ""
+    if test_overlap:
+        notes.append(f"warning: {test_overlap}")
     val = splits.get("val")
     train = splits["train"]
     train_counts = np.bincount(train.labels, minlength=len(CLASS_NAMES))
@@ -176,6 +178,7 @@ def arrange(
         test=splits.get("test"),
         source=source,
         notes=notes,
+        test_overlap=test_overlap,
         skipped=skipped,
         fingerprint=fp,
         train_counts=train_counts,
@@ -215,6 +218,15 @@ def training_data_options(cfg: TrainConfig, progress: bool, is_main: bool) -> di
 
 
 READ_OPTIONS = ("progress", "warn")  # load_data's options that read_splits takes; arrange the rest
+
+
+def test_heading(what: str, overlap: str) -> str:
+    """The line above a test split's figures: held out, or not when some of its images are
+    also training images (``overlap``, the warning given with the data)."""
+    if overlap:
+        return (f"{what} (nothing was selected on it, but it is not held out: some of its "
+                "images are training images, as warned above):")
+    return f"{what} (held out; nothing was selected on it):"
 
 
 def seen_in_training(splits: dict[str, Split]) -> str:
