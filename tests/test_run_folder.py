@@ -127,11 +127,16 @@ def test_an_interrupted_train_says_how_to_continue(monkeypatch, synthetic_data, 
         raise KeyboardInterrupt
 
     monkeypatch.setattr("pneumoscan.pipeline.train_run", interrupted)
+    # Stopped before its first checkpoint: there is nothing for --resume to continue.
     assert _train(synthetic_data, tmp_path / "run") == 130
+    assert _one_line(capsys) == "pneumoscan train: interrupted"
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")
+    assert _train(synthetic_data, tmp_path / "run", "--resume") == 130
     assert "interrupted; the same command with --resume continues" in _one_line(capsys)
     # Under torchrun Ctrl-C reaches every process: rank 0 alone says so.
     monkeypatch.setenv("RANK", "1")
-    assert _train(synthetic_data, tmp_path / "run") == 130
+    assert _train(synthetic_data, tmp_path / "run", "--resume") == 130
     assert capsys.readouterr().err == ""
 
 

@@ -95,6 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _has_checkpoint(out: str | None) -> bool:
+    """Whether an interrupted train left something for --resume (not when stopped before its
+    first checkpoint, in its start-up or first epoch)."""
+    from pneumoscan.run_folder import has_checkpoint
+
+    return out is not None and has_checkpoint(Path(out))
+
+
 def _file_in_the_way(e: OSError) -> str | None:
     """The file that stands where a folder was to be made or entered ("File exists", "Not a
     directory"), or None."""
@@ -130,7 +138,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
     except KeyboardInterrupt:
         hint = ("; the same command with --resume continues from the last checkpoint"
-                if args.command == "train" else "")
+                if args.command == "train" and _has_checkpoint(getattr(args, "out", None))
+                else "")
         # Ctrl-C reaches every torchrun process at once: one line, from rank 0. (An error is
         # still printed by each process that meets it: it may be that process's alone.)
         if os.environ.get("RANK", "0") == "0":
