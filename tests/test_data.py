@@ -558,6 +558,20 @@ def test_test_images_that_are_also_training_images_are_named(synthetic_data, tmp
     assert "held out; nothing" not in out
 
 
+def test_an_image_in_both_class_folders_is_named(synthetic_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_data, data)
+    assert not any("both" in note for note in load_data(str(data), 32, progress=False).notes)
+    source = sorted((data / "train" / "NORMAL").iterdir())[0]
+    shutil.copy(source, data / "train" / "PNEUMONIA" / "copied.png")
+    notes = load_data(str(data), 32, progress=False).notes
+    (warning,) = [n for n in notes if "both" in n]
+    assert warning.startswith("warning: train/: 1 image(s) are in both NORMAL and PNEUMONIA")
+    assert f"{source} = " in warning and "copied.png" in warning
+
+
 @pytest.mark.parametrize("damage", ["truncated", "empty"])
 def test_a_damaged_medmnist_file_is_one_line(tmp_path, damage):
     from pneumoscan.data.medmnist import load_npz

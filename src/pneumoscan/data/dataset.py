@@ -142,6 +142,9 @@ def arrange(
         notes.append(f"{name}/ has no readable images: ignored")
         del splits[name]
     _check_classes(splits["train"], f"{source} (train)", both=not as_given)
+    for name, split in splits.items():
+        if contradiction := labelled_both_ways(split):
+            notes.append(f"warning: {name}/: {contradiction}")
     test_overlap = seen_in_training(splits) if "test" in splits else ""
     if test_overlap:
         notes.append(f"warning: {test_overlap}")
@@ -229,22 +232,24 @@ def test_heading(what: str, overlap: str) -> str:
     return f"{what} (held out; nothing was selected on it):"
 
 
+def _pixel_keys(split: Split) -> list[bytes]:
+    # A digest of every 7th row and column: cheap enough for the start of every run (hashing
+    # whole images took 0.4 s at 224 px); equal keys are then compared pixel for pixel.
+    return [hashlib.blake2b(image[::7, ::7].tobytes(), digest_size=16).digest()
+            for image in split.images]
+
+
 def seen_in_training(splits: dict[str, Split]) -> str:
     """Test images that are also training images, pixel for pixel once decoded (a file copied
     into both folders): a warning naming them, or "" when the test split is held out."""
-    def keys(split: Split) -> list[bytes]:
-        # A digest of every 7th row and column: cheap enough for the start of every run (hashing
-        # whole images took 0.4 s at 224 px); equal keys are then compared pixel for pixel.
-        return [hashlib.blake2b(image[::7, ::7].tobytes(), digest_size=16).digest()
-                for image in split.images]
-
     trained = {}  # key -> (split, row) of a training image
     for name in ("train", "val"):
         if name in splits:
-            trained.update((key, (splits[name], i)) for i, key in enumerate(keys(splits[name])))
+            trained.update((key, (splits[name], i))
+                           for i, key in enumerate(_pixel_keys(splits[name])))
     test = splits["test"]
     both = []
-    for i, key in enumerate(keys(test)):
+    for i, key in enumerate(_pixel_keys(test)):
         if key in trained:
             split, j = trained[key]
             if np.array_equal(test.images[i], split.images[j]):
@@ -253,6 +258,22 @@ def seen_in_training(splits: dict[str, Split]) -> str:
         return ""
     return printable(f"{len(both)} of {len(test)} test images are also in the training data "
                      f"(e.g. {both[0][0]} = {both[0][1]}): the test figures are not held out")
+
+
+def labelled_both_ways(split: Split) -> str:
+    """Images of a split that are in both class folders, pixel for pixel once decoded: a
+    warning naming one pair (the model is taught both answers for them), or ""."""
+    first: dict[bytes, int] = {}  # key -> row of its first image
+    both = []
+    for i, key in enumerate(_pixel_keys(split)):
+        j = first.setdefault(key, i)
+        if split.labels[i] != split.labels[j] and np.array_equal(split.images[i],
+                                                                 split.images[j]):
+            both.append((split.paths[j], split.paths[i]))
+    if not both:
+        return ""
+    return printable(f"{len(both)} image(s) are in both {' and '.join(CLASS_NAMES)} (e.g. "
+                     f"{both[0][0]} = {both[0][1]}): their labels contradict each other")
 
 
 def _check_classes(train: Split, where: str, *, both: bool) -> None:
