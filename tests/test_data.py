@@ -204,8 +204,8 @@ def test_small_val_folder_is_ignored_and_validation_carved(tmp_path):
 def _named_split(folder: str, patients: list[str], labels: list[int]) -> Split:
     paths = [f"{folder}/{CLASS_NAMES[y]}/{p}_bacteria_{i}.jpeg"
              for i, (p, y) in enumerate(zip(patients, labels, strict=True))]
-    return Split(images=np.zeros((len(paths), 8, 8), np.uint8), labels=np.array(labels),
-                 patients=list(patients), paths=paths)
+    images = np.random.default_rng(len(folder)).integers(0, 256, (len(paths), 8, 8), np.uint8)
+    return Split(images=images, labels=np.array(labels), patients=list(patients), paths=paths)
 
 
 def _train_and_val(val_patients: list[str]) -> DecodedSplits:
