@@ -621,6 +621,10 @@ def test_raw_12_bit_dicom_that_declares_16_bits_decodes_like_12():
     np.testing.assert_array_equal(declared_16, declared_12)
     full = np.round(source.astype(float) * 65535 / 255).astype(np.uint16)
     assert np.abs(read_gray(dicom_bytes(full)).astype(int) - source).max() <= 1  # 16 bits used
+    # A file that declares 12 bits is taken at its word, however dim the image.
+    dim = (twelve_bit(source) // 8).astype(np.uint16)  # peak 511
+    out = read_gray(dicom_bytes(dim, BitsStored=12)).astype(int)
+    assert np.abs(out - np.round(dim.astype(float) * 255 / 4095)).max() <= 1
 
 
 @pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
@@ -638,6 +642,10 @@ def test_dicom_window_of_no_width_is_ignored_not_refused():
     plain = read_gray(dicom_bytes(twelve_bit(source), BitsStored=12))
     zero = dicom_bytes(twelve_bit(source), BitsStored=12, WindowCenter=2048, WindowWidth=0)
     np.testing.assert_array_equal(read_gray(zero), plain)
+    # LINEAR_EXACT allows a width under 1: such a window is still applied.
+    exact = dicom_bytes(twelve_bit(source), BitsStored=12, WindowCenter=2048, WindowWidth=0.5,
+                        VOILUTFunction="LINEAR_EXACT")
+    assert set(np.unique(read_gray(exact)).tolist()) <= {0, 255}
 
 
 def test_dicom_rescale_is_applied():
