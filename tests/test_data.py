@@ -90,6 +90,11 @@ def test_an_empty_val_or_test_is_left_out_with_a_note(tmp_path):
     (tmp_path / "test").mkdir()
     data = load_data(str(tmp_path), 32, progress=False)
     assert data.test is None and "val/ has no readable images: ignored" in data.notes
+    from pneumoscan.data.dataset import load_eval_split
+
+    split = load_eval_split(str(tmp_path), 32, progress=False)  # every image: no test to score
+    assert not split.held_out
+    assert split.description == f"{tmp_path} (24 images: NORMAL 12, PNEUMONIA 12)"
     shutil.rmtree(tmp_path / "train")
     (tmp_path / "train").mkdir()
     with pytest.raises(PneumoscanError, match="train: expected class folders"):

@@ -83,7 +83,7 @@ def own_test_data(run: str, meta: dict) -> str:
         raise PneumoscanError(f"{run}: no --data given, and the data it was trained on "
                               f"({source or 'not recorded'}) is not there; give --data DIR")
     found = discover(source, need_train=False)
-    if "test" not in found:
+    if not found.get("test"):  # none, or an empty folder
         raise PneumoscanError(f"{run}: no --data given, and the data it was trained on "
                               f"({source}) has no test/ split to score; give --data DIR")
     everything = [sample for samples in found.values() for sample in samples]

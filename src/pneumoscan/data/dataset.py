@@ -403,7 +403,9 @@ def load_eval_split(spec: str, image_size: int, *, progress: bool = True) -> Eva
         splits, source, _ = _load_medmnist(spec, image_size)
         return EvalSplit(splits["test"], f"{source}, test split", held_out=True)
     root = Path(spec)
-    found = discover(root, need_train=False)
+    # A split folder of no files (a test/ made ahead of time) is left out, as training does.
+    found = {name: samples for name, samples in discover(root, need_train=False).items()
+             if samples}
     held_out = "test" in found
     if held_out:  # only the images evaluated are decoded
         found = {"test": found["test"]}
