@@ -21,6 +21,7 @@ from pneumoscan.cli import main  # noqa: E402
 from pneumoscan.explain import (  # noqa: E402
     DISPLAY_MAX_SIDE,
     DISPLAY_MIN_SIDE,
+    OverlayNames,
     gradcam,
     overlay,
     overlay_png,
@@ -218,14 +219,14 @@ def test_write_overlays_reports_each_file(blob_predictor, tmp_path):
         assert im.size == (DISPLAY_MIN_SIDE, DISPLAY_MIN_SIDE) and im.mode == "RGB"  # from SIZE
 
 
-def test_names_stay_unique_across_calls_that_share_taken(blob_predictor, tmp_path):
+def test_names_stay_unique_across_calls_that_share_their_names(blob_predictor, tmp_path):
     # predict --cam writes a batch at a time: the numbering must be as in one call.
     images, _, _ = blob_images(1, seed=8)
     first = _write_png(tmp_path / "in" / "x.png", images[0])
     second = _write_png(tmp_path / "in" / "a" / "x.png", images[1])
-    taken: set[str] = set()
-    (one,) = write_overlays(blob_predictor, [first], tmp_path / "out", taken=taken)
-    (two,) = write_overlays(blob_predictor, [second], tmp_path / "out", taken=taken)
+    names = OverlayNames(tmp_path / "out")
+    (one,) = write_overlays(blob_predictor, [first], tmp_path / "out", names=names)
+    (two,) = write_overlays(blob_predictor, [second], tmp_path / "out", names=names)
     assert (one.file.name, two.file.name) == ("x_gradcam.png", "x-2_gradcam.png")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "x-2_gradcam.png", "x_gradcam.png"]
@@ -250,6 +251,10 @@ def test_a_later_call_never_overwrites_another_files_overlay(blob_predictor, tmp
         assert im.info[SOURCE_KEY] == overlay_source(b)  # the overlay names its input
     (again,) = write_overlays(blob_predictor, [a], out)
     assert again.file == first.file  # its own overlay, rewritten in place
+    first.file.unlink()  # a gap before B's: B's own overlay is still found and rewritten
+    (b_again,) = write_overlays(blob_predictor, [b], out)
+    assert b_again.file == second.file and not first.file.exists()
+    write_overlays(blob_predictor, [a], out)
     assert sorted(p.name for p in out.iterdir()) == ["IM0001-2_gradcam.png", "IM0001_gradcam.png"]
     mine = out / "c_gradcam.png"
     mine.write_text("my notes")

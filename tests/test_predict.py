@@ -497,12 +497,12 @@ def test_a_name_a_spreadsheet_would_run_as_a_formula_is_led_by_dot_slash(
 
 def test_overlay_names_keep_the_bytes_of_a_name_that_is_not_utf8(tmp_path):
     # R\xf6ntgen and R\xfcntgen (Latin-1) both became "Rntgen", one of them numbered.
-    from pneumoscan.explain import overlay_name
+    from pneumoscan.explain import OverlayNames
     from pneumoscan.fileio import clip_name
 
-    taken: set[str] = set()
-    first = overlay_name(os.fsdecode(b"R\xf6ntgen.jpeg"), taken)
-    second = overlay_name(os.fsdecode(b"R\xfcntgen.jpeg"), taken)
+    names = OverlayNames()
+    first = names.name_for(os.fsdecode(b"R\xf6ntgen.jpeg"))
+    second = names.name_for(os.fsdecode(b"R\xfcntgen.jpeg"))
     assert os.fsencode(first) == b"R\xf6ntgen_gradcam.png"
     assert os.fsencode(second) == b"R\xfcntgen_gradcam.png"
     long = "\u80f8" * 100  # 300 bytes of UTF-8: cut on a character boundary

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -253,35 +254,62 @@ def display_image(path: str | Path) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
 
 
-def overlay_name(path: str | Path, taken: set[str], out_dir: Path | None = None) -> str:
-    """``<stem>_gradcam.png``, numbered (``<stem>-2_gradcam.png``, ...) so that none is
-    overwritten: not one of this call's (``taken``, updated), nor a file already in ``out_dir``
-    other than this input's own overlay from an earlier call, which is brought up to date.
+class OverlayNames:
+    """Names for the overlays written into one folder: ``<stem>_gradcam.png``, numbered
+    (``<stem>-2_gradcam.png``, ...) so that none is overwritten, neither one written by this
+    writer (across its calls) nor a file already in the folder, other than this input's own
+    overlay from an earlier call, which is brought up to date wherever its number is.
 
     The stem is the whole file name when its extension is not an image's: DICOMs are often
     named by their instance UID (``1.2.826.0.1.3680043.8.498.101``), whose last part is what
     tells one from the next. A stem too long for a file name once the suffix is added (names
-    take 255 bytes) is cut.
+    take 255 bytes) is cut. The folder is listed once, and each overlay in it opened at most
+    once, so a thousand inputs of one name cost a thousand reads, not a million.
     """
-    from pneumoscan.data.decode import IMAGE_SUFFIXES
 
-    path = Path(path)
-    stem = path.stem if path.suffix.lower() in IMAGE_SUFFIXES else path.name
-    stem = clip_name(stem, 230) or "image"
-    source = overlay_source(path)
+    def __init__(self, out_dir: str | Path | None = None):
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.taken: set[str] = set()  # written by this writer
+        self._on_disk: dict[str, list[str]] | None = None  # stem -> overlay names there
+        self._sources: dict[str, str | None] = {}  # overlay name -> the input it names
 
-    def free(name: str) -> bool:
-        if name in taken:
-            return False
-        file = None if out_dir is None else out_dir / name
-        return file is None or not os.path.lexists(file) or drawn_for(file) == source
+    def name_for(self, path: str | Path) -> str:
+        from pneumoscan.data.decode import IMAGE_SUFFIXES
 
-    name, n = f"{stem}_gradcam.png", 1
-    while not free(name):
-        n += 1
-        name = f"{stem}-{n}_gradcam.png"
-    taken.add(name)
-    return name
+        path = Path(path)
+        stem = path.stem if path.suffix.lower() in IMAGE_SUFFIXES else path.name
+        stem = clip_name(stem, 230) or "image"
+        source = overlay_source(path)
+        own = next((name for name in self._listed(stem)
+                    if name not in self.taken and self._source(name) == source), None)
+        name, n = own or f"{stem}_gradcam.png", 1
+        while own is None and (name in self.taken or self._exists(name)):
+            n += 1
+            name = f"{stem}-{n}_gradcam.png"
+        self.taken.add(name)
+        return name
+
+    def _exists(self, name: str) -> bool:
+        return self.out_dir is not None and os.path.lexists(self.out_dir / name)
+
+    def _listed(self, stem: str) -> list[str]:
+        if self._on_disk is None:
+            self._on_disk = {}
+            if self.out_dir is not None and self.out_dir.is_dir():
+                for entry in sorted(os.listdir(self.out_dir)):
+                    base = entry.removesuffix("_gradcam.png")
+                    if base == entry:
+                        continue
+                    # x-2_gradcam.png is x's second overlay, or the overlay of an input x-2.
+                    numbered = re.fullmatch(r"(.+)-\d+", base)
+                    for key in {base, numbered.group(1) if numbered else base}:
+                        self._on_disk.setdefault(key, []).append(entry)
+        return self._on_disk.get(stem, [])
+
+    def _source(self, name: str) -> str | None:
+        if name not in self._sources:
+            self._sources[name] = drawn_for(self.out_dir / name)
+        return self._sources[name]
 
 
 class Overlay(NamedTuple):
@@ -291,16 +319,17 @@ class Overlay(NamedTuple):
 
 
 def write_overlays(
-    predictor, paths: Sequence[str | Path], out_dir: str | Path, *, taken: set[str] | None = None
+    predictor, paths: Sequence[str | Path], out_dir: str | Path, *,
+    names: OverlayNames | None = None,
 ) -> list[Overlay]:
-    """Write ``OUT/<stem>_gradcam.png`` (``overlay_name``) for each readable file; an
+    """Write ``OUT/<stem>_gradcam.png`` (``OverlayNames``) for each readable file; an
     ``Overlay`` for each.
 
     Files are decoded with ``read_gray`` at the predictor's size and explained a batch at a time,
     so memory stays bounded however many paths are given; each map is then drawn over the file
     decoded again as it was given (``display_image``), stretched back from the model's square
-    input. An unreadable file costs only itself. ``taken``: names already written into OUT by
-    earlier calls (updated in place), so that a caller writing batch by batch keeps them unique.
+    input. An unreadable file costs only itself. ``names``: the ``OverlayNames`` of earlier
+    calls into OUT, so that a caller writing batch by batch keeps the names unique.
     """
     from pneumoscan.data.decode import read_gray
     from pneumoscan.errors import UnreadableImage
@@ -308,7 +337,7 @@ def write_overlays(
 
     out_dir = Path(out_dir)
     results: list[Overlay] = []
-    taken = set() if taken is None else taken
+    names = OverlayNames(out_dir) if names is None else names
     paths = [str(p) for p in paths]
     for start in range(0, len(paths), BATCH_SIZE):
         chunk_paths, chunk_images = [], []
@@ -328,7 +357,7 @@ def write_overlays(
             except UnreadableImage as e:  # changed or removed since it was first read
                 results.append(Overlay(path, None, e.reason))
                 continue
-            file = out_dir / overlay_name(path, taken, out_dir)
+            file = out_dir / names.name_for(path)
             atomic_write_bytes(file, overlay_png(image, cam, overlay_source(path)))
             results.append(Overlay(path, file, None))
     order = {p: i for i, p in enumerate(paths)}

@@ -117,14 +117,16 @@ class _Overlays:
     """Grad-CAM overlays written a prediction batch at a time, so each row can name its own."""
 
     def __init__(self, predictor, out_dir: Path):
+        from pneumoscan.explain import OverlayNames
+
         self.predictor, self.out_dir = predictor, out_dir
-        self.taken: set[str] = set()  # names kept unique across batches, as in one call
+        self.names = OverlayNames(out_dir)  # unique across batches, as in one call
         self.results: dict[str, tuple[str | None, str | None]] = {}  # path -> (overlay, error)
         self.written = 0
 
     def write(self, paths: list[Path]) -> None:
         from pneumoscan.explain import write_overlays
 
-        for r in write_overlays(self.predictor, paths, self.out_dir, taken=self.taken):
+        for r in write_overlays(self.predictor, paths, self.out_dir, names=self.names):
             self.results[r.path] = (None if r.file is None else str(r.file), r.error)
             self.written += r.file is not None
