@@ -76,6 +76,26 @@ def test_a_folder_holding_files_of_a_runs_names_but_no_run_is_refused(command, s
     assert _train(synthetic_data, out) == 0 and (out / "model.json").is_file()
 
 
+def test_seeds_take_the_folder_past_a_users_files_and_warn_once(synthetic_data, tmp_path,
+                                                                capsys):
+    # train --seeds writes OUT/seed-N/ and a summary: a user's OUT/config.json is in no run's
+    # way, while one in OUT/seed-0/ is. What the data loses is said once, not once a seed.
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_data, data)
+    shutil.copytree(data / "train" / "NORMAL", data / "train" / "NORMAL_old")
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text('{"my": "settings"}')
+    assert _train(data, out, "--seeds", "0,1") == 0
+    assert (out / "config.json").read_text() == '{"my": "settings"}'
+    assert capsys.readouterr().err.count("not read, being neither split nor class") == 1
+    other = tmp_path / "other"
+    (other / "seed-0" / "plots").mkdir(parents=True)
+    assert _train(data, other, "--seeds", "0,1") == 2
+    assert _one_line(capsys).endswith(f"--out {other}: holds seed-0/plots/, which a run would "
+                                      "replace; choose another --out, or move them first")
+
+
 @pytest.mark.parametrize("command", ["train", "cv", "stack"])
 def test_an_out_that_is_a_file_or_under_one_is_refused(command, synthetic_data, trained_run,
                                                        tmp_path, capsys):

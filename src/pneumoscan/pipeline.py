@@ -47,25 +47,26 @@ from pneumoscan.train import (
 
 def train_run(
     cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
-    process_started: float | None = None, data: PendingData | None = None,
+    process_started: float | None = None, data: PendingData | None = None, warn: bool = True,
 ) -> dict:
     """Train one model as ``cfg`` says and leave a complete run directory in ``cfg.out``.
 
     ``process_started``: ``time.perf_counter()``'s reading when the process started, for the
     start-up (Python, imports, joining a process group) in the closing time line. ``data``: the
     data already loading in the background (data/background.py, with ``training_data_options``);
-    by default it is loaded here.
+    by default it is loaded here. ``warn``: say which files and folders the data loses (the
+    runs of train --seeds after the first, on the same data, do not say it again).
     """
     device = resolve_device(cfg.device)
     low_memory_mode(cfg.low_memory)  # before anything large is allocated (once a process)
     with process_group(device.type) as dist_info:
         return _train_run(cfg, dist_info, resume=resume, progress=progress,
-                          process_started=process_started, data=data)
+                          process_started=process_started, data=data, warn=warn)
 
 
 def _train_run(
     cfg: TrainConfig, dist_info: DistInfo, *, resume: bool, progress: bool,
-    process_started: float | None, data: PendingData | None,
+    process_started: float | None, data: PendingData | None, warn: bool,
 ) -> dict:
     run_dir = Path(cfg.out)
     t_start = time.perf_counter()
@@ -74,7 +75,7 @@ def _train_run(
     warm_up_s = None
     if data is None:
         bundle = load_data(cfg.data, cfg.image_size,
-                           **training_data_options(cfg, progress, dist_info.is_main))
+                           **training_data_options(cfg, progress, dist_info.is_main, warn))
     else:
         warm_up(cfg, device, dist_info.world_size)  # the GPU's one-time costs, while decoding
         if device.type == "cuda":

@@ -74,14 +74,19 @@ def has_checkpoint(out: Path) -> bool:
     return (out / CHECKPOINT).is_file() or any(out.glob(f"seed-*/{CHECKPOINT}"))
 
 
-def files_in_the_way(out: Path) -> list[str]:
-    """The names a run writes that ``out`` already holds, though it holds no run: someone's own
+def files_in_the_way(out: Path, runs: list[Path] | None = None) -> list[str]:
+    """The names a run writes that its folder (``out``, or each of ``runs`` under it: the
+    seed-N folders of train --seeds) already holds, though it holds no run: someone's own
     files, which a run would replace. A config.json that a run wrote (it names pneumoscan's
     version) only shows a run stopped before its first checkpoint, and is not in the way."""
-    if not out.is_dir():
-        return []
-    return [f"{name}/" if (out / name).is_dir() else name for name in sorted(OWN_FILES)
-            if os.path.lexists(out / name) and not _written_by_a_run(out / name)]
+    found = []
+    for folder in runs or [out]:
+        if folder.is_dir():
+            found += [str((folder / name).relative_to(out)) + ("/" if (folder / name).is_dir()
+                                                               else "")
+                      for name in sorted(OWN_FILES) if os.path.lexists(folder / name)
+                      and not _written_by_a_run(folder / name)]
+    return found
 
 
 def _written_by_a_run(path: Path) -> bool:
@@ -95,11 +100,13 @@ def _written_by_a_run(path: Path) -> bool:
     return isinstance(config, dict) and "pneumoscan" in config
 
 
-def check_out_folder(out: str | Path, *, resume: bool | None = None) -> None:
+def check_out_folder(out: str | Path, *, resume: bool | None = None,
+                     seeds: list[int] | None = None) -> None:
     """Refuse, in one line, an output folder that cannot take a new run.
 
     ``resume``: None for commands that cannot resume; False or True for train (resuming
-    continues the run that is there, so an earlier run is expected).
+    continues the run that is there, so an earlier run is expected). ``seeds``: train --seeds,
+    whose runs go into OUT/seed-N.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -122,7 +129,8 @@ def check_out_folder(out: str | Path, *, resume: bool | None = None) -> None:
             f"--out {out}: already holds a run ({found.relative_to(out)}); {hint}"
             "choose another --out, or delete it first"
         )
-    if found is None and (in_the_way := files_in_the_way(out)):
+    runs = [out / f"seed-{seed}" for seed in seeds] if seeds else None
+    if found is None and (in_the_way := files_in_the_way(out, runs)):
         raise PneumoscanError(
             f"--out {out}: holds {', '.join(in_the_way)}, which a run would replace; choose "
             "another --out, or move them first"

@@ -54,7 +54,8 @@ def _train(args: argparse.Namespace) -> int:
     from pneumoscan.run_folder import check_out_folder
 
     cfg = config_from_args(args)
-    check_out_folder(cfg.out, resume=args.resume)
+    seeds = _parse_seeds(args.seeds) if args.seeds else None
+    check_out_folder(cfg.out, resume=args.resume, seeds=seeds)
     # Under torchrun the batch is split across the processes: each needs two images or more.
     check_batch_per_process(cfg.batch_size, env_world_size())
     low_memory_mode(cfg.low_memory)  # before anything large is allocated
@@ -77,15 +78,15 @@ def _train(args: argparse.Namespace) -> int:
     from pneumoscan.distributed import process_group
     from pneumoscan.pipeline import train_run
 
-    seeds = _parse_seeds(args.seeds)
     summaries = []
     # One process group for all the seeds' trainings under torchrun; rank 0 alone speaks.
     with process_group(resolve_device(cfg.device).type) as dist_info:
-        for seed in seeds:
+        for i, seed in enumerate(seeds):
             seed_cfg = dataclasses.replace(cfg, seed=seed, out=str(Path(cfg.out) / f"seed-{seed}"))
             if dist_info.is_main:
                 print(f"== seed {seed} -> {seed_cfg.out}")
-            summaries.append(train_run(seed_cfg, resume=args.resume, progress=not args.quiet))
+            summaries.append(train_run(seed_cfg, resume=args.resume, progress=not args.quiet,
+                                       warn=i == 0))
     if dist_info.is_main:
         from pneumoscan.seeds import write_seed_summary
 

@@ -213,11 +213,12 @@ def split_identity(split: Split) -> str:
     return hashlib.sha256(names.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
-def training_data_options(cfg: TrainConfig, progress: bool, is_main: bool) -> dict:
+def training_data_options(cfg: TrainConfig, progress: bool, is_main: bool,
+                          warn: bool = True) -> dict:
     """``load_data``'s options for a training run: validation carved by the run's fraction and
     seed; under torchrun only the main process shows progress and warns."""
     return {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "progress": progress and is_main,
-            "warn": is_main}
+            "warn": warn and is_main}
 
 
 READ_OPTIONS = ("progress", "warn")  # load_data's options that read_splits takes; arrange the rest
