@@ -621,6 +621,9 @@ def test_raw_12_bit_dicom_that_declares_16_bits_decodes_like_12():
     np.testing.assert_array_equal(declared_16, declared_12)
     full = np.round(source.astype(float) * 65535 / 255).astype(np.uint16)
     assert np.abs(read_gray(dicom_bytes(full)).astype(int) - source).max() <= 1  # 16 bits used
+    # 8-bit data a converter wrote into a file that says 16 bits decodes like 8 bits.
+    eight = source.astype(np.uint16)
+    np.testing.assert_array_equal(read_gray(dicom_bytes(eight, BitsStored=16)), source)
     # A file that declares 12 bits is taken at its word, however dim the image.
     dim = (twelve_bit(source) // 8).astype(np.uint16)  # peak 511
     out = read_gray(dicom_bytes(dim, BitsStored=12)).astype(int)
@@ -637,7 +640,8 @@ def test_dicom_presentation_lut_shape_inverse_inverts_once(photometric):
     assert np.abs(read_gray(data).astype(int) - (255 - source.astype(int))).max() <= 1
 
 
-def test_dicom_window_of_no_width_is_ignored_not_refused():
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # pydicom's sigmoid, silenced
+def test_dicom_window_of_no_width_is_ignored_not_refused():  # outside tests (_silence_pydicom)
     source = gradient()
     plain = read_gray(dicom_bytes(twelve_bit(source), BitsStored=12))
     zero = dicom_bytes(twelve_bit(source), BitsStored=12, WindowCenter=2048, WindowWidth=0)
@@ -645,7 +649,10 @@ def test_dicom_window_of_no_width_is_ignored_not_refused():
     # LINEAR_EXACT allows a width under 1: such a window is still applied.
     exact = dicom_bytes(twelve_bit(source), BitsStored=12, WindowCenter=2048, WindowWidth=0.5,
                         VOILUTFunction="LINEAR_EXACT")
-    assert set(np.unique(read_gray(exact)).tolist()) <= {0, 255}
+    assert set(np.unique(read_gray(exact)).tolist()) <= {0, 128, 255}
+    sigmoid = dicom_bytes(twelve_bit(source), BitsStored=12, WindowCenter=2048, WindowWidth=0.5,
+                          VOILUTFunction="SIGMOID")
+    assert not np.array_equal(read_gray(sigmoid), plain)  # applied too: it allows any width
 
 
 def test_dicom_rescale_is_applied():

@@ -263,6 +263,27 @@ def test_a_later_call_never_overwrites_another_files_overlay(blob_predictor, tmp
     assert third.file.name == "c-2_gradcam.png" and mine.read_text() == "my notes"
 
 
+@pytest.mark.parametrize("stem", ["ab", "a\nb", "x-2"])
+def test_an_inputs_own_overlay_is_found_whatever_its_number_and_name(stem, tmp_path):
+    from pneumoscan.explain import overlay_source
+
+    def drawn(name: str, source: Path | None) -> None:
+        png = overlay_png(np.full((8, 8), 9, np.uint8), np.zeros((8, 8)),
+                          None if source is None else overlay_source(source))
+        (tmp_path / name).write_bytes(png)
+
+    own, other = tmp_path / "in" / f"{stem}.png", tmp_path / "other" / f"{stem}.png"
+    drawn(f"{stem}_gradcam.png", None)  # someone else's file
+    drawn(f"{stem}-2_gradcam.png", own)
+    drawn(f"{stem}-10_gradcam.png", own)  # the same input twice, from an earlier call
+    drawn(f"{stem}-3_gradcam.png", other)
+    names = OverlayNames(tmp_path)
+    assert names.name_for(own) == f"{stem}-2_gradcam.png"  # its own, the lowest number first
+    assert names.name_for(other) == f"{stem}-3_gradcam.png"
+    assert OverlayNames(tmp_path).name_for(tmp_path / "new" / f"{stem}.png") == (
+        f"{stem}-4_gradcam.png")
+
+
 def test_files_named_by_their_uid_keep_the_whole_name(blob_run, tmp_path, capsys):
     # DICOMs named by their instance UID differ only after the last dot, which a stem drops.
     images, _, _ = blob_images(1, seed=12)

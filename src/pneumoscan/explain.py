@@ -280,7 +280,7 @@ class OverlayNames:
         stem = path.stem if path.suffix.lower() in IMAGE_SUFFIXES else path.name
         stem = clip_name(stem, 230) or "image"
         source = overlay_source(path)
-        own = next((name for name in self._listed(stem)
+        own = next((name for name in sorted(self._listed(stem), key=_number_after(stem))
                     if name not in self.taken and self._source(name) == source), None)
         name, n = own or f"{stem}_gradcam.png", 1
         while own is None and (name in self.taken or self._exists(name)):
@@ -301,7 +301,7 @@ class OverlayNames:
                     if base == entry:
                         continue
                     # x-2_gradcam.png is x's second overlay, or the overlay of an input x-2.
-                    numbered = re.fullmatch(r"(.+)-\d+", base)
+                    numbered = re.fullmatch(r"(.+)-[0-9]+", base, re.DOTALL)
                     for key in {base, numbered.group(1) if numbered else base}:
                         self._on_disk.setdefault(key, []).append(entry)
         return self._on_disk.get(stem, [])
@@ -310,6 +310,14 @@ class OverlayNames:
         if name not in self._sources:
             self._sources[name] = drawn_for(self.out_dir / name)
         return self._sources[name]
+
+
+def _number_after(stem: str):
+    """Sort key of ``stem``'s overlay names by their number (``<stem>_gradcam.png`` is 1)."""
+    def number(name: str) -> int:
+        digits = name[len(stem) + 1 : -len("_gradcam.png")]
+        return int(digits) if digits else 1
+    return number
 
 
 class Overlay(NamedTuple):

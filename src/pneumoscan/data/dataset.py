@@ -420,7 +420,7 @@ def load_eval_split(spec: str, image_size: int, *, progress: bool = True) -> Eva
         for name in ("val",):
             if name in splits:
                 split = _concat(split, splits[name])
-        description = f"{root} (all images: there is no test/)"
+        description = f"{root} (all images: no test/ holds any)"
     if len(split) == 0:
         raise PneumoscanError(f"{description}: no readable images to evaluate")
     counts = ", ".join(f"{k} {v}" for k, v in split.class_counts().items())

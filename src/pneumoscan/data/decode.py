@@ -737,22 +737,20 @@ def _modality_output_range(ds: Any) -> tuple[float, float]:
     return low, high
 
 
-UNDECLARED_DEPTHS = (12, 14, 16)  # what a file that says 16 bits may really hold
-
-
 def _unwindowed_range(pixels: np.ndarray, ds: Any, low: float, high: float
                       ) -> tuple[float, float]:
     """The range shown as black to white where no window says it: the modality range, except
-    for plain unsigned values in a file that says 16 bits but holds raw 12- or 14-bit data
-    (which would come out nearly black). Those get the smallest such depth that holds them, as
-    16-bit PNGs without sBIT do; a file that declares 12 or 14 bits is taken at its word."""
+    for plain unsigned values in a file that says 16 bits but holds raw 12-bit data, or 8-bit
+    data from a converter (either would come out nearly black). Those get the smallest usual
+    detector depth that holds them, as 16-bit PNGs without sBIT do; a file that declares 12 or
+    14 bits is taken at its word."""
     plain = (_dicom_bits_stored(ds) == 16 and (low, high) == (0.0, 65535.0)  # no rescale
              and not ds.get("ModalityLUTSequence")
              and _dicom_int(ds, "PixelRepresentation", 0) == 0)
     if not plain or pixels.size == 0:
         return low, high
     peak = int(pixels.max())
-    depth = next(d for d in UNDECLARED_DEPTHS if peak < 1 << d)
+    depth = next(d for d in DETECTOR_DEPTHS if peak < 1 << d)
     return 0.0, float((1 << depth) - 1)
 
 
@@ -767,9 +765,10 @@ def _voi_output_range(ds: Any, low: float, high: float) -> tuple[float, float] |
         table = apply_voi(np.arange(first, first + entries, dtype=np.int64), ds)
         return float(table.min()), float(table.max())
     if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
-        # The standard wants 1 or more (more than 0 for LINEAR_EXACT): else no window.
+        # The standard wants 1 or more for LINEAR (the default), more than 0 for LINEAR_EXACT
+        # and SIGMOID: else no window.
         width = _first_value(ds, "WindowWidth")
-        if width <= 0 or (width < 1 and _dicom_str(ds, "VOILUTFunction") != "LINEAR_EXACT"):
+        if width <= 0 or (width < 1 and _dicom_str(ds, "VOILUTFunction") in ("", "LINEAR")):
             return None
         return low, high
     return None
