@@ -94,6 +94,15 @@ def test_seeds_take_the_folder_past_a_users_files_and_warn_once(synthetic_data, 
     assert _train(data, other, "--seeds", "0,1") == 2
     assert _one_line(capsys).endswith(f"--out {other}: holds seed-0/plots/, which a run would "
                                       "replace; choose another --out, or move them first")
+    # Resumed, the seeds that have no run yet are still checked; a summary of one's own, too.
+    shutil.copytree(out / "seed-0", other / "seed-0", dirs_exist_ok=True)
+    (other / "seed-1" / "plots").mkdir(parents=True)
+    assert _train(data, other, "--seeds", "0,1", "--resume") == 2
+    assert "holds seed-1/plots/, which a run would replace" in _one_line(capsys)
+    (tmp_path / "third").mkdir()
+    (tmp_path / "third" / "seeds_summary.json").write_text("{}")
+    assert _train(data, tmp_path / "third", "--seeds", "0,1") == 2
+    assert "holds seeds_summary.json, which a run" in _one_line(capsys)
 
 
 @pytest.mark.parametrize("command", ["train", "cv", "stack"])

@@ -22,6 +22,7 @@ TEST_PREDICTIONS = "test_predictions.npz"
 OOF_PREDICTIONS = "oof_predictions.npz"  # cv's out-of-fold probabilities
 CV_METRICS = "cv_metrics.json"
 STACK_METRICS = "stack_metrics.json"
+SEEDS_SUMMARY = "seeds_summary.json"  # train --seeds, beside its seed-N runs
 RUN_FILES = ("model.json", CHECKPOINT, METRICS)  # a run, finished or not
 # Everything train writes into a run folder (temporary files aside).
 RUN_CONTENTS = frozenset({"config.json", "model.json", "model.safetensors", "plots",
@@ -29,7 +30,7 @@ RUN_CONTENTS = frozenset({"config.json", "model.json", "model.safetensors", "plo
                           TEST_PREDICTIONS})
 SUB_RUNS = ("seed-*", "fold-*")  # the per-seed runs of train --seeds, the folds of cv
 # What cv and stack write besides: the names no command's output may take inside a run.
-OWN_FILES = RUN_CONTENTS | {OOF_PREDICTIONS, CV_METRICS, STACK_METRICS}
+OWN_FILES = RUN_CONTENTS | {OOF_PREDICTIONS, CV_METRICS, STACK_METRICS, SEEDS_SUMMARY}
 
 
 def refuse_own_file(run_dir: str | Path, path: str | Path, option: str) -> None:
@@ -81,7 +82,8 @@ def files_in_the_way(out: Path, runs: list[Path] | None = None) -> list[str]:
     version) only shows a run stopped before its first checkpoint, and is not in the way."""
     found = []
     for folder in runs or [out]:
-        if folder.is_dir():
+        # A seed's folder holding its run (resumed) holds that run's own files.
+        if folder.is_dir() and not (runs and any((folder / n).is_file() for n in RUN_FILES)):
             found += [str((folder / name).relative_to(out)) + ("/" if (folder / name).is_dir()
                                                                else "")
                       for name in sorted(OWN_FILES) if os.path.lexists(folder / name)
@@ -129,8 +131,13 @@ def check_out_folder(out: str | Path, *, resume: bool | None = None,
             f"--out {out}: already holds a run ({found.relative_to(out)}); {hint}"
             "choose another --out, or delete it first"
         )
-    runs = [out / f"seed-{seed}" for seed in seeds] if seeds else None
-    if found is None and (in_the_way := files_in_the_way(out, runs)):
+    if seeds:  # the runs go into OUT/seed-N, each checked, and the summary beside them
+        in_the_way = files_in_the_way(out, [out / f"seed-{seed}" for seed in seeds])
+        if found is None and os.path.lexists(out / SEEDS_SUMMARY):
+            in_the_way.append(SEEDS_SUMMARY)
+    else:
+        in_the_way = files_in_the_way(out) if found is None else []
+    if in_the_way:
         raise PneumoscanError(
             f"--out {out}: holds {', '.join(in_the_way)}, which a run would replace; choose "
             "another --out, or move them first"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pneumoscan.evaluate import summarize_runs
 from pneumoscan.fileio import atomic_write_json
+from pneumoscan.run_folder import SEEDS_SUMMARY
 
 FIGURES = (
     "accuracy",
@@ -33,7 +34,7 @@ def write_seed_summary(out: Path, seeds: list[int], summaries: list[dict]) -> di
         ]
         if rows:
             result[split] = summarize_runs(rows)
-    atomic_write_json(out / "seeds_summary.json", result)
+    atomic_write_json(out / SEEDS_SUMMARY, result)
     for split in ("validation", "test"):
         if split in result:
             print(f"{split} over seeds {', '.join(map(str, seeds))}:")
