@@ -507,3 +507,61 @@ def test_overlay_names_keep_the_bytes_of_a_name_that_is_not_utf8(tmp_path):
     assert os.fsencode(second) == b"R\xfcntgen_gradcam.png"
     long = "\u80f8" * 100  # 300 bytes of UTF-8: cut on a character boundary
     assert clip_name(long, 200) == "\u80f8" * 66 and clip_name("abc", 200) == "abc"
+
+
+def test_members_of_a_stack_take_their_own_sizes_decode(tmp_path):
+    # A member trained at 32 px learned from images decoded at 32 px; resized from a 48 px
+    # decode they differ by a grey level or so, which moved probabilities by tenths.
+    import torch
+
+    from pneumoscan.model_io import EnsemblePredictor, Predictor, input_sizes
+    from pneumoscan.models import create_model
+
+    def member(size: int) -> Predictor:
+        torch.manual_seed(size)
+        model = create_model("resnet10t", in_chans=1, image_size=size).eval()
+        meta = {"architecture": "resnet10t", "image_size": size, "in_chans": 1,
+                "intensity": {"mean": 0.5, "std": 0.25}, "threshold": 0.5, "temperature": 0.05}
+        return Predictor(tmp_path, meta, model, torch.device("cpu"))
+
+    small, large = member(32), member(48)
+    stack = EnsemblePredictor(tmp_path, {"kind": "ensemble", "image_size": 48, "threshold": 0.5,
+                                         "temperature": 1.0}, [small, large])
+    assert input_sizes(stack) == (32, 48)
+    rows = predict_files(stack, [REAL_JPEG])
+    expected = (small.predict_proba(read_gray(REAL_JPEG, 32)[None])[0]
+                + large.predict_proba(read_gray(REAL_JPEG, 48)[None])[0]) / 2
+    assert rows[0].probability == pytest.approx(expected, abs=1e-9)
+    resized = stack.predict_proba(read_gray(REAL_JPEG, 48)[None])[0]  # the old way
+    assert abs(resized - expected) > 1e-4  # the two ways differ: the test can tell them apart
+
+
+def test_evaluate_gives_each_member_of_a_mixed_size_ensemble_its_own_decode(synthetic_data,
+                                                                            tmp_path):
+    import torch
+
+    from pneumoscan import CLASS_NAMES
+    from pneumoscan.data.dataset import load_eval_split
+    from pneumoscan.evaluate import evaluate_predictions
+    from pneumoscan.model_io import save_model
+    from pneumoscan.models import create_model
+
+    run = tmp_path / "mixed"
+    for size in (32, 48):
+        torch.manual_seed(size)
+        save_model(run / f"m{size}", create_model("resnet10t", in_chans=1, image_size=size).eval(),
+                   {"architecture": "resnet10t", "image_size": size, "in_chans": 1,
+                    "class_names": list(CLASS_NAMES),
+                    "intensity": {"scale": 1 / 255, "mean": 0.5, "std": 0.25},
+                    "threshold": 0.5, "temperature": 0.05})
+    save_meta(run, {"kind": "ensemble", "members": ["m32", "m48"], "image_size": 48,
+                    "class_names": list(CLASS_NAMES), "threshold": 0.5, "temperature": 1.0})
+    out = tmp_path / "figures.json"
+    assert main(["evaluate", str(run), "--data", str(synthetic_data), "--json", str(out),
+                 "--quiet"]) == 0
+    predictor = load_predictor(run)
+    own = [m.predict_proba(load_eval_split(str(synthetic_data), m.image_size).split.images)
+           for m in predictor.members]
+    split = load_eval_split(str(synthetic_data), 48).split
+    expected = evaluate_predictions(split.labels, (own[0] + own[1]) / 2, 0.5)
+    assert json.loads(out.read_text())["loss"] == pytest.approx(expected["loss"], rel=1e-6)

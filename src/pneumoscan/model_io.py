@@ -207,8 +207,9 @@ class Predictor:
         )
 
     @torch.no_grad()
-    def logits(self, images: np.ndarray | torch.Tensor, batch_size: int = 0) -> np.ndarray:
-        """(N, 2) float32 logits for (N, H, W) uint8 images."""
+    def logits(self, images, batch_size: int = 0) -> np.ndarray:
+        """(N, 2) float32 logits for (N, H, W) uint8 images (from inputs, those of its size)."""
+        images = at_size(images, self.image_size)
         images = torch.as_tensor(np.asarray(images)) if isinstance(images, np.ndarray) else images
         batch_size = batch_size or eval_batch_size(self.image_size, device_type=self.device.type)
         out = []
@@ -248,6 +249,45 @@ class EnsemblePredictor:
         if self.meta["kind"] == "stack":
             return stack_probabilities(probs, self.meta["stacker"])
         return probs.mean(axis=1)
+
+
+# A stack may hold members trained at different image sizes. Each takes its images decoded at
+# its own size, as in its cross-validation, where the combiner learned their probabilities: the
+# same images decoded at another size and resized differ by a grey level or so, enough to move
+# a probability by tenths. Such a predictor takes "inputs", {size: (N, size, size) uint8}, one
+# decode per size; any other takes one array (as does a predictor given one: each member then
+# resizes it).
+
+
+def input_sizes(predictor) -> tuple[int, ...]:
+    """The image sizes ``predictor``'s networks take, smallest first."""
+    members = getattr(predictor, "members", None)
+    if members is None:
+        return (predictor.image_size,)
+    return tuple(sorted({size for m in members for size in input_sizes(m)}))
+
+
+def read_inputs(predictor, source, **options):
+    """``read_gray(source, size, **options)`` at each of ``predictor``'s input sizes: one array,
+    or inputs, ``{size: image}``, where it takes several."""
+    from pneumoscan.data.decode import read_gray
+
+    sizes = input_sizes(predictor)
+    if len(sizes) == 1:
+        return read_gray(source, sizes[0], **options)
+    return {size: read_gray(source, size, **options) for size in sizes}
+
+
+def stack_inputs(decoded: list):
+    """One batch of what ``read_inputs`` returned: ``np.stack``, per size for inputs."""
+    if decoded and isinstance(decoded[0], dict):
+        return {size: np.stack([d[size] for d in decoded]) for size in decoded[0]}
+    return np.stack(decoded)
+
+
+def at_size(images, size: int):
+    """The images a network of ``size`` takes: its own from inputs, else those given."""
+    return images[size] if isinstance(images, dict) else images
 
 
 def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 
 from pneumoscan import CLASS_NAMES
 from pneumoscan.console import printable
-from pneumoscan.data.decode import IMAGE_SUFFIXES, looks_like_image, read_gray
+from pneumoscan.data.decode import IMAGE_SUFFIXES, looks_like_image
 from pneumoscan.errors import PneumoscanError, UnreadableImage
 from pneumoscan.fileio import atomic_write
 from pneumoscan.progress import progress_bar
@@ -149,16 +149,18 @@ def iter_predictions(
     """
     if batch_size < 1:
         raise PneumoscanError(f"--batch-size must be positive, got {batch_size}")
-    size, threshold = predictor.image_size, float(predictor.threshold)
+    from pneumoscan.model_io import stack_inputs
+
+    threshold = float(predictor.threshold)
     bar = progress_bar(len(paths), "predict", "img", enabled=progress)
     with bar, ThreadPoolExecutor(_DECODE_THREADS) as pool:
         for start in range(0, len(paths), batch_size):
             batch = list(paths[start : start + batch_size])
-            decoded = list(pool.map(lambda p: _decode(p, size), batch))
-            good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
+            decoded = list(pool.map(lambda p: _decode(p, predictor), batch))
+            good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
             prob = np.zeros(0)
             if good:
-                prob = predictor.predict_proba(np.stack([decoded[i] for i in good]))
+                prob = predictor.predict_proba(stack_inputs([decoded[i] for i in good]))
             by_index = dict(zip(good, prob, strict=True))
             if on_batch is not None and good:
                 on_batch([batch[i] for i in good])
@@ -174,9 +176,12 @@ def iter_predictions(
             bar.update(len(batch))
 
 
-def _decode(path: Path, size: int) -> np.ndarray | str:
+def _decode(path: Path, predictor):
+    """The file as ``predictor`` takes it (model_io.read_inputs), or why it cannot be read."""
+    from pneumoscan.model_io import read_inputs
+
     try:
-        return read_gray(path, size)
+        return read_inputs(predictor, path)
     except UnreadableImage as e:
         return e.reason
 

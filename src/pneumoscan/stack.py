@@ -207,7 +207,9 @@ def build_stack(
     save_meta(out, {  # last: a crash before this leaves no half-made run behind a model.json
         "kind": "stack",
         "members": names,
-        "image_size": max(int(m["image_size"]) for m in metas),  # each member resizes to its own
+        # The largest; predict, evaluate and serve decode for each member at its own
+        # (model_io.read_inputs), Grad-CAM resizes from this one.
+        "image_size": max(int(m["image_size"]) for m in metas),
         "class_names": list(CLASS_NAMES),
         "threshold": float(fitted.threshold),
         "threshold_rule": rule,

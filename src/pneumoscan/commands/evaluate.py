@@ -45,17 +45,27 @@ def _evaluate(args: argparse.Namespace) -> dict:
     """Score the run on the data, print the figures and return them."""
     from pneumoscan.data.dataset import load_eval_split
     from pneumoscan.device import resolve_device
+    from pneumoscan.errors import PneumoscanError
     from pneumoscan.evaluate import evaluate_predictions, format_table
-    from pneumoscan.model_io import load_predictor
+    from pneumoscan.model_io import input_sizes, load_predictor
 
     predictor = load_predictor(args.run, resolve_device(args.device))
     threshold = predictor.threshold if args.threshold is None else args.threshold
     spec = args.data if args.data is not None else own_test_data(args.run, predictor.meta)
-    data = load_eval_split(spec, predictor.image_size, progress=not args.quiet)
+    sizes = input_sizes(predictor)
+    data = load_eval_split(spec, sizes[0], progress=not args.quiet)
+    images = data.split.images
+    if len(sizes) > 1:  # a stack of members of several sizes: each takes its own decode
+        images = {sizes[0]: images}
+        for size in sizes[1:]:
+            other = load_eval_split(spec, size, progress=not args.quiet, warn=False)
+            if other.split.paths != data.split.paths:  # a file changed between the decodes
+                raise PneumoscanError(f"{spec}: files changed while they were read; run again")
+            images[size] = other.split.images
     if _trained_on(spec, data.held_out, predictor.meta.get("data_source")):
         print(f"warning: {spec} holds the images {args.run} was trained and validated on: "
               "these figures are optimistic", file=sys.stderr)
-    prob = predictor.predict_proba(data.split.images)
+    prob = predictor.predict_proba(images)
     _require_finite(prob, args.run)
     metrics = evaluate_predictions(data.split.labels, prob, threshold,
                                    groups=data.split.patients, paths=data.split.paths)

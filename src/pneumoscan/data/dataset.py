@@ -398,8 +398,11 @@ class EvalSplit:
     held_out: bool  # a test split; False when every image of the source is evaluated
 
 
-def load_eval_split(spec: str, image_size: int, *, progress: bool = True) -> EvalSplit:
-    """The images to evaluate on: a test split if the source has one, else all of it."""
+def load_eval_split(spec: str, image_size: int, *, progress: bool = True,
+                    warn: bool = True) -> EvalSplit:
+    """The images to evaluate on: a test split if the source has one, else all of it.
+    ``warn``: say which files and folders are not read (a second size of one data: not again).
+    """
     if is_medmnist(spec):
         splits, source, _ = _load_medmnist(spec, image_size)
         return EvalSplit(splits["test"], f"{source}, test split", held_out=True)
@@ -410,7 +413,7 @@ def load_eval_split(spec: str, image_size: int, *, progress: bool = True) -> Eva
     held_out = "test" in found
     if held_out:  # only the images evaluated are decoded
         found = {"test": found["test"]}
-    splits, _, _ = _load_folder(root, image_size, progress, found)
+    splits, _, _ = _load_folder(root, image_size, progress, found, warn=warn)
     if held_out:
         split, description = splits["test"], str(split_folder(root, "test"))
     elif len(splits) == 1:

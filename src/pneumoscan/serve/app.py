@@ -27,6 +27,7 @@ FastAPI's thread pool under one lock: the model is shared, and Grad-CAM hooks it
 """
 
 import base64
+import functools
 import importlib.util
 import io
 import logging
@@ -286,16 +287,19 @@ class _Service:
         return self.explain.gradcam(self.predictor, image[None])[0]
 
     def predict(self, data: bytes, filename: str) -> dict[str, Any]:
+        from pneumoscan.model_io import at_size, read_inputs, stack_inputs
+
         size = self.predictor.image_size
         with self.decode_slots:
             # The model's input comes from the same decode as `predict` and training use. The
             # page shows the image in its own aspect ratio, as `explain` draws it (the model's
             # input is squashed to a square), its longest side at least DISPLAY_SIZE.
-            image = _decode(decode.read_gray, data, filename, size=size)
+            inputs = _decode(functools.partial(read_inputs, self.predictor), data, filename)
             display = _decode(decode.read_gray, data, filename, size=max(size, DISPLAY_SIZE),
                               keep_aspect=True)
+        image = at_size(inputs, size)  # Grad-CAM's, at the predictor's size
         with self.lock:
-            probability = float(self.predictor.predict_proba(image[None])[0])
+            probability = float(self.predictor.predict_proba(stack_inputs([inputs]))[0])
             if not math.isfinite(probability):
                 # NaN is never above the threshold: it would be answered as NORMAL.
                 raise ApiError(500, f"{filename}: {NOT_FINITE}")
