@@ -33,6 +33,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=200, help="images taken, evenly spaced")
     args = p.parse_args()
     predictor = load_predictor(args.run, "cpu")
+    if hasattr(predictor, "members"):
+        sys.exit(f"{args.run}: give a single-model run (one of an ensemble's members)")
     files = expand_paths([args.folder]).files
     files = files[:: max(1, len(files) // args.limit)][: args.limit]
     own = predictor.predict_proba(np.stack([read_gray(f, predictor.image_size) for f in files]))

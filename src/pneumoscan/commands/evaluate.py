@@ -45,7 +45,6 @@ def _evaluate(args: argparse.Namespace) -> dict:
     """Score the run on the data, print the figures and return them."""
     from pneumoscan.data.dataset import load_eval_split
     from pneumoscan.device import resolve_device
-    from pneumoscan.errors import PneumoscanError
     from pneumoscan.evaluate import evaluate_predictions, format_table
     from pneumoscan.model_io import input_sizes, load_predictor
 
@@ -54,24 +53,41 @@ def _evaluate(args: argparse.Namespace) -> dict:
     spec = args.data if args.data is not None else own_test_data(args.run, predictor.meta)
     sizes = input_sizes(predictor)
     data = load_eval_split(spec, sizes[0], progress=not args.quiet)
-    images = data.split.images
-    if len(sizes) > 1:  # a stack of members of several sizes: each takes its own decode
-        images = {sizes[0]: images}
-        for size in sizes[1:]:
-            other = load_eval_split(spec, size, progress=not args.quiet, warn=False)
-            if other.split.paths != data.split.paths:  # a file changed between the decodes
-                raise PneumoscanError(f"{spec}: files changed while they were read; run again")
-            images[size] = other.split.images
+    split, images = _at_every_size(data.split, sizes, lambda size: load_eval_split(
+        spec, size, progress=not args.quiet, warn=False).split)
     if _trained_on(spec, data.held_out, predictor.meta.get("data_source")):
         print(f"warning: {spec} holds the images {args.run} was trained and validated on: "
               "these figures are optimistic", file=sys.stderr)
     prob = predictor.predict_proba(images)
     _require_finite(prob, args.run)
-    metrics = evaluate_predictions(data.split.labels, prob, threshold,
-                                   groups=data.split.patients, paths=data.split.paths)
+    metrics = evaluate_predictions(split.labels, prob, threshold,
+                                   groups=split.patients, paths=split.paths)
     print(f"{args.run} on {data.description}:")
     print(format_table(metrics))
     return metrics
+
+
+def _at_every_size(split, sizes: tuple[int, ...], load):
+    """``split`` (decoded at ``sizes[0]``) and the predictor's images: its array, or for a stack
+    of members of several sizes ``{size: images}``, each size decoded on its own by
+    ``load(size)``. A file readable at some sizes only (a faint image blank once reduced) is
+    left out of all, and said."""
+    import numpy as np
+
+    if len(sizes) == 1:
+        return split, split.images
+    others = {size: load(size) for size in sizes[1:]}
+    common = set(split.paths).intersection(*(set(o.paths) for o in others.values()))
+
+    def kept(s):
+        return s.subset(np.array([i for i, p in enumerate(s.paths) if p in common], np.int64))
+
+    lost = len(set(split.paths).union(*(set(o.paths) for o in others.values())) - common)
+    if lost:
+        print(f"warning: {lost} file(s) could be read at some of the members' image sizes only: "
+              "left out", file=sys.stderr)
+    split = kept(split)
+    return split, {sizes[0]: split.images, **{size: kept(o).images for size, o in others.items()}}
 
 
 def own_test_data(run: str, meta: dict) -> str:
