@@ -82,12 +82,12 @@ def files_in_the_way(out: Path, runs: list[Path] | None = None) -> list[str]:
     version) only shows a run stopped before its first checkpoint, and is not in the way."""
     found = []
     for folder in runs or [out]:
-        # A seed's folder holding its run (resumed) holds that run's own files.
-        if folder.is_dir() and not (runs and any((folder / n).is_file() for n in RUN_FILES)):
-            found += [str((folder / name).relative_to(out)) + ("/" if (folder / name).is_dir()
-                                                               else "")
-                      for name in sorted(OWN_FILES) if os.path.lexists(folder / name)
-                      and not _written_by_a_run(folder / name)]
+        if not folder.is_dir() or (runs and any((folder / n).is_file() for n in RUN_FILES)):
+            continue  # nothing there yet, or a seed's own run (resumed) and its files
+        for name in sorted(OWN_FILES):
+            path = folder / name
+            if os.path.lexists(path) and not _written_by_a_run(path):
+                found.append(f"{path.relative_to(out)}{'/' if path.is_dir() else ''}")
     return found
 
 

@@ -142,10 +142,11 @@ def arrange(
         notes.append(f"{name}/ has no readable images: ignored")
         del splits[name]
     _check_classes(splits["train"], f"{source} (train)", both=not as_given)
+    keys = {name: _pixel_keys(split) for name, split in splits.items()}  # hashed once
     for name, split in splits.items():
-        if contradiction := labelled_both_ways(split):
+        if contradiction := labelled_both_ways(split, keys[name]):
             notes.append(f"warning: {name}/: {contradiction}")
-    test_overlap = seen_in_training(splits) if "test" in splits else ""
+    test_overlap = seen_in_training(splits, keys) if "test" in splits else ""
     if test_overlap:
         notes.append(f"warning: {test_overlap}")
     val = splits.get("val")
@@ -240,17 +241,17 @@ def _pixel_keys(split: Split) -> list[bytes]:
             for image in split.images]
 
 
-def seen_in_training(splits: dict[str, Split]) -> str:
+def seen_in_training(splits: dict[str, Split], keys: dict[str, list[bytes]]) -> str:
     """Test images that are also training images, pixel for pixel once decoded (a file copied
-    into both folders): a warning naming them, or "" when the test split is held out."""
+    into both folders): a warning naming them, or "" when the test split is held out.
+    ``keys``: each split's ``_pixel_keys``."""
     trained = {}  # key -> (split, row) of a training image
     for name in ("train", "val"):
         if name in splits:
-            trained.update((key, (splits[name], i))
-                           for i, key in enumerate(_pixel_keys(splits[name])))
+            trained.update((key, (splits[name], i)) for i, key in enumerate(keys[name]))
     test = splits["test"]
     both = []
-    for i, key in enumerate(_pixel_keys(test)):
+    for i, key in enumerate(keys["test"]):
         if key in trained:
             split, j = trained[key]
             if np.array_equal(test.images[i], split.images[j]):
@@ -261,12 +262,13 @@ def seen_in_training(splits: dict[str, Split]) -> str:
                      f"(e.g. {both[0][0]} = {both[0][1]}): the test figures are not held out")
 
 
-def labelled_both_ways(split: Split) -> str:
+def labelled_both_ways(split: Split, keys: list[bytes]) -> str:
     """Images of a split that are in both class folders, pixel for pixel once decoded: a
-    warning naming one pair (the model is taught both answers for them), or ""."""
+    warning naming one pair (the model is taught both answers for them), or "". ``keys``: the
+    split's ``_pixel_keys``."""
     first: dict[bytes, int] = {}  # key -> row of its first image
     both = []
-    for i, key in enumerate(_pixel_keys(split)):
+    for i, key in enumerate(keys):
         j = first.setdefault(key, i)
         if split.labels[i] != split.labels[j] and np.array_equal(split.images[i],
                                                                  split.images[j]):

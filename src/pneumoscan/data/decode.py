@@ -515,6 +515,12 @@ def _to_gray(image: Image.Image, sbit: int | None) -> Image.Image:
         raise _Refused(f"unsupported pixel mode {mode}") from e
 
 
+def _detector_depth(peak: int) -> int:
+    """The smallest usual detector depth (DETECTOR_DEPTHS) that holds 16-bit values up to
+    ``peak``: the depth of raw data in a file that says 16 bits without saying its own."""
+    return next(d for d in DETECTOR_DEPTHS if peak < 1 << d)
+
+
 def _sixteen_bit_to_uint8(pixels: np.ndarray, sbit: int | None) -> np.ndarray:
     # Mode "I" is 32-bit, but Pillow uses it for 16-bit data; anything beyond is clipped.
     values = np.clip(pixels, 0, 65535).astype(np.uint32)
@@ -523,7 +529,7 @@ def _sixteen_bit_to_uint8(pixels: np.ndarray, sbit: int | None) -> np.ndarray:
     # 12-bit values (0..4095) scaled from 16 bits would come out as 0..15, a black image.
     # Whole detector depths, not the peak's own bit length, so that images of one detector
     # decode alike however bright each one is.
-    bits = sbit or next(d for d in DETECTOR_DEPTHS if peak < 1 << d)
+    bits = sbit or _detector_depth(peak)
     if peak >> bits:
         # Values beyond sBIT's depth: the encoder scaled them up to 16 bits, as the PNG spec
         # says, so the low bits carry nothing. (Raw values within the depth are scaled as they
@@ -750,8 +756,7 @@ def _unwindowed_range(pixels: np.ndarray, ds: Any, low: float, high: float
     if not plain or pixels.size == 0:
         return low, high
     peak = int(pixels.max())
-    depth = next(d for d in DETECTOR_DEPTHS if peak < 1 << d)
-    return 0.0, float((1 << depth) - 1)
+    return 0.0, float((1 << _detector_depth(peak)) - 1)
 
 
 def _voi_output_range(ds: Any, low: float, high: float) -> tuple[float, float] | None:
