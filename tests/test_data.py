@@ -114,8 +114,8 @@ def test_folders_that_are_not_read_are_named(tmp_path, capsys):
     (tmp_path / ".git").mkdir()  # hidden: not a data folder anyone expects read
     load_data(str(tmp_path), 32, progress=False)
     err = capsys.readouterr().err
-    assert "not read, being neither split nor class folders: testing/, " in err
-    assert f"{Path('train') / 'PNEUMONIA_virus'}/ (splits are" in err and ".git" not in err
+    assert "not read, being outside the class folders: testing/, " in err
+    assert f"{Path('train') / 'PNEUMONIA_virus'}/ (images are read" in err and ".git" not in err
     # Evaluation names the test folder as it is spelled on disk.
     for cls in ("NORMAL", "PNEUMONIA"):
         write_image(tmp_path / "Test" / cls / "t.png", _gray(3 if cls == "NORMAL" else 4))

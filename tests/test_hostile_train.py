@@ -117,7 +117,7 @@ TABLE: dict[str, tuple[str, Maker, str | None]] = {
     "spaces-non-ascii-path": ("Røntgen bild ü 1 – ß.png",
                               lambda: encoded(Image.fromarray(xray()), "PNG"), None),
     # Made as a dangling symlink and as a file deleted after discovery (see hostile_run).
-    "dangling-symlink": ("gone.png", lambda: b"", "file vanished or does not exist"),
+    "dangling-symlink": ("gone.png", lambda: b"", "broken symlink (to "),
     "vanishes-mid-run": (VANISHING, lambda: encoded(Image.fromarray(xray()), "PNG"),
                          "file vanished or does not exist"),
 }

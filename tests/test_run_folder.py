@@ -88,7 +88,7 @@ def test_seeds_take_the_folder_past_a_users_files_and_warn_once(synthetic_data, 
     (out / "config.json").write_text('{"my": "settings"}')
     assert _train(data, out, "--seeds", "0,1") == 0
     assert (out / "config.json").read_text() == '{"my": "settings"}'
-    assert capsys.readouterr().err.count("not read, being neither split nor class") == 1
+    assert capsys.readouterr().err.count("not read, being outside the class folders") == 1
     other = tmp_path / "other"
     (other / "seed-0" / "plots").mkdir(parents=True)
     assert _train(data, other, "--seeds", "0,1") == 2

@@ -24,6 +24,7 @@ import numpy as np
 from pneumoscan import CLASS_NAMES
 from pneumoscan.console import printable
 from pneumoscan.data.decode import IMAGE_SUFFIXES, looks_like_image
+from pneumoscan.data.discover import walk_files
 from pneumoscan.errors import PneumoscanError, UnreadableImage
 from pneumoscan.fileio import atomic_write
 from pneumoscan.progress import progress_bar
@@ -99,9 +100,10 @@ def _glob(pattern: str) -> list[str]:
     """The pattern's matches, sorted; with ``**``, none reached through a folder symlink.
 
     glob's ``**`` follows folder symlinks, and one that points back to a parent repeats the
-    tree until the path is too long. A walked folder does not follow them, nor does bash's
-    ``**``; a plain ``*`` passes through one, as a shell's does (it cannot loop). The pattern's
-    fixed part, before its first wildcard, is taken as given.
+    tree until the path is too long; bash's ``**`` does not follow them either. (A walked
+    folder follows them, each real folder once: ``discover.walk_files``.) A plain ``*`` passes
+    through one, as a shell's does (it cannot loop). The pattern's fixed part, before its first
+    wildcard, is taken as given.
     """
     matches = sorted(glob.glob(pattern, recursive=True))
     parts = Path(pattern).parts
@@ -119,16 +121,11 @@ def _glob(pattern: str) -> list[str]:
 
 def _walk_folder(root: Path) -> tuple[list[Path], int]:
     found, skipped = [], 0
-    for folder, dirs, names in os.walk(root, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(names):
-            if name.startswith("."):
-                continue
-            path = Path(folder) / name
-            if path.suffix.lower() in IMAGE_SUFFIXES or looks_like_image(path):
-                found.append(path)
-            else:
-                skipped += 1
+    for path in walk_files(root):
+        if path.suffix.lower() in IMAGE_SUFFIXES or looks_like_image(path):
+            found.append(path)
+        else:
+            skipped += 1
     return found, skipped
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import sys
@@ -19,8 +20,9 @@ from pneumoscan.data.discover import (
     Sample,
     describe_unread,
     discover,
+    named_patient,
     split_folder,
-    unread_folders,
+    unread_parts,
 )
 from pneumoscan.data.split import SplitError, patient_split, validation_folds
 from pneumoscan.errors import PneumoscanError
@@ -146,6 +148,11 @@ def arrange(
     for name, split in splits.items():
         if contradiction := labelled_both_ways(split, keys[name]):
             notes.append(f"warning: {name}/: {contradiction}")
+        splits[name], grouped = copies_as_one_patient(split, keys[name])
+        if grouped and name == "train":
+            notes.append(f"note: {grouped} training image(s) are copies of others (the same "
+                         "pixels under another name): each goes with its original in validation"
+                         " and folds")
     test_overlap = seen_in_training(splits, keys) if "test" in splits else ""
     if test_overlap:
         notes.append(f"warning: {test_overlap}")
@@ -162,7 +169,8 @@ def arrange(
             notes.append(f"val/ ({len(val)} images) is cross-validated with train/")
             train = _concat(train, val)
         val = train.subset(np.arange(0))
-    elif val is None or (unfit := why_val_unfit(val, train)):
+        notes += _unnamed_patients(train, "folds")
+    elif val is None or (unfit := why_val_unfit(val, train, keys["val"], keys["train"])):
         if val is not None:
             notes.append(f"val/ {unfit}: ignored")
         try:
@@ -173,6 +181,7 @@ def arrange(
                 "give a larger --val-fraction (up to 0.49) or a val/ folder"
             ) from None
         notes.append(describe_carved(len(val_idx), len(train), val_fraction))
+        notes += _unnamed_patients(train, "validation")
         train, val = train.subset(train_idx), train.subset(val_idx)
     else:
         notes.append(f"validation: the given val/ split ({len(val)} images)")
@@ -189,8 +198,10 @@ def arrange(
     )
 
 
-def why_val_unfit(val: Split, train: Split) -> str:
-    """Why a given val/ cannot be the validation split, or "" when it can."""
+def why_val_unfit(val: Split, train: Split, val_keys: list[bytes],
+                  train_keys: list[bytes]) -> str:
+    """Why a given val/ cannot be the validation split, or "" when it can. ``*_keys``: the
+    splits' ``_pixel_keys``."""
     if len(val) < MIN_VAL_IMAGES:
         return f"has {len(val)} images, too few to select anything on"
     if len(set(val.labels.tolist())) < 2:
@@ -204,7 +215,23 @@ def why_val_unfit(val: Split, train: Split) -> str:
             f"shares {len(shared)} patient{'s' if len(shared) > 1 else ''} with train/ (e.g. "
             f"{shared[0]}): it would select epochs and the threshold on patients the model "
             "trained on")
+    if copies := _copies(val, val_keys, [(train, train_keys)]):
+        return printable(
+            f"holds {len(copies)} image(s) that are also in train/, pixel for pixel (e.g. "
+            f"{copies[0][0]} = {copies[0][1]}): it would select epochs and the threshold on "
+            "images the model trained on")
     return ""
+
+
+def _unnamed_patients(train: Split, carved: str) -> list[str]:
+    """A note when training images carry no patient id, so that ``carved`` (validation, or
+    cross-validation's folds) keeps apart images rather than patients."""
+    unnamed = sum(not named_patient(Path(p).name) for p in train.paths)
+    if not unnamed:
+        return []
+    return [f"note: {unnamed} of {len(train)} training images carry no patient id (Kermany "
+            "file names do: person12_bacteria_3.jpeg, IM-0001-0001.jpeg), so each is its own "
+            f"patient: {carved} may hold other images of a patient that trains"]
 
 
 def split_identity(split: Split) -> str:
@@ -245,21 +272,46 @@ def seen_in_training(splits: dict[str, Split], keys: dict[str, list[bytes]]) -> 
     """Test images that are also training images, pixel for pixel once decoded (a file copied
     into both folders): a warning naming them, or "" when the test split is held out.
     ``keys``: each split's ``_pixel_keys``."""
-    trained = {}  # key -> (split, row) of a training image
-    for name in ("train", "val"):
-        if name in splits:
-            trained.update((key, (splits[name], i)) for i, key in enumerate(keys[name]))
     test = splits["test"]
-    both = []
-    for i, key in enumerate(keys["test"]):
-        if key in trained:
-            split, j = trained[key]
-            if np.array_equal(test.images[i], split.images[j]):
-                both.append((test.paths[i], split.paths[j]))
+    both = _copies(test, keys["test"], [(splits[name], keys[name]) for name in ("train", "val")
+                                        if name in splits])
     if not both:
         return ""
     return printable(f"{len(both)} of {len(test)} test images are also in the training data "
                      f"(e.g. {both[0][0]} = {both[0][1]}): the test figures are not held out")
+
+
+def _copies(split: Split, keys: list[bytes],
+            others: list[tuple[Split, list[bytes]]]) -> list[tuple[str, str]]:
+    """(path, path of its copy) for each image of ``split`` that an image of ``others`` (each a
+    split with its ``_pixel_keys``) equals pixel for pixel."""
+    index: dict[bytes, tuple[Split, int]] = {}
+    for other, other_keys in others:
+        for j, key in enumerate(other_keys):
+            index.setdefault(key, (other, j))
+    pairs = []
+    for i, key in enumerate(keys):
+        if key in index:
+            other, j = index[key]
+            if np.array_equal(split.images[i], other.images[j]):
+                pairs.append((split.paths[i], other.paths[j]))
+    return pairs
+
+
+def copies_as_one_patient(split: Split, keys: list[bytes]) -> tuple[Split, int]:
+    """``split`` with each image that copies an earlier one, pixel for pixel, given that one's
+    patient, and how many were: a file saved twice under two names is otherwise two patients,
+    and validation, folds and the bootstrap could put the two copies on two sides."""
+    first: dict[bytes, int] = {}  # key -> row of its first image
+    patients, grouped = list(split.patients), 0
+    for i, key in enumerate(keys):
+        j = first.setdefault(key, i)
+        if patients[i] != patients[j] and np.array_equal(split.images[i], split.images[j]):
+            patients[i] = patients[j]
+            grouped += 1
+    if not grouped:
+        return split, 0
+    return dataclasses.replace(split, patients=patients), grouped
 
 
 def labelled_both_ways(split: Split, keys: list[bytes]) -> str:
@@ -316,7 +368,7 @@ def _load_folder(
 ) -> tuple[dict[str, Split], list[tuple[str, str]], str]:
     """Decode the splits ``found`` (default: every split of ``root``)."""
     found = discover(root) if found is None else found
-    if warn and (unread := unread_folders(root, tuple(found))):
+    if warn and (unread := unread_parts(root, tuple(found))):
         print("warning: " + describe_unread(unread), file=sys.stderr)
     everything: list[Sample] = [s for samples in found.values() for s in samples]
     if not everything:

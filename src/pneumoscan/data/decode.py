@@ -339,6 +339,8 @@ def _open_regular(path: Path) -> IO[bytes]:
 
 def _os_reason(e: OSError) -> str:
     if isinstance(e, FileNotFoundError):
+        if e.filename is not None and os.path.islink(e.filename):
+            return f"broken symlink (to {os.readlink(e.filename)}, which does not exist)"
         return "file vanished or does not exist"
     if isinstance(e, PermissionError):
         return "permission denied"

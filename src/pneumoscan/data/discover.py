@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from pneumoscan import CLASS_NAMES
+from pneumoscan.data.decode import IMAGE_SUFFIXES
 from pneumoscan.errors import PneumoscanError
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -20,6 +22,8 @@ _PATIENT_PATTERNS = (
 # ... and the kind of pneumonia: person1000_bacteria_2931.jpeg, person1_virus_6.jpeg.
 _KIND_PATTERN = re.compile(r"^person\d+_(bacteria|virus)_", re.IGNORECASE)
 PNEUMONIA_KINDS = {"bacteria": "bacterial", "virus": "viral"}
+# Files an operating system leaves in folders of pictures: never images, never worth a warning.
+SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini"})
 
 
 @dataclass(frozen=True)
@@ -31,11 +35,18 @@ class Sample:
 
 def patient_id(path: Path, root: Path) -> str:
     """The patient a Kermany file name names; otherwise the file itself is its own patient."""
+    return named_patient(path.name) or (
+        str(path.relative_to(root)) if path.is_relative_to(root) else str(path))
+
+
+def named_patient(name: str) -> str:
+    """The patient a Kermany file name names (lower-cased: person1_... and PERSON1_... are one
+    patient), or "" for any other name."""
     for pattern in _PATIENT_PATTERNS:
-        match = pattern.match(path.name)
-        if match:  # lower-cased, as matched: person1_... and PERSON1_... are one patient
+        match = pattern.match(name)
+        if match:
             return match.group(1).lower()
-    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+    return ""
 
 
 def pneumonia_kind(path: str | Path) -> str:
@@ -61,7 +72,7 @@ def discover(root: str | Path, *, need_train: bool = True) -> dict[str, list[Sam
     else:
         raise PneumoscanError(
             f"{root}: expected class folders NORMAL/ and PNEUMONIA/, or train/ (and optionally "
-            "val/, test/) folders that hold them"
+            f"val/, test/) folders that hold them{_nearby_layout(root)}"
         )
     if need_train and "train" not in found:
         raise PneumoscanError(f"{root}: has {', '.join(found)}/ but no train/ folder")
@@ -77,7 +88,7 @@ def _children(folder: Path, names: tuple[str, ...]) -> dict[str, Path]:
     wanted = {name.lower() for name in names}
     out: dict[str, Path] = {}
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        key = entry.name.lower()
+        key = _folder_key(entry.name)
         if key not in wanted or not entry.is_dir():
             continue
         if key in out:
@@ -86,6 +97,23 @@ def _children(folder: Path, names: tuple[str, ...]) -> dict[str, Path]:
                 "images into one folder")
         out[key] = Path(entry.path)
     return out
+
+
+def _folder_key(name: str) -> str:
+    """A folder's name as split and class names are matched: any case, and a space typed at
+    either end (``PNEUMONIA /``, invisible in a listing) does not count."""
+    return name.strip().lower()
+
+
+def _nearby_layout(folder: Path) -> str:
+    """A hint for a --data one level off: the sub-folder that holds the expected layout, or
+    the folder above when ``folder`` is itself a class folder."""
+    if _folder_key(folder.name) in {n.lower() for n in CLASS_NAMES}:
+        return f"; {folder.name}/ is itself a class folder: give the folder that holds it"
+    for sub in _subfolders(folder):
+        if _children(sub, SPLIT_NAMES) or _class_folders(sub):
+            return f"; did you mean {sub}?"
+    return ""
 
 
 def _class_folders(folder: Path) -> dict[int, Path]:
@@ -99,30 +127,46 @@ def split_folder(root: str | Path, name: str) -> Path:
     return _children(Path(root), SPLIT_NAMES).get(name, Path(root) / name)
 
 
-def unread_folders(root: str | Path, splits: tuple[str, ...] = SPLIT_NAMES) -> list[str]:
-    """Folders ``discover`` passes over, by their path under ``root``: at the top, those that are
-    no split folder (when there are split folders), and in ``splits``' folders (or the top, when
-    it holds class folders) those that are no class folder. Their images are not read, so a
-    user should hear of them: ``PNEUMONIA_virus/`` is no ``PNEUMONIA/``."""
+def unread_parts(root: str | Path, splits: tuple[str, ...] = SPLIT_NAMES) -> list[str]:
+    """What ``discover`` passes over, by path under ``root``: at the top, folders that are no
+    split folder (when there are split folders); in ``splits``' folders (or the top, when it
+    holds class folders), folders that are no class folder; and image files lying beside the
+    class or split folders instead of in them. None of it is read, so a user should hear of
+    it: ``PNEUMONIA_virus/`` is no ``PNEUMONIA/``."""
     root = Path(root)
     split_dirs = _children(root, SPLIT_NAMES)
     if split_dirs:
-        skipped = [f"{d.name}/" for d in _subfolders(root) if d.name.lower() not in SPLIT_NAMES]
-        holders = [split_dirs[name] for name in splits if name in split_dirs]
+        skipped = [f"{d.name}/" for d in _subfolders(root)
+                   if _folder_key(d.name) not in SPLIT_NAMES]
+        holders = [root] + [split_dirs[name] for name in splits if name in split_dirs]
     else:
         skipped, holders = [], [root]
     classes = {name.lower() for name in CLASS_NAMES}
     for holder in holders:
-        skipped += [f"{d.relative_to(root)}/" for d in _subfolders(holder)
-                    if d.name.lower() not in classes]
+        if holder != root or not split_dirs:
+            skipped += [f"{d.relative_to(root)}/" for d in _subfolders(holder)
+                        if _folder_key(d.name) not in classes]
+        if loose := _loose_images(holder):
+            where = f"{holder.relative_to(root)}/" if holder != root else "the top folder"
+            skipped.append(f"{loose} image file{'s' if loose > 1 else ''} in {where}")
     return skipped
 
 
-def describe_unread(folders: list[str]) -> str:
-    shown = ", ".join(folders[:10]) + (f" and {len(folders) - 10} more" if len(folders) > 10
-                                      else "")
-    return (f"not read, being neither split nor class folders: {shown} (splits are train/, "
-            f"val/ and test/; classes {' and '.join(n + '/' for n in CLASS_NAMES)}, any case)")
+def describe_unread(parts: list[str]) -> str:
+    shown = ", ".join(parts[:10]) + (f" and {len(parts) - 10} more" if len(parts) > 10 else "")
+    return (f"not read, being outside the class folders: {shown} (images are read from class "
+            f"folders {' and '.join(n + '/' for n in CLASS_NAMES)}, in split folders train/, "
+            "val/, test/ or at the top; any case)")
+
+
+def _loose_images(folder: Path) -> int:
+    return sum(1 for e in os.scandir(folder) if not e.is_dir() and not is_system_file(e.name)
+               and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES)
+
+
+def is_system_file(name: str) -> bool:
+    """Hidden files (``.DS_Store``, macOS' ``._name`` copies) and an operating system's own."""
+    return name.startswith(".") or name.lower() in SYSTEM_FILES
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -135,25 +179,38 @@ def _class_samples(folder: Path, root: Path, *, empty_ok: bool = False) -> list[
     and no files at all (a val/ or test/ made ahead of time) holds none, rather than being
     refused."""
     classes = _class_folders(folder)
-    if not classes and empty_ok and not _files_under(folder):
+    if not classes and empty_ok and next(walk_files(folder), None) is None:
         return []
     if not classes:
         raise PneumoscanError(
             f"{folder}: expected class folders {' and '.join(n + '/' for n in CLASS_NAMES)}"
+            f"{_nearby_layout(folder)}"
         )
     samples = []
     for label, class_dir in classes.items():
-        for path in _files_under(class_dir):
+        for path in walk_files(class_dir):
             samples.append(Sample(path, label, patient_id(path, root)))
     return samples
 
 
-def _files_under(folder: Path) -> list[Path]:
-    """Every non-hidden file below ``folder``, sorted; folder symlinks are not followed (loops)."""
-    files = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+def walk_files(folder: Path) -> Iterator[Path]:
+    """Every file below ``folder``, sorted, but hidden and system files (``is_system_file``).
+
+    Folder symlinks are followed, as torchvision's ImageFolder follows them (a batch of images
+    linked into a class folder is read), each real folder once: a link to a parent cannot loop.
+    """
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        try:
+            info = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (info.st_dev, info.st_ino) in seen:  # reached again through a link
+            dirnames[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if not name.startswith("."):
-                files.append(Path(dirpath) / name)
-    return files
+            if not is_system_file(name):
+                yield Path(dirpath) / name
