@@ -10,9 +10,10 @@ per run and as means over the runs, then one JSON line with the figures and the 
 
 Rules: the project's (`youden`, `sensitivity:0.95`, `fixed:0.5`, through
 `pneumoscan.evaluate.choose_threshold`) and two references that only live here: the equal-error
-point (sensitivity = specificity), Youden's threshold averaged (in logit space) over 200
-bootstrap resamples of the validation split, which smooths the argmax over a noisy ROC, and
-Youden's threshold moved to the middle of the score gap below it.
+point (sensitivity = specificity), and Youden's threshold averaged (in logit space) over 200
+bootstrap resamples of the validation split, which smooths the argmax over a noisy ROC.
+(Youden's threshold moved to the middle of the score gap below its ROC point, once a reference
+here, is now the project's own: ``choose_threshold``.)
 """
 
 from __future__ import annotations
@@ -45,29 +46,12 @@ def bootstrap_youden(y: np.ndarray, p: np.ndarray, resamples: int = 200) -> floa
     return float(1 / (1 + np.exp(-np.mean(logits))))
 
 
-def mid_gap_youden(y: np.ndarray, p: np.ndarray) -> float:
-    """Youden's threshold moved down to the middle (in logit space) of the gap below it.
-
-    ``choose_threshold`` returns the lowest-scoring positive it still calls positive; any
-    threshold down to the next lower score has the same validation figures. The middle of that
-    gap is the max-margin choice.
-    """
-    t = choose_threshold(y, p, "youden")
-    below = p[p < t]
-    if below.size == 0:
-        return t
-    lo, hi = np.clip([below.max(), t], 1e-7, 1 - 1e-7)
-    middle = (np.log(lo / (1 - lo)) + np.log(hi / (1 - hi))) / 2
-    return float(1 / (1 + np.exp(-middle)))
-
-
 RULES = {
     "youden": lambda y, p: choose_threshold(y, p, "youden"),
     "sensitivity:0.95": lambda y, p: choose_threshold(y, p, "sensitivity:0.95"),
     "fixed:0.5": lambda y, p: 0.5,
     "equal-error (reference)": equal_error,
     "bootstrap youden (reference)": bootstrap_youden,
-    "mid-gap youden (reference)": mid_gap_youden,
 }
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, JpegImagePlugin
+from PIL import Image, JpegImagePlugin, features
 
 from pneumoscan.data import decode
 from pneumoscan.data.decode import MAX_PIXELS, looks_like_image, read_gray, sniff_kind
@@ -722,6 +722,23 @@ def test_multiframe_dicom_refused():
     frames = np.stack([twelve_bit(gradient())] * 12)
     data = dicom_bytes(frames, BitsStored=12, NumberOfFrames=12)
     assert refused(data) == "multi-frame DICOM is not supported (12 frames)"
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "GIF", "PNG", "WEBP"])
+def test_multiframe_images_are_refused_like_dicom(fmt):
+    """A two-page TIFF (the X-ray and its mirror) was read as its first page without a word."""
+    if fmt == "WEBP" and not features.check("webp"):
+        pytest.skip("Pillow without WebP")
+    first = Image.fromarray(gradient())
+    second = first.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    buffer = io.BytesIO()
+    first.save(buffer, fmt, save_all=True, append_images=[second])
+    label = {"WEBP": "WebP"}.get(fmt, fmt)
+    assert refused(buffer.getvalue()) == (f"multi-frame {label} is not supported (2 frames): "
+                                          "save the one to read as a file of its own")
+    one = io.BytesIO()
+    first.save(one, fmt)
+    assert read_gray(one.getvalue()).shape == gradient().shape  # one frame: read
 
 
 def test_huge_dicom_refused_before_pixels():

@@ -5,6 +5,7 @@ The trained run is conftest's session fixture ``trained_run`` (seed_cnn, 32 px, 
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,6 +136,54 @@ def test_onnx_never_replaces_one_of_the_runs_own_files(name, run_copy, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is one of the run's own files" in err[0]
     assert {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("target", ["ensemble/model.json", "other/model.safetensors"])
+def test_onnx_never_replaces_another_runs_files(target, trained_run, tmp_path, capsys):
+    """Exporting a fold into its ensemble's folder as model.json (or onto another run's
+    weights) succeeded and left that run unable to load."""
+    ensemble, other = tmp_path / "ensemble", tmp_path / "other"
+    shutil.copytree(trained_run, ensemble / "fold-0")
+    (ensemble / "model.json").write_text(json.dumps({"kind": "ensemble", "members": ["fold-0"]}))
+    shutil.copytree(trained_run, other)
+    path = tmp_path / target
+    before = path.read_bytes()
+    assert main(["export", str(ensemble / "fold-0"), "--onnx", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"is a file of the run in {path.parent}" in err[0], err
+    assert path.read_bytes() == before
+
+
+def test_a_run_that_cannot_be_written_is_exported_unrecorded(run_copy, tmp_path, monkeypatch,
+                                                            capsys):
+    """A run on a read-only share wrote (or replaced) the ONNX file, then failed on its
+    model.json with exit 2."""
+    real = export_module.check_writable
+
+    def read_only_run(path):
+        if path.parent == run_copy:
+            raise PermissionError(13, "Permission denied", str(path))
+        real(path)
+
+    monkeypatch.setattr(export_module, "check_writable", read_only_run)
+    before = (run_copy / "model.json").read_text()
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(run_copy), "--onnx", str(out)]) == 0
+    assert out.is_file() and (run_copy / "model.json").read_text() == before
+    assert "does not record this export" in capsys.readouterr().err
+
+
+def test_onnx_through_a_symlink_is_written_where_it_points(run_copy, tmp_path):
+    """A link current.onnx -> versions/v1.onnx was replaced by a file, and model.json named
+    v1.onnx, which still held the old model."""
+    (tmp_path / "versions").mkdir()
+    target = tmp_path / "versions" / "v1.onnx"
+    target.write_bytes(b"old")
+    link = tmp_path / "current.onnx"
+    link.symlink_to(Path("versions") / "v1.onnx")
+    assert main(["export", str(run_copy), "--onnx", str(link)]) == 0
+    assert link.is_symlink() and target.read_bytes() != b"old"
+    assert read_meta(run_copy)["onnx"]["file"] == str(target.resolve())
 
 
 def test_not_a_run_is_one_line(tmp_path, capsys):

@@ -390,9 +390,14 @@ def choose_threshold(y_true: np.ndarray, prob: np.ndarray, rule: str = "youden")
     """Operating threshold (predict positive iff ``prob >= threshold``) chosen by ``rule``.
 
     - ``youden``: the ROC threshold maximising sensitivity + specificity - 1 (the highest
-      one among ties), clipped into [0, 1]; 0.5 when no threshold beats chance;
+      one among ties); 0.5 when no threshold beats chance;
     - ``sensitivity:X``: the highest ROC threshold whose sensitivity is at least X;
     - ``fixed:X``: X itself.
+
+    A ROC threshold is one validation image's score; the threshold returned lies in the middle
+    of the gap between it and the next lower score (0 below the lowest), which classifies the
+    validation images alike. On the score itself, that image's label would turn on the last
+    bits of its probability, which a batch of another size moves by 1e-8.
     """
     name, value = split_threshold_rule(rule)
     if name == "fixed":
@@ -409,7 +414,18 @@ def choose_threshold(y_true: np.ndarray, prob: np.ndarray, rule: str = "youden")
     best = int(np.argmax(score))  # first maximum: the highest such threshold
     if name == "youden" and score[best] <= 0:
         return 0.5  # scores that carry no information: no threshold beats chance
-    return float(np.clip(thresholds[best], 0.0, 1.0))
+    below = thresholds[best + 1] if best + 1 < len(thresholds) else 0.0
+    return _middle(float(min(thresholds[best], 1.0)), float(below))
+
+
+def _middle(high: float, low: float) -> float:
+    """The middle of (low, high) in logit space, where probabilities near 0 and 1 are spread
+    out as the model's scores are; in probability space where that leaves the gap (a bound at
+    0 or 1, or two scores float64 cannot tell apart there)."""
+    with np.errstate(divide="ignore", over="ignore"):
+        z = (np.log(high) - np.log1p(-high) + np.log(low) - np.log1p(-low)) / 2
+        middle = float(1 / (1 + np.exp(-z)))
+    return middle if low < middle < high else (high + low) / 2
 
 
 # --------------------------------------------------------------------------- temperature

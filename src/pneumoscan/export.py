@@ -25,7 +25,7 @@ from torch import nn
 from pneumoscan import CLASS_NAMES
 from pneumoscan.data.decode import DRAFT_FACTOR
 from pneumoscan.errors import PneumoscanError
-from pneumoscan.fileio import atomic_write
+from pneumoscan.fileio import atomic_write, check_writable
 from pneumoscan.model_io import (
     EnsemblePredictor,
     Predictor,
@@ -124,8 +124,12 @@ def preprocessing_note(image_size: int) -> str:
     # the reduced-scale figures are those measured for DRAFT_FACTOR (see decode.py).
     s = image_size
     return (
-        "decode to 8-bit gray (16-bit gray scaled linearly from its significant bits: the PNG "
-        "sBIT depth, else the smallest of 8, 10, 12, 14, 16 bits that holds the largest value); "
+        "decode to 8-bit gray (colour to luma, alpha dropped; EXIF orientation applied; "
+        "16-bit gray scaled linearly from its significant bits: the PNG sBIT depth, else the "
+        "smallest of 8, 10, 12, 14, 16 bits that holds the largest value; DICOM through its "
+        "modality LUT, then its VOI LUT or window, that output range mapped linearly to "
+        "0..255, MONOCHROME1 inverted; every rule in the pneumoscan README, 'Decoding, "
+        "exactly'); "
         f"resize to {s}x{s} (Pillow bilinear, antialiased, aspect ratio not kept); a JPEG at "
         f"least {2 * DRAFT_FACTOR * s} px on its shorter side is first decoded by libjpeg at "
         f"1/2, 1/4 or 1/8 scale, never below {DRAFT_FACTOR * s} px, which changes the resized "
@@ -150,7 +154,11 @@ def export_onnx(run_dir: str | Path, onnx_path: str | Path) -> dict:
             "pip install 'pneumoscan[export]'"
         ) from None
     run_dir, onnx_path = Path(run_dir), Path(onnx_path)
+    if onnx_path.is_symlink():  # written through, as cp would: the link keeps pointing there
+        onnx_path = onnx_path.resolve()
     refuse_own_file(run_dir, onnx_path, "--onnx")  # a run whose weights became ONNX is dead
+    check_writable(onnx_path)
+    recorded = _can_record(run_dir)
     predictor = load_predictor(run_dir, "cpu")
     size = predictor.image_size
     _check_member_sizes(predictor, size)
@@ -178,8 +186,21 @@ def export_onnx(run_dir: str | Path, onnx_path: str | Path) -> dict:
         worst, compared = verify(tmp, predictor, name=onnx_path)
 
     atomic_write(onnx_path, write)
-    update_meta(run_dir, onnx=entry)
-    return {**entry, "max_abs_difference": worst, "compared": f"log-odds on {compared}"}
+    if recorded:
+        update_meta(run_dir, onnx=entry)
+    return {**entry, "max_abs_difference": worst, "compared": f"log-odds on {compared}",
+            "recorded": recorded}
+
+
+def _can_record(run_dir: Path) -> bool:
+    """Whether the export can be noted in the run's model.json; a run kept where it may not be
+    written (a read-only share) is exported all the same, its ONNX file carrying the same
+    metadata."""
+    try:
+        check_writable(run_dir / "model.json")
+    except OSError:
+        return False
+    return True
 
 
 def _check_member_sizes(predictor, size: int) -> None:

@@ -35,10 +35,16 @@ OWN_FILES = RUN_CONTENTS | {OOF_PREDICTIONS, CV_METRICS, STACK_METRICS, SEEDS_SU
 
 def refuse_own_file(run_dir: str | Path, path: str | Path, option: str) -> None:
     """Refuse an output ``path`` that is one of ``run_dir``'s own files (a fold's or member's
-    included): the command would succeed and leave a run that no longer loads."""
+    included), or a run's file in any folder that holds a run (the ensemble above a fold,
+    another run): the command would succeed and leave a run that no longer loads."""
     target = Path(path).resolve()
-    if target.is_relative_to(Path(run_dir).resolve()) and target.name in OWN_FILES:
+    if target.name not in OWN_FILES:
+        return
+    if target.is_relative_to(Path(run_dir).resolve()):
         raise PneumoscanError(f"{option} {path}: is one of the run's own files; name a new file")
+    if earlier_run_file(target.parent) is not None:
+        raise PneumoscanError(f"{option} {path}: is a file of the run in {target.parent}; name "
+                              "a new file")
 
 
 def new_run_folder(parent: Path = Path("runs")) -> Path:

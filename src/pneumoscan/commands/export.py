@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,4 +18,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.run} -> {args.onnx} (onnxruntime matches PyTorch within "
           f"{entry['max_abs_difference']:.1e} in {entry['compared']})")
     print(f"input {entry['input']['name']}: {entry['preprocessing']}")
+    if not entry["recorded"]:
+        print(f"note: {args.run} cannot be written to, so its model.json does not record this "
+              "export (the ONNX file holds the same metadata)", file=sys.stderr)
     return 0

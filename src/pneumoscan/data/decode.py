@@ -417,6 +417,11 @@ def _decode_pillow(data: bytes, kind: str, size: int | None) -> Image.Image:
 def _open_and_load(data: bytes, kind: str, size: int | None) -> Image.Image:
     image = Image.open(BytesIO(data), formats=[_PILLOW_FORMATS[kind]])
     _check_dimensions(*image.size)
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1 and kind != "jpeg":  # (a camera's JPEG may carry a second, smaller picture)
+        # Which page is the X-ray? Reading the first alone would answer for it unasked.
+        raise _Refused(f"multi-frame {_LABELS[kind]} is not supported ({frames} frames): save "
+                       "the one to read as a file of its own")
     if kind == "jpeg":
         # libjpeg decodes straight to grey, and at 1/2, 1/4 or 1/8 scale when that still
         # leaves DRAFT_FACTOR times the target size: large JPEGs decode several times faster.
