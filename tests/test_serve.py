@@ -219,6 +219,28 @@ def test_ensemble_run(trained_run, tmp_path, image_file):
     assert response.status_code == 200 and 0 <= response.json()["probability"] <= 1
 
 
+def test_a_stack_of_several_sizes_shows_each(tmp_path, monkeypatch):
+    """The page showed 'input 64 px' for a stack whose other member takes 32 px images."""
+    import torch
+
+    import pneumoscan.model_io as model_io
+    from pneumoscan.models import create_model
+
+    def member(size: int):
+        model = create_model("seed_cnn", in_chans=3, image_size=size).eval()
+        meta = {"architecture": "seed_cnn", "image_size": size, "in_chans": 3,
+                "intensity": {"mean": 0.5, "std": 0.25}, "threshold": 0.5, "temperature": 1.0}
+        return model_io.Predictor(tmp_path, meta, model, torch.device("cpu"))
+
+    stack = model_io.EnsemblePredictor(tmp_path, {"kind": "ensemble", "image_size": 64,
+                                                  "threshold": 0.5, "temperature": 1.0},
+                                       [member(32), member(64)])
+    monkeypatch.setattr(model_io, "load_predictor", lambda *_args: stack)
+    with TestClient(create_app(tmp_path)) as c:
+        assert c.get("/api/model").json()["input_sizes"] == [32, 64]
+        assert "meta.input_sizes" in c.get("/").text  # the page shows them
+
+
 # --- hostile requests ---------------------------------------------------------------------
 
 BOUNDARY = "pneumoscanboundary"
@@ -287,6 +309,52 @@ def test_malformed_multipart_422(client, image_file, case):
     response = _post_raw(client, body, content_type)
     assert response.status_code == 422, response.text
     _json_error(response)
+
+
+@pytest.mark.parametrize("case, said", [
+    # The parser drops a part the body ends inside of: "missing file" blamed the client for a
+    # field it had sent.
+    ("no closing boundary", "incomplete multipart body: it ends before its closing boundary"),
+    ("two files", "one image per request: this body holds more than one file"),
+])
+def test_a_cut_short_or_crowded_body_says_what_is_wrong(client, image_file, case, said):
+    body, content_type = _malformed(image_file.read_bytes())[case]
+    assert _json_error(_post_raw(client, body, content_type)) == said
+
+
+def test_wrong_methods_say_the_allowed_and_head_answers(client):
+    """405 answers had no Allow header (RFC 9110 wants one), and monitors asking with HEAD got
+    405 from every page."""
+    response = client.post("/api/health")
+    assert response.status_code == 405
+    assert set(response.headers["allow"].split(", ")) == {"GET", "HEAD"}
+    for path in ("/", "/api/health", "/api/model"):
+        response = client.head(path)
+        assert response.status_code == 200 and response.content == b"", path
+
+
+def test_the_schema_describes_answers_and_errors(client):
+    operation = client.get("/openapi.json").json()["paths"]["/api/predict"]["post"]
+    assert {"413", "415", "422", "500", "503"} <= set(operation["responses"])
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    assert {"probability", "label", "threshold", "gradcam_png"} <= set(
+        schemas["Prediction"]["properties"])
+    assert "multipart/form-data" in operation["requestBody"]["content"]
+
+
+def test_the_page_asks_relative_to_where_it_is_served(client):
+    """fetch("/api/model") left the page empty behind a proxy that mounts it at /pneumoscan/."""
+    html = client.get("/").text
+    assert re.findall(r'fetch\("([^"]+)"', html) == ["api/model", "api/predict"]
+
+
+def test_a_network_wide_host_is_warned_about():
+    from pneumoscan.commands import serve as serve_command
+
+    assert all(serve_command._local_only(h) for h in ("127.0.0.1", "::1", "localhost"))
+    assert not any(serve_command._local_only(h) for h in ("0.0.0.0", "::", "192.168.1.5"))
+    warning = serve_command.network_warning("0.0.0.0", 8000)
+    assert f"http://{socket.gethostname()}:8000/" in warning and "no login" in warning
 
 
 def test_wrong_field_and_plain_field_422(client, image_file):
@@ -465,6 +533,44 @@ def test_page_in_chromium(live_server, image_file):
         finally:
             browser.close()
     assert not problems, problems
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_page_says_what_a_proxy_answered_and_what_a_drop_left_out(live_server, image_file):
+    """An HTML 413 from a proxy showed as "the server did not answer: Unexpected token '<'",
+    and of several dropped files the first alone was read, without a word."""
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    data = base64.b64encode(image_file.read_bytes()).decode("ascii")
+    drop_two = """data => {
+        const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        for (const name of ["a.png", "b.png"]) {
+            dt.items.add(new File([bytes], name, {type: "image/png"}));
+        }
+        document.getElementById("drop").dispatchEvent(
+            new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+    }"""
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(live_server + "/")
+            page.evaluate(drop_two, data)
+            page.wait_for_selector("body[data-state=done]", timeout=30_000)
+            status = page.inner_text("#status")
+            assert status.startswith("a.png") and "the 1 other dropped file was not read" in status
+            page.route("**/api/predict", lambda route: route.fulfill(
+                status=413, content_type="text/html",
+                body="<html><h1>413 Request Entity Too Large</h1></html>"))
+            page.evaluate(drop_two, data)
+            page.wait_for_selector("body[data-state=error]", timeout=30_000)
+            assert page.inner_text("#error").startswith("error 413")
+        finally:
+            browser.close()
 
 
 # --- the serve command ----------------------------------------------------------------------

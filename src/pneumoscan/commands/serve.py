@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import signal
 import socket
@@ -35,10 +36,30 @@ def run(args: argparse.Namespace) -> int:
     with listen(args.host, args.port) as sock:
         app = create_app(args.run, device=str(resolve_device(args.device)))
         # Flushed: when stdout is a pipe or a log file, the address must show while it serves.
-        print(f"pneumoscan serve: {url(args.host, sock.getsockname()[1])}  (research use, not a "
+        port = sock.getsockname()[1]
+        print(f"pneumoscan serve: {url(args.host, port)}  (research use, not a "
               "medical device; Ctrl-C stops)", flush=True)
+        if not _local_only(args.host):
+            print(network_warning(args.host, port), file=sys.stderr, flush=True)
         _serve(uvicorn, app, sock)
     return 0
+
+
+def _local_only(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def network_warning(host: str, port: int) -> str:
+    """What binding beyond this machine means, and where colleagues can reach it."""
+    reach = ""
+    if host in ("0.0.0.0", "::", ""):  # every interface: no one opens that address itself
+        reach = f" (other machines: {url(socket.gethostname(), port)} or this machine's address)"
+    return (f"pneumoscan serve: warning: --host {host} takes uploads from other machines{reach}, "
+            "over plain HTTP and with no login: X-rays cross the network unencrypted. To share "
+            "it, put a web server with HTTPS and a login in front of it.")
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -32,6 +32,7 @@ import importlib.util
 import io
 import logging
 import math
+import re
 import threading
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -71,11 +72,13 @@ def create_app(run_dir: str | Path, device: str = "cpu"):
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from pneumoscan.model_io import load_predictor
+    from pneumoscan.model_io import input_sizes, load_predictor
 
     _quiet_multipart_log()
     predictor = load_predictor(run_dir, device)
     model_info = public_meta(predictor.meta)
+    if len(sizes := input_sizes(predictor)) > 1:  # a stack's members, each at its own size
+        model_info["input_sizes"] = list(sizes)
     page = resources.files("pneumoscan.serve").joinpath("page.html").read_text("utf-8")
     service = _Service(predictor)
 
@@ -95,8 +98,12 @@ def create_app(run_dir: str | Path, device: str = "cpu"):
         return JSONResponse({"error": exc.message}, status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request, exc: StarletteHTTPException):
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+    async def http_error(request, exc: StarletteHTTPException):
+        headers = exc.headers
+        if exc.status_code == 405:  # Allow: every method the path takes, over all its routes
+            headers = {"Allow": ", ".join(_allowed_methods(app, request.scope))}
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code,
+                            headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request, exc: RequestValidationError):
@@ -110,20 +117,30 @@ def create_app(run_dir: str | Path, device: str = "cpu"):
     # These answer on the event loop itself (async, nothing to wait for): run in the thread
     # pool, they queued behind the predictions waiting there for the model, and a health probe
     # or the page's first request took seconds under load.
+    # HEAD as well as GET: uptime monitors and curl -I ask with it (left out of the schema,
+    # where it would repeat each GET).
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.head("/", include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
     @app.get("/api/health")
+    @app.head("/api/health", include_in_schema=False)
     @app.get("/health", include_in_schema=False)
+    @app.head("/health", include_in_schema=False)
     async def health() -> dict:
         return {"status": "ok", "model": predictor.name}
 
     @app.get("/api/model")
+    @app.head("/api/model", include_in_schema=False)
     async def model() -> dict:
         return model_info
 
-    @app.post("/api/predict", openapi_extra=_UPLOAD_SCHEMA)
+    prediction, error = _answer_models()
+
+    @app.post("/api/predict", openapi_extra=_UPLOAD_SCHEMA, response_model=prediction,
+              responses={status: {"model": error, "description": why}
+                         for status, why in ERROR_STATUSES.items()})
     async def predict(request: Request) -> dict:
         # The body is read here, not by FastAPI's form handling, so that an oversized upload
         # is refused while streaming instead of after it has been spooled to disk.
@@ -135,6 +152,18 @@ def create_app(run_dir: str | Path, device: str = "cpu"):
             app.state.predictions_in_progress -= 1
 
     return app
+
+
+def _allowed_methods(app, scope) -> list[str]:
+    """The methods the routes of ``scope``'s path take. (Starlette's own 405 names one route's
+    alone, and HEAD has routes of its own here, kept out of the schema.)"""
+    from starlette.routing import Match
+
+    methods = set()
+    for route in app.router.routes:
+        if getattr(route, "methods", None) and route.matches(scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
 
 
 def _require_fastapi():
@@ -176,6 +205,38 @@ _UPLOAD_SCHEMA = {
 }
 
 
+# The answers other than 200 that /api/predict gives, as its schema lists them.
+ERROR_STATUSES = {
+    413: "upload over the limit, or an image header declaring too many pixels",
+    415: "not a multipart/form-data upload, or content that is no image",
+    422: "no 'file' field, a malformed or incomplete body, an empty or undecodable image",
+    500: "the server lacks a decoder the file needs, or the model's probability is not finite",
+    503: "not enough memory to decode the image: a retry may succeed",
+}
+
+
+def _answer_models():
+    """The JSON answers of /api/predict as pydantic models, for /openapi.json."""
+    from pydantic import BaseModel, Field
+
+    class Prediction(BaseModel):
+        probability: float = Field(description=f"calibrated probability of {CLASS_NAMES[1]}")
+        label: str = Field(description=f"{CLASS_NAMES[1]} when probability >= threshold, "
+                                       f"else {CLASS_NAMES[0]}")
+        threshold: float = Field(description="the run's threshold, chosen on validation data")
+        model: str = Field(description="the model's name")
+        filename: str = Field(description="the uploaded file's name")
+        image_png: str = Field(description="the image as the page shows it: a base64 PNG")
+        gradcam_png: str | None = Field(description="the Grad-CAM heat map over it (base64 "
+                                                    "PNG), or null without Grad-CAM")
+
+    class Error(BaseModel):
+        error: str = Field(description="'<file name>: <reason>', or a sentence naming what is "
+                                       "wrong with the request")
+
+    return Prediction, Error
+
+
 def public_meta(meta: dict) -> dict:
     """model.json as clients may see it: local paths on the server are reduced to names."""
     info = dict(meta)
@@ -199,11 +260,14 @@ async def _read_upload(request) -> tuple[bytes, str]:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise _too_large(UNNAMED)
-    parser = MultiPartParser(request.headers, _limited(request.stream(), limit),
-                             max_files=1, max_fields=4)
+    body = _Limited(request.stream(), limit)
+    parser = MultiPartParser(request.headers, body, max_files=1, max_fields=4)
     try:
         form = await parser.parse()
     except MultiPartException as e:
+        if "Too many files" in e.message:
+            raise ApiError(422, "one image per request: this body holds more than one "
+                                "file") from None
         raise ApiError(422, f"malformed multipart body ({_parse_reason(e)})") from None
     except ClientDisconnect:
         # Nobody reads this answer; handling it here keeps a dropped upload out of the
@@ -215,6 +279,10 @@ async def _read_upload(request) -> tuple[bytes, str]:
             raise ApiError(422, "the field 'file' came as text, without a filename: send the "
                                 "image as a file upload (curl -F 'file=@IMAGE')")
         if not isinstance(upload, UploadFile):
+            if not body.closed(request.headers.get("content-type", "")):
+                # The parser drops a part its body ends inside of, without a word.
+                raise ApiError(422, "incomplete multipart body: it ends before its closing "
+                                    "boundary")
             raise ApiError(422, "missing file: send the image in a multipart field named 'file'")
         data = await upload.read(MAX_UPLOAD_BYTES + 1)
         filename = (upload.filename or UNNAMED)[:MAX_FILENAME]
@@ -241,14 +309,29 @@ def _parse_reason(e) -> str:
     return str(e.__cause__ or e.message)
 
 
-async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
-    """The request body, refusing it (413) as soon as more than ``limit`` bytes have arrived."""
-    received = 0
-    async for chunk in stream:
-        received += len(chunk)
-        if received > limit:
-            raise _too_large(UNNAMED)  # before parsing: the part's file name is not known
-        yield chunk
+class _Limited:
+    """The request body, refusing it (413) as soon as more than ``limit`` bytes have arrived;
+    its last bytes are kept, to tell a body cut short from one without a file."""
+
+    TAIL = 512
+
+    def __init__(self, stream: AsyncIterator[bytes], limit: int):
+        self._stream, self._limit, self._tail = stream, limit, b""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        received = 0
+        async for chunk in self._stream:
+            received += len(chunk)
+            if received > self._limit:
+                raise _too_large(UNNAMED)  # before parsing: the part's file name is not known
+            self._tail = (self._tail + chunk)[-self.TAIL:]
+            yield chunk
+
+    def closed(self, content_type: str) -> bool:
+        """Whether the body ended with the closing delimiter (``--BOUNDARY--``) of
+        ``content_type``'s boundary, as every whole multipart body does."""
+        match = re.search(r'boundary="?([^";]+)"?', content_type, re.IGNORECASE)
+        return match is None or f"--{match[1]}--".encode("latin-1", "replace") in self._tail
 
 
 def _too_large(filename: str) -> ApiError:
