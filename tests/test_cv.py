@@ -92,6 +92,10 @@ def test_cv_report_says_its_figures_and_threshold_are_out_of_fold(cv_run, tmp_pa
     # All the training images, as cross-validation used them: no validation carved apart.
     assert "Cross-validated: every training image was held out once" in data
     assert "carved by patient" not in data
+    # The plots and the gallery of its "val" predictions are out-of-fold ones, not validation.
+    rest = html[html.index('<section id="plots">'):]
+    assert "ROC curve, out-of-fold" in rest
+    assert "validation" not in rest.lower()
 
 
 def test_a_folds_report_shows_its_own_splits_not_the_datas(cv_run, tmp_path):
@@ -140,7 +144,7 @@ def test_fold_models_never_select_on_their_held_out_images(cv_run):
 
 
 def test_folds_train_on_rows_of_one_shared_pool_never_on_their_held_out_images(
-    cv_data, tmp_path, monkeypatch
+    cv_data, tmp_path, monkeypatch, capsys
 ):
     # Memory stays flat because no fold copies its training images out of the pool; and the
     # rows a fold trains on are neither its held-out images nor its own validation images.
@@ -164,6 +168,7 @@ def test_folds_train_on_rows_of_one_shared_pool_never_on_their_held_out_images(
     oof = load_oof(tmp_path / "cv")
     assert len(calls) == FOLDS
     pool_images = calls[0][0]
+    out = capsys.readouterr().out
     for k, (images, rows, val_paths) in enumerate(calls):
         assert images is pool_images and len(images) == len(oof["labels"])
         held = np.flatnonzero(oof["fold"] == k)
@@ -171,6 +176,9 @@ def test_folds_train_on_rows_of_one_shared_pool_never_on_their_held_out_images(
         trained = {os.path.abspath(str(oof["paths"][i])) for i in rows}
         assert not trained & {os.path.abspath(p) for p in val_paths}
         assert len(rows) + len(val_paths) + len(held) == len(images)
+        # Each fold's heading counts what it trains on, its validation apart.
+        assert (f"fold-{k} ({k + 1} of {FOLDS}): train on {len(rows)} images, validate on "
+                f"{len(val_paths)}, predict {len(held)} held out") in out
 
 
 def test_cv_metrics_has_each_fold_and_the_pooled_figures(cv_run):

@@ -893,3 +893,25 @@ def test_a_pneumoniamnist_size_it_does_not_come_in_is_said_at_once(monkeypatch):
         with background.loading_in_background("pneumoniamnist:999", 32):
             pass
     assert not background.is_medmnist("pneumoniamnist_scans")  # a folder of that name
+
+
+def test_validation_from_few_patients_is_warned_about(tmp_path):
+    """All 30 PNEUMONIA images of a carved validation came from one patient: its sensitivity's
+    interval was [0.967, 0.967], which reads as certainty, and nothing said why."""
+    from pneumoscan.data.dataset import few_patients
+
+    for i in range(40):
+        write_image(tmp_path / "NORMAL" / f"IM-{i:04d}-0001.png", _gray(i))
+    for i in range(10):
+        for j in range(4):
+            write_image(tmp_path / "PNEUMONIA" / f"person{i}_virus_{j}.png", _gray(100 + 4 * i + j))
+    bundle = load_data(str(tmp_path), 40, progress=False)
+    warned = [n for n in bundle.notes if n.startswith("warning: validation holds")]
+    assert len(warned) == 1 and "PNEUMONIA images of 1 patient " in warned[0], bundle.notes
+    labels = np.array([0] * 5 + [1] * 3)
+    assert few_patients(labels, [f"n{i}" for i in range(5)] + ["p1", "p2", "p2"]) == (
+        "holds PNEUMONIA images of 2 patients only: the threshold, the temperature and the 95% "
+        "intervals rest on so few (add images, or give a larger --val-fraction)")
+    assert few_patients(labels, [f"n{i}" for i in range(5)] + ["p1", "p2", "p3"]) == (
+        "holds PNEUMONIA images of 3 patients only: the threshold, the temperature and the 95% "
+        "intervals rest on so few (add images, or give a larger --val-fraction)")

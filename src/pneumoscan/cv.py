@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import sys
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ import torch
 from pneumoscan import CLASS_NAMES
 from pneumoscan.allocator import low_memory_mode
 from pneumoscan.config import TrainConfig
-from pneumoscan.data.dataset import DataBundle, Split, load_data, test_heading
+from pneumoscan.data.dataset import DataBundle, Split, few_patients, load_data, test_heading
 from pneumoscan.data.split import SplitError, patient_folds, patient_split
 from pneumoscan.device import resolve_device
 from pneumoscan.environment import run_config
@@ -137,9 +138,12 @@ def cross_validate(
     _describe(data, n_folds)
 
     results: list[FoldResult] = []
-    for k, (train_idx, held_idx) in enumerate(folds):
-        print(f"\n== {fold_name(k)} ({k + 1} of {n_folds}): train on {len(train_idx)} images, "
-              f"predict {len(held_idx)} held out")
+    for k, (_, held_idx) in enumerate(folds):
+        fit_idx, val_idx = inner[k]
+        print(f"\n== {fold_name(k)} ({k + 1} of {n_folds}): train on {len(fit_idx)} images, "
+              f"validate on {len(val_idx)}, predict {len(held_idx)} held out")
+        if thin := few_patients(pool.labels[val_idx], [pool.patients[i] for i in val_idx]):
+            print(f"warning: {fold_name(k)}'s validation {thin}", file=sys.stderr)
         result = run_fold(cfg, data, k, inner[k], held_idx, progress=progress)
         results.append(result)
         if after_fold is not None:

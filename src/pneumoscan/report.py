@@ -52,7 +52,7 @@ PLOT_TITLES = {
     "roc": "ROC curve",
     "pr": "Precision-recall curve",
     "confusion": "Confusion matrix (counts and share of the actual class)",
-    "reliability": "Reliability (before and after temperature scaling)",
+    "reliability": "Reliability",
     "histogram": "Scores by actual class",
 }
 # confusion cell -> (actual label, predicted positive?, most confident first: sort descending?)
@@ -379,7 +379,15 @@ def _by_kind_rows(columns: dict[str, dict]) -> list[list[str]]:
     return rows
 
 
-def plots_section(run_dir: Path, notes: list[str]) -> Section:
+def split_title(split: str, meta: dict) -> str:
+    """What a split's saved predictions are: an ensemble's or a stack's "val" predictions are
+    its out-of-fold ones, each image scored by a model that did not train on it."""
+    if split == "val" and meta.get("kind", "single") != "single":
+        return "out-of-fold"
+    return SPLIT_TITLES[split]
+
+
+def plots_section(run_dir: Path, meta: dict, notes: list[str]) -> Section:
     section = Section("plots")
     for note in notes:
         section.note(note)
@@ -389,13 +397,13 @@ def plots_section(run_dir: Path, notes: list[str]) -> Section:
         for stem, title in PLOT_TITLES.items():
             path = run_dir / PLOTS_DIR / f"{stem}_{split}.png"
             if path.is_file():
-                figures.append(figure(path.read_bytes(), f"{title}, {SPLIT_TITLES[split]}"))
+                figures.append(figure(path.read_bytes(), f"{title}, {split_title(split, meta)}"))
         if figures:
             shown = True
-            section.add(f"<h3>{esc(SPLIT_TITLES[split].capitalize())}</h3>",
+            section.add(f"<h3>{esc(split_title(split, meta).capitalize())}</h3>",
                         '<div class="grid">', *figures, "</div>")
             if not (run_dir / PLOTS_DIR / f"roc_{split}.png").is_file():
-                section.note(f"No ROC or PR curve for {SPLIT_TITLES[split]}: "
+                section.note(f"No ROC or PR curve for {split_title(split, meta)}: "
                              "it holds only one class.")
     if not shown:
         section.note("This run has no saved predictions to plot.")
@@ -431,9 +439,11 @@ def gradcam_section(run_dir: Path, meta: dict, device: str) -> Section:
     except Exception as e:  # captum missing, weights gone, ...: the rest of the report stands
         return section.note(_warn("the Grad-CAM gallery could not be made", e))
     if cards is None:
-        return section.note(f"The {SPLIT_TITLES[split]} images are no longer at the paths "
-                            "saved with the run: no gallery to show.")
-    section.add(f"<p>{esc(SPLIT_TITLES[split].capitalize())} split, threshold "
+        return section.note(f"The {split_title(split, meta)} images are no longer at the "
+                            "paths saved with the run: no gallery to show.")
+    what = split_title(split, meta)
+    section.add(f"<p>{esc(what.capitalize())} {'predictions' if what == 'out-of-fold' else 'split'}"
+                ", threshold "
                 f"{format_threshold(meta['threshold'])}. Each pair shows the image and where the "
                 f"evidence for {CLASS_NAMES[1]} lies (red = strongest; each map is scaled to "
                 f"its own peak, so it shows where, not how much). Up to {GALLERY_PER_CELL} of "
@@ -589,7 +599,7 @@ def build_report(run_dir: str | Path, *, device: str = "cpu") -> Path:
         config_section(config),
         learning_section(run_dir, meta),
         figures_section(run_dir, meta),
-        plots_section(run_dir, plot_notes),
+        plots_section(run_dir, meta, plot_notes),
         gradcam_section(run_dir, meta, device),
     ]
     return atomic_write_text(run_dir / REPORT, render(run_dir, meta, sections))

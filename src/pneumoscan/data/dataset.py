@@ -185,6 +185,8 @@ def arrange(
         train, val = train.subset(train_idx), train.subset(val_idx)
     else:
         notes.append(f"validation: the given val/ split ({len(val)} images)")
+    if len(val) and (thin := few_patients(val.labels, val.patients)):
+        notes.append(f"warning: validation {thin}")
     return DataBundle(
         train=train,
         val=val,
@@ -196,6 +198,24 @@ def arrange(
         fingerprint=fp,
         train_counts=train_counts,
     )
+
+
+FEW_PATIENTS = 5  # a class of validation from fewer patients than this is warned about
+
+
+def few_patients(labels: np.ndarray, patients: list[str]) -> str:
+    """A warning's words when a class of a validation split comes from fewer than FEW_PATIENTS
+    patients, or "": its threshold, temperature and intervals rest on them (the bootstrap
+    draws patients, so one patient's interval has no width, which reads as certainty)."""
+    thin = []
+    for c, name in enumerate(CLASS_NAMES):
+        n = len({p for p, y in zip(patients, labels.tolist(), strict=True) if y == c})
+        if 0 < n < FEW_PATIENTS:
+            thin.append(f"{name} images of {n} patient{'s' if n > 1 else ''}")
+    if not thin:
+        return ""
+    return (f"holds {' and '.join(thin)} only: the threshold, the temperature and the 95% "
+            "intervals rest on so few (add images, or give a larger --val-fraction)")
 
 
 def why_val_unfit(val: Split, train: Split, val_keys: list[bytes],
