@@ -344,6 +344,10 @@ def test_every_command_help_prints_its_description_as_written(capsys):
         helps[verb] = capsys.readouterr().out
         assert "%%" not in helps[verb], verb
     assert "with 95% intervals" in helps["evaluate"]
+    # Where decoded images are kept, and how to clear them, where a command keeps them.
+    for verb in COMMANDS:
+        assert ("$PNEUMOSCAN_CACHE" in helps[verb]) == (verb in ("train", "cv", "eda",
+                                                                 "evaluate")), verb
 
 
 def test_help_does_not_wait_for_torch_or_scikit_learn():

@@ -253,6 +253,10 @@ def test_exif_orientation_is_applied(tmp_path):
     assert out.shape == (80, 40)
     expected = np.rot90(pixels, k=-1).astype(float)
     assert np.abs(out - expected).mean() < 3
+    # eda reports the size of the image as decoded, upright (width 80 by height 40 was said).
+    from pneumoscan.eda import original_size
+
+    assert original_size(str(tmp_path / "rotated.jpg")) == (out.shape[1], out.shape[0])
 
 
 def test_resize_ignores_aspect_ratio(tmp_path):

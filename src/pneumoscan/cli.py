@@ -40,6 +40,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+DECODING_COMMANDS = ("train", "cv", "eda", "evaluate")  # those that keep decoded images
+CACHE_NOTE = ("Decoded images are kept in $PNEUMOSCAN_CACHE/decoded, by default "
+              "~/.cache/pneumoscan/decoded (under $XDG_CACHE_HOME when set), at most "
+              "$PNEUMOSCAN_CACHE_GB gigabytes (default 10), the least recently used going first; "
+              "deleting the folder is always safe.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pneumoscan",
@@ -54,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         # argparse %-formats help strings but prints descriptions as they are.
         p = sub.add_parser(verb, help=help_text, description=help_text.replace("%%", "%"),
-                           formatter_class=_DefaultsShown)
+                           formatter_class=_DefaultsShown,
+                           epilog=CACHE_NOTE if verb in DECODING_COMMANDS else None)
         module.add_arguments(p)
         p.set_defaults(_run=module.run, _parser=p)
     return parser

@@ -15,11 +15,13 @@ SAMPLES_PER_CLASS = 5
 
 def original_size(path: str) -> tuple[int, int] | None:
     """(width, height) from the file header, without decoding pixels."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import ExifTags, Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            return im.size
+            # As decoding turns it upright: orientations 5 to 8 swap width and height.
+            turned = im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+            return im.size[::-1] if turned else im.size
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
         pass
     try:
