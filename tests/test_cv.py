@@ -13,6 +13,7 @@ import pytest
 from pneumoscan.cli import main
 from pneumoscan.cv import inner_split, load_oof, make_folds
 from pneumoscan.data.dataset import Split
+from pneumoscan.data.decode import read_gray
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.model_io import EnsemblePredictor, load_predictor, read_meta
 
@@ -209,6 +210,29 @@ def test_the_output_is_an_ensemble_run_of_the_folds(cv_run):
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32), dtype=np.uint8)
     mean = np.mean([m.predict_proba(images) for m in predictor.members], axis=0)
     np.testing.assert_allclose(predictor.predict_proba(images), mean)
+
+
+def test_an_ensemble_knows_its_folds_training_images_by_their_pixels(cv_run, cv_data,
+                                                                    tmp_path, capsys):
+    """Each fold keeps the digests of the images it trained and validated on: every pool image
+    is one of them for some fold, however the folder holding it is named."""
+    from pneumoscan.seen import count_seen, training_keys
+
+    predictor = load_predictor(cv_run)
+    pool = shutil.copytree(cv_data / "train", tmp_path / "renamed")
+    capsys.readouterr()
+    assert main(["evaluate", str(cv_run), "--data", str(pool), "--quiet"]) == 0
+    n = len(list(pool.rglob("*.png")))
+    assert f"{n} of {n} images are images {cv_run} was trained or validated on" in (
+        capsys.readouterr().err)
+    test = np.stack([read_gray(p, 32) for p in sorted((cv_data / "test").rglob("*.png"))])
+    assert count_seen(predictor, test) == 0
+    # A fold's own digests leave out its held-out fold.
+    oof = load_oof(cv_run)
+    fold0 = training_keys(predictor.members[0])[32]
+    held = np.stack([read_gray(p, 32) for p, f in zip(oof["paths"], oof["fold"], strict=True)
+                     if f == 0])
+    assert count_seen(predictor.members[0], held) == 0 and len(fold0) == n - len(held)
 
 
 def test_the_ensemble_is_evaluated_on_test_and_evaluate_agrees(cv_run, cv_data, tmp_path):

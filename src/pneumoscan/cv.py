@@ -54,6 +54,7 @@ from pneumoscan.run_folder import (
     TEST_PREDICTIONS,
     VAL_PREDICTIONS,
 )
+from pneumoscan.seen import pixel_keys, save_training_images
 from pneumoscan.threshold_rules import format_threshold
 
 THRESHOLD_NOTE = (
@@ -194,6 +195,7 @@ def run_fold(
     result = fit(fold_cfg, pool, bundle.val, fold_dir, train_rows=fit_idx,
                  class_counts=bundle.train_counts, progress=progress)
     finish_run(fold_cfg, bundle, result.model, fold_dir, result.history, result.best_epoch)
+    save_training_images(fold_dir, cfg.image_size, pixel_keys(pool.images, np.concatenate(inner)))
     # A fold's checkpoint (weights, optimizer state: 134 MB for ResNet-18) serves only to resume
     # an interrupted fit, which cv does not do; the fold's model is in its model.safetensors.
     (fold_dir / CHECKPOINT).unlink(missing_ok=True)

@@ -34,6 +34,7 @@ from pneumoscan.evaluate import (
 from pneumoscan.fileio import atomic_write_json
 from pneumoscan.model_io import probabilities, save_model
 from pneumoscan.run_folder import TEST_METRICS, TEST_PREDICTIONS, VAL_PREDICTIONS
+from pneumoscan.seen import pixel_keys, save_training_images
 from pneumoscan.threshold_rules import format_threshold
 from pneumoscan.train import (
     CHECKPOINT,
@@ -99,6 +100,8 @@ def _train_run(
     if dist_info.is_main:
         summary = finish_run(cfg, bundle, result.model, run_dir, result.history,
                              result.best_epoch)
+        save_training_images(run_dir, cfg.image_size,
+                             pixel_keys(bundle.train.images) + pixel_keys(bundle.val.images))
         summary["best_epoch"] = result.best_epoch
         summary["stopped_early"] = result.stopped_early
         t_end = time.perf_counter()

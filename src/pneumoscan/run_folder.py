@@ -23,11 +23,12 @@ OOF_PREDICTIONS = "oof_predictions.npz"  # cv's out-of-fold probabilities
 CV_METRICS = "cv_metrics.json"
 STACK_METRICS = "stack_metrics.json"
 SEEDS_SUMMARY = "seeds_summary.json"  # train --seeds, beside its seed-N runs
+TRAINING_IMAGES = "training_images.npz"  # digests of the images a run trained on (seen.py)
 RUN_FILES = ("model.json", CHECKPOINT, METRICS)  # a run, finished or not
 # Everything train writes into a run folder (temporary files aside).
 RUN_CONTENTS = frozenset({"config.json", "model.json", "model.safetensors", "plots",
                           "report.html", CHECKPOINT, METRICS, TEST_METRICS, VAL_PREDICTIONS,
-                          TEST_PREDICTIONS})
+                          TEST_PREDICTIONS, TRAINING_IMAGES})
 SUB_RUNS = ("seed-*", "fold-*")  # the per-seed runs of train --seeds, the folds of cv
 # What cv and stack write besides: the names no command's output may take inside a run.
 OWN_FILES = RUN_CONTENTS | {OOF_PREDICTIONS, CV_METRICS, STACK_METRICS, SEEDS_SUMMARY}

@@ -47,6 +47,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
     from pneumoscan.device import resolve_device
     from pneumoscan.evaluate import evaluate_predictions, format_table
     from pneumoscan.model_io import input_sizes, load_predictor
+    from pneumoscan.seen import count_seen
 
     predictor = load_predictor(args.run, resolve_device(args.device))
     threshold = predictor.threshold if args.threshold is None else args.threshold
@@ -55,7 +56,13 @@ def _evaluate(args: argparse.Namespace) -> dict:
     data = load_eval_split(spec, sizes[0], progress=not args.quiet)
     split, images = _at_every_size(data.split, sizes, lambda size: load_eval_split(
         spec, size, progress=not args.quiet, warn=False).split)
-    if _trained_on(spec, data.held_out, predictor.meta.get("data_source")):
+    seen = count_seen(predictor, images)
+    if seen:
+        print(f"warning: {seen} of {len(split)} images are images {args.run} was trained or "
+              "validated on (the same pixels once decoded, whatever the files are called): "
+              "these figures are optimistic", file=sys.stderr)
+    elif seen is None and _trained_on(spec, data.held_out, predictor.meta.get("data_source")):
+        # A run made before runs kept their images' digests: known by its folder alone.
         print(f"warning: {spec} holds the images {args.run} was trained and validated on: "
               "these figures are optimistic", file=sys.stderr)
     prob = predictor.predict_proba(images)
