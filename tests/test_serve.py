@@ -122,10 +122,22 @@ def test_the_page_is_shown_the_image_in_its_own_aspect_ratio(client, tmp_path):
         assert Image.open(io.BytesIO(base64.b64decode(body["gradcam_png"]))).size == shown.size
 
 
+def test_the_upload_limit_is_the_servers_to_set(trained_run, image_file, capsys):
+    """A 30 MB DR DICOM, which predict reads, could not be served at all."""
+    data = image_file.read_bytes()
+    with TestClient(create_app(trained_run, max_upload_bytes=len(data) - 1)) as c:
+        assert _post(c, data).status_code == 413
+    with TestClient(create_app(trained_run, max_upload_bytes=len(data))) as c:
+        assert _post(c, data).status_code == 200
+    assert main(["serve", str(trained_run), "--max-upload-mb", "0"]) == 2
+    assert "--max-upload-mb 0: expected more than 0" in capsys.readouterr().err
+
+
 def test_oversize_upload_413(client, image_file, monkeypatch):
     data = image_file.read_bytes()
     limit = len(data) - 1
-    reason = f"file too large: the upload limit is {limit:,} bytes"
+    reason = (f"file too large: the upload limit is {limit:,} bytes (serve --max-upload-mb "
+              "raises it)")
     monkeypatch.setattr(app_module, "MAX_UPLOAD_BYTES", limit)
     response = _post(client, data, name="big.png")  # under the envelope allowance: parsed
     assert response.status_code == 413  # so the file is named, like every other file error

@@ -17,16 +17,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port)")
+    p.add_argument("--max-upload-mb", type=float, default=20, metavar="MB",
+                   help="the largest upload taken, in MiB (an uncompressed DR DICOM can take "
+                   "30 or more)")
     add_device_option(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    from pneumoscan.data.decode import MAX_FILE_BYTES
     from pneumoscan.device import resolve_device
     from pneumoscan.errors import PneumoscanError
     from pneumoscan.serve.app import create_app
 
     if not 0 <= args.port <= 65535:
         raise PneumoscanError(f"--port {args.port}: expected 0..65535")
+    if not 0 < args.max_upload_mb <= MAX_FILE_BYTES / 2**20:
+        raise PneumoscanError(f"--max-upload-mb {args.max_upload_mb:g}: expected more than 0 "
+                              f"and at most {MAX_FILE_BYTES // 2**20} (the decoder's limit)")
     try:
         import uvicorn
     except ImportError:
@@ -34,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     # Bound before the model loads: a busy port or unknown host is one line at once, not a
     # banner followed by uvicorn's own error, and --port 0 can print the port it got.
     with listen(args.host, args.port) as sock:
-        app = create_app(args.run, device=str(resolve_device(args.device)))
+        app = create_app(args.run, device=str(resolve_device(args.device)),
+                         max_upload_bytes=int(args.max_upload_mb * 2**20))
         # Flushed: when stdout is a pipe or a log file, the address must show while it serves.
         port = sock.getsockname()[1]
         print(f"pneumoscan serve: {url(args.host, port)}  (research use, not a "

@@ -63,8 +63,9 @@ class ApiError(Exception):
         self.status, self.message = status, message
 
 
-def create_app(run_dir: str | Path, device: str = "cpu"):
-    """A FastAPI app serving the run in ``run_dir``; the model is loaded here, once."""
+def create_app(run_dir: str | Path, device: str = "cpu", max_upload_bytes: int | None = None):
+    """A FastAPI app serving the run in ``run_dir``; the model is loaded here, once.
+    ``max_upload_bytes``: the largest upload taken (default MAX_UPLOAD_BYTES)."""
     fastapi = _require_fastapi()
     from fastapi import Request
     from fastapi.concurrency import run_in_threadpool
@@ -92,6 +93,7 @@ def create_app(run_dir: str | Path, device: str = "cpu"):
     )
 
     app.state.predictions_in_progress = 0
+    app.state.max_upload_bytes = max_upload_bytes
 
     @app.exception_handler(ApiError)
     async def api_error(_request, exc: ApiError):
@@ -144,7 +146,8 @@ def create_app(run_dir: str | Path, device: str = "cpu"):
     async def predict(request: Request) -> dict:
         # The body is read here, not by FastAPI's form handling, so that an oversized upload
         # is refused while streaming instead of after it has been spooled to disk.
-        data, filename = await _read_upload(request)
+        data, filename = await _read_upload(request,
+                                            app.state.max_upload_bytes or MAX_UPLOAD_BYTES)
         app.state.predictions_in_progress += 1  # for serve's Ctrl-C line (on the event loop)
         try:
             return await run_in_threadpool(service.predict, data, filename)
@@ -250,17 +253,17 @@ def public_meta(meta: dict) -> dict:
 # --- reading the upload --------------------------------------------------------------------
 
 
-async def _read_upload(request) -> tuple[bytes, str]:
+async def _read_upload(request, max_bytes: int) -> tuple[bytes, str]:
     from starlette.datastructures import UploadFile
     from starlette.formparsers import MultiPartException, MultiPartParser
     from starlette.requests import ClientDisconnect
 
     _check_content_type(request.headers.get("content-type", ""))
-    limit = MAX_UPLOAD_BYTES + ENVELOPE_BYTES
+    limit = max_bytes + ENVELOPE_BYTES
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise _too_large(UNNAMED)
-    body = _Limited(request.stream(), limit)
+        raise _too_large(UNNAMED, max_bytes)
+    body = _Limited(request.stream(), limit, max_bytes)
     parser = MultiPartParser(request.headers, body, max_files=1, max_fields=4)
     try:
         form = await parser.parse()
@@ -284,12 +287,12 @@ async def _read_upload(request) -> tuple[bytes, str]:
                 raise ApiError(422, "incomplete multipart body: it ends before its closing "
                                     "boundary")
             raise ApiError(422, "missing file: send the image in a multipart field named 'file'")
-        data = await upload.read(MAX_UPLOAD_BYTES + 1)
+        data = await upload.read(max_bytes + 1)
         filename = (upload.filename or UNNAMED)[:MAX_FILENAME]
     finally:
         await form.close()
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise _too_large(filename)
+    if len(data) > max_bytes:
+        raise _too_large(filename, max_bytes)
     return data, filename
 
 
@@ -315,15 +318,16 @@ class _Limited:
 
     TAIL = 512
 
-    def __init__(self, stream: AsyncIterator[bytes], limit: int):
-        self._stream, self._limit, self._tail = stream, limit, b""
+    def __init__(self, stream: AsyncIterator[bytes], limit: int, max_bytes: int):
+        self._stream, self._limit, self._max_bytes, self._tail = stream, limit, max_bytes, b""
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         received = 0
         async for chunk in self._stream:
             received += len(chunk)
             if received > self._limit:
-                raise _too_large(UNNAMED)  # before parsing: the part's file name is not known
+                # Before parsing: the part's file name is not known.
+                raise _too_large(UNNAMED, self._max_bytes)
             self._tail = (self._tail + chunk)[-self.TAIL:]
             yield chunk
 
@@ -334,10 +338,11 @@ class _Limited:
         return match is None or f"--{match[1]}--".encode("latin-1", "replace") in self._tail
 
 
-def _too_large(filename: str) -> ApiError:
-    # Worded like the decoder's "file too large" so that serve and predict give one reason.
-    return ApiError(413, f"{filename}: file too large: the upload limit is "
-                         f"{MAX_UPLOAD_BYTES:,} bytes")
+def _too_large(filename: str, max_bytes: int) -> ApiError:
+    # Worded like the decoder's "file too large" so that serve and predict give one reason;
+    # the server's keeper can raise the limit, and whoever sent it can tell them how.
+    return ApiError(413, f"{filename}: file too large: the upload limit is {max_bytes:,} "
+                         "bytes (serve --max-upload-mb raises it)")
 
 
 # --- inference -----------------------------------------------------------------------------
