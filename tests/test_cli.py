@@ -346,8 +346,8 @@ def test_every_command_help_prints_its_description_as_written(capsys):
     assert "with 95% intervals" in helps["evaluate"]
     # Where decoded images are kept, and how to clear them, where a command keeps them.
     for verb in COMMANDS:
-        assert ("$PNEUMOSCAN_CACHE" in helps[verb]) == (verb in ("train", "cv", "eda",
-                                                                 "evaluate")), verb
+        assert ("$PNEUMOSCAN_CACHE" in helps[verb]) == (verb in (
+            "train", "cv", "eda", "evaluate", "report", "demo")), verb
 
 
 def test_help_does_not_wait_for_torch_or_scikit_learn():
@@ -484,6 +484,16 @@ def test_evaluate_warns_when_the_data_is_the_run_own_training_data(synthetic_dat
     # A source whose test/ split is what gets evaluated: no warning.
     assert main(["evaluate", str(run), "--data", str(synthetic_data), "--quiet"]) == 0
     assert "optimistic" not in capsys.readouterr().err
+    # Digests a newer decoder no longer matches: the training folder is still known by path.
+    from pneumoscan.seen import save_training_images
+
+    save_training_images(run, 32, [bytes([i]) * 16 for i in range(3)])
+    assert main(["evaluate", str(run), "--data", "xrays", "--quiet"]) == 0
+    assert "holds the images" in capsys.readouterr().err
+    # A digest file cut short (an interrupted copy): no traceback, the folder check stands.
+    (run / "training_images.npz").write_bytes(b"PK\x03\x04" + bytes(300))
+    assert main(["evaluate", str(run), "--data", "xrays", "--quiet"]) == 0
+    assert "holds the images" in capsys.readouterr().err
     # A run made before runs kept their images' digests: its training folder is still known.
     (run / "training_images.npz").unlink()
     assert main(["evaluate", str(run), "--data", "xrays", "--quiet"]) == 0

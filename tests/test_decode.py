@@ -257,6 +257,10 @@ def test_exif_orientation_is_applied(tmp_path):
     from pneumoscan.eda import original_size
 
     assert original_size(str(tmp_path / "rotated.jpg")) == (out.shape[1], out.shape[0])
+    # A PNG's size comes from its header alone: its pixels (here cut short) are not decoded.
+    png = encode(Image.fromarray(gradient(40, 80)), "PNG")
+    cut = write(tmp_path / "cut.png", png[: len(png) // 2])
+    assert original_size(str(cut)) == (80, 40)
 
 
 def test_resize_ignores_aspect_ratio(tmp_path):

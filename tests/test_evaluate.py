@@ -224,6 +224,10 @@ def test_threshold_is_no_validation_score():
         # The same labels as at the ROC point itself (the lowest score at or above t).
         at_point = p[p >= t].min()
         assert ((p >= t) == (p >= at_point)).all()
+    # Probabilities of exactly 0 and 1 (a temperature at its limit): no warning, the middle.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert choose_threshold(np.array([0, 0, 1, 1]), np.array([0.0, 0.0, 1.0, 1.0])) == 0.5
     # Scores at the ends: a bound of 1 or 0 leaves the middle in probability space.
     assert choose_threshold(np.array([0, 1, 1]), np.array([0.2, 1.0, 1.0])) == pytest.approx(0.6)
     assert choose_threshold(np.array([1, 1, 0]), np.array([0.4, 0.9, 0.0]),

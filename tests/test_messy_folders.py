@@ -137,3 +137,49 @@ def test_images_without_patient_ids_are_noted_where_validation_is_carved(tmp_pat
     assert any("24 of 24 training images carry no patient id" in n for n in bundle.notes)
     named = load_data(str(_classes(tmp_path / "named")), 40, progress=False)
     assert not any("no patient id" in n for n in named.notes), named.notes
+
+
+def test_a_link_up_to_the_data_is_not_read_as_a_class(tmp_path):
+    """NORMAL/up -> .. read every PNEUMONIA image a second time, labelled NORMAL."""
+    root = _classes(tmp_path, n=6)
+    os.symlink("..", root / "NORMAL" / "up")
+    labels = [s.label for s in discover(root)["train"]]
+    assert labels.count(0) == 6 and labels.count(1) == 6
+
+
+def test_copies_across_train_and_val_stay_together_in_folds(tmp_path):
+    """cv joins train/ and val/ into one pool: a copy in val/ of a train/ image went to another
+    fold than its original, and the out-of-fold figures scored images their fold trained on."""
+    from pneumoscan.data.split import patient_folds
+
+    _classes(tmp_path / "train", n=20, named=False)
+    for cls in ("NORMAL", "PNEUMONIA"):
+        for path in sorted((tmp_path / "train" / cls).iterdir())[:5]:
+            (tmp_path / "val" / cls).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, tmp_path / "val" / cls / f"copy_{path.name}")
+    pool = load_data(str(tmp_path), 40, progress=False, carve_val=False).train
+    folds = patient_folds(pool.labels, pool.patients, 5, 0)
+    fold_of = np.empty(len(pool), dtype=int)
+    for k, (_, held) in enumerate(folds):
+        fold_of[held] = k
+    by_pixels: dict[bytes, set[int]] = {}
+    for image, fold in zip(pool.images, fold_of, strict=True):
+        by_pixels.setdefault(image.tobytes(), set()).add(int(fold))
+    assert sum(len(f) > 1 for f in by_pixels.values()) == 0
+    assert len(pool) - len(by_pixels) == 10  # the copies are in the pool
+
+
+def test_a_folder_that_cannot_be_looked_into_gives_no_hint_and_no_error(tmp_path, monkeypatch):
+    from pneumoscan.data import discover as discover_module
+
+    (tmp_path / "lost+found").mkdir()
+    real = discover_module._children
+
+    def locked(folder, names):
+        if folder.name == "lost+found":
+            raise PermissionError(13, "Permission denied", str(folder))
+        return real(folder, names)
+
+    monkeypatch.setattr(discover_module, "_children", locked)
+    with pytest.raises(PneumoscanError, match=r"expected class folders .*hold them$"):
+        discover(tmp_path)

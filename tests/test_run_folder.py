@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pneumoscan.cli import main
+from pneumoscan.errors import PneumoscanError
 
 
 def _train(data, out, *extra):
@@ -315,3 +316,21 @@ def test_a_full_disk_while_the_demo_writes_its_images_names_the_file(small_disk,
     assert "No space left on device" in err and f"{small_disk / 'demo' / 'data'}{os.sep}" in err
     assert "partial" not in err, err
     assert not [p for p in small_disk.rglob("*") if p.is_file()]  # staged images gone too
+
+
+def test_outputs_beside_runs_are_refused_only_where_they_would_replace_a_run_file(tmp_path):
+    from pneumoscan.run_folder import refuse_own_file
+
+    run, seeds, other = tmp_path / "run", tmp_path / "seeds", tmp_path / "other"
+    for folder in (run, other, seeds / "seed-0"):
+        folder.mkdir(parents=True)
+        (folder / "model.json").write_text("{}")
+    # Another run's own file, whether it exists yet or not: refused.
+    for name in ("model.json", "test_metrics.json"):
+        with pytest.raises(PneumoscanError, match="is a file of the run in"):
+            refuse_own_file(run, other / name, "--json")
+    # A folder of seed runs is no run: a new file there is fine, its summary is not.
+    refuse_own_file(run, seeds / "test_metrics.json", "--json")
+    (seeds / "seeds_summary.json").write_text("{}")
+    with pytest.raises(PneumoscanError, match="is a file of the run in"):
+        refuse_own_file(run, seeds / "seeds_summary.json", "--json")

@@ -334,6 +334,11 @@ def test_a_cut_short_or_crowded_body_says_what_is_wrong(client, image_file, case
     assert _json_error(_post_raw(client, body, content_type)) == said
 
 
+def test_a_whole_body_with_a_long_epilogue_is_no_body_cut_short(client, image_file):
+    body = _part(image_file.read_bytes(), field="upload") + b"x" * 5000  # epilogue
+    assert _json_error(_post_raw(client, body)).startswith("missing file")
+
+
 def test_wrong_methods_say_the_allowed_and_head_answers(client):
     """405 answers had no Allow header (RFC 9110 wants one), and monitors asking with HEAD got
     405 from every page."""

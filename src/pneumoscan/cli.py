@@ -40,7 +40,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-DECODING_COMMANDS = ("train", "cv", "eda", "evaluate")  # those that keep decoded images
+# Those that keep decoded images (report: its Grad-CAM gallery's; demo: its runs').
+DECODING_COMMANDS = ("train", "cv", "eda", "evaluate", "report", "demo")
 CACHE_NOTE = ("Decoded images are kept in $PNEUMOSCAN_CACHE/decoded, by default "
               "~/.cache/pneumoscan/decoded (under $XDG_CACHE_HOME when set), at most "
               "$PNEUMOSCAN_CACHE_GB gigabytes (default 10), the least recently used going first; "

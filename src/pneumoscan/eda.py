@@ -19,8 +19,10 @@ def original_size(path: str) -> tuple[int, int] | None:
 
     try:
         with Image.open(path) as im:
-            # As decoding turns it upright: orientations 5 to 8 swap width and height.
-            turned = im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+            # As decoding turns it upright: orientations 5 to 8 swap width and height. (A PNG
+            # whose EXIF is not in its header would be decoded whole to find it: not for a size.)
+            turned = (im.format != "PNG" or "exif" in im.info) and im.getexif().get(
+                ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
             return im.size[::-1] if turned else im.size
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
         pass

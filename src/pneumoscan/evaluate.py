@@ -422,7 +422,7 @@ def _middle(high: float, low: float) -> float:
     """The middle of (low, high) in logit space, where probabilities near 0 and 1 are spread
     out as the model's scores are; in probability space where that leaves the gap (a bound at
     0 or 1, or two scores float64 cannot tell apart there)."""
-    with np.errstate(divide="ignore", over="ignore"):
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # inf - inf: NaN
         z = (np.log(high) - np.log1p(-high) + np.log(low) - np.log1p(-low)) / 2
         middle = float(1 / (1 + np.exp(-z)))
     return middle if low < middle < high else (high + low) / 2

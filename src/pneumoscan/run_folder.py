@@ -43,7 +43,9 @@ def refuse_own_file(run_dir: str | Path, path: str | Path, option: str) -> None:
         return
     if target.is_relative_to(Path(run_dir).resolve()):
         raise PneumoscanError(f"{option} {path}: is one of the run's own files; name a new file")
-    if earlier_run_file(target.parent) is not None:
+    # A run's folder, or one holding seed or fold runs whose own file (its summary) is there.
+    holds_run = any((target.parent / name).is_file() for name in RUN_FILES)
+    if holds_run or (target.exists() and earlier_run_file(target.parent) is not None):
         raise PneumoscanError(f"{option} {path}: is a file of the run in {target.parent}; name "
                               "a new file")
 

@@ -10,6 +10,7 @@ stack's are its members'.
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def training_keys(predictor) -> dict[int, set[bytes]] | None:
     try:
         with np.load(Path(predictor.run_dir) / TRAINING_IMAGES, allow_pickle=False) as z:
             keys, size = np.asarray(z["keys"], dtype=np.uint8), int(z["image_size"])
-    except (OSError, ValueError, KeyError, EOFError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # a file cut short
         return None
     return {size: {row.tobytes() for row in keys}}
 

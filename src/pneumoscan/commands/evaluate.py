@@ -61,8 +61,9 @@ def _evaluate(args: argparse.Namespace) -> dict:
         print(f"warning: {seen} of {len(split)} images are images {args.run} was trained or "
               "validated on (the same pixels once decoded, whatever the files are called): "
               "these figures are optimistic", file=sys.stderr)
-    elif seen is None and _trained_on(spec, data.held_out, predictor.meta.get("data_source")):
-        # A run made before runs kept their images' digests: known by its folder alone.
+    elif _trained_on(spec, data.held_out, predictor.meta.get("data_source")):
+        # A run made before runs kept their images' digests, or pixels a newer decoder moved:
+        # its training folder is still known by its path.
         print(f"warning: {spec} holds the images {args.run} was trained and validated on: "
               "these figures are optimistic", file=sys.stderr)
     prob = predictor.predict_proba(images)

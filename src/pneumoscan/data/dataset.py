@@ -168,7 +168,8 @@ def arrange(
     elif not carve_val:
         if val is not None:
             notes.append(f"val/ ({len(val)} images) is cross-validated with train/")
-            train = _concat(train, val)
+            # Copies between the two go with their originals too: one pool, one grouping.
+            train = copies_as_one_patient(_concat(train, val), keys["train"] + keys["val"])[0]
         val = train.subset(np.arange(0))
         notes += _unnamed_patients(train, "folds")
     elif val is None or (unfit := why_val_unfit(val, train, keys["val"], keys["train"])):
@@ -498,5 +499,6 @@ def load_eval_split(spec: str, image_size: int, *, progress: bool = True,
         description = f"{root} (all images: no test/ holds any)"
     if len(split) == 0:
         raise PneumoscanError(f"{description}: no readable images to evaluate")
+    split = copies_as_one_patient(split, pixel_keys(split.images))[0]  # as train's test figures
     counts = ", ".join(f"{k} {v}" for k, v in split.class_counts().items())
     return EvalSplit(split, f"{description} ({len(split)} images: {counts})", held_out)

@@ -111,8 +111,11 @@ def _nearby_layout(folder: Path) -> str:
     if _folder_key(folder.name) in {n.lower() for n in CLASS_NAMES}:
         return f"; {folder.name}/ is itself a class folder: give the folder that holds it"
     for sub in _subfolders(folder):
-        if _children(sub, SPLIT_NAMES) or _class_folders(sub):
-            return f"; did you mean {sub}?"
+        try:
+            if _children(sub, SPLIT_NAMES) or _class_folders(sub):
+                return f"; did you mean {sub}?"
+        except OSError:  # a folder it may not look into (lost+found): no hint from there
+            continue
     return ""
 
 
@@ -197,8 +200,10 @@ def walk_files(folder: Path) -> Iterator[Path]:
     """Every file below ``folder``, sorted, but hidden and system files (``is_system_file``).
 
     Folder symlinks are followed, as torchvision's ImageFolder follows them (a batch of images
-    linked into a class folder is read), each real folder once: a link to a parent cannot loop.
+    linked into a class folder is read), each real folder once; a link to ``folder`` itself or
+    to a folder above it is not (it would loop, or read the other class's images as this one's).
     """
+    top = os.path.realpath(folder)
     seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         try:
@@ -206,7 +211,8 @@ def walk_files(folder: Path) -> Iterator[Path]:
         except OSError:
             dirnames[:] = []
             continue
-        if (info.st_dev, info.st_ino) in seen:  # reached again through a link
+        above = seen and Path(top).is_relative_to(os.path.realpath(dirpath))
+        if (info.st_dev, info.st_ino) in seen or above:  # reached again, or upwards, by a link
             dirnames[:] = []
             continue
         seen.add((info.st_dev, info.st_ino))

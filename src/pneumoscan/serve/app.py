@@ -263,7 +263,7 @@ async def _read_upload(request, max_bytes: int) -> tuple[bytes, str]:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise _too_large(UNNAMED, max_bytes)
-    body = _Limited(request.stream(), limit, max_bytes)
+    body = _Limited(request.stream(), limit, max_bytes, request.headers.get("content-type", ""))
     parser = MultiPartParser(request.headers, body, max_files=1, max_fields=4)
     try:
         form = await parser.parse()
@@ -282,7 +282,7 @@ async def _read_upload(request, max_bytes: int) -> tuple[bytes, str]:
             raise ApiError(422, "the field 'file' came as text, without a filename: send the "
                                 "image as a file upload (curl -F 'file=@IMAGE')")
         if not isinstance(upload, UploadFile):
-            if not body.closed(request.headers.get("content-type", "")):
+            if not body.closed:
                 # The parser drops a part its body ends inside of, without a word.
                 raise ApiError(422, "incomplete multipart body: it ends before its closing "
                                     "boundary")
@@ -313,29 +313,30 @@ def _parse_reason(e) -> str:
 
 
 class _Limited:
-    """The request body, refusing it (413) as soon as more than ``limit`` bytes have arrived;
-    its last bytes are kept, to tell a body cut short from one without a file."""
+    """The request body, refusing it (413) as soon as more than ``limit`` bytes have arrived,
+    and noting whether it holds the closing delimiter of ``content_type``'s boundary
+    (``--BOUNDARY--``), as every whole multipart body does: a body cut short loses its last
+    part without a word from the parser."""
 
-    TAIL = 512
-
-    def __init__(self, stream: AsyncIterator[bytes], limit: int, max_bytes: int):
-        self._stream, self._limit, self._max_bytes, self._tail = stream, limit, max_bytes, b""
+    def __init__(self, stream: AsyncIterator[bytes], limit: int, max_bytes: int,
+                 content_type: str):
+        self._stream, self._limit, self._max_bytes = stream, limit, max_bytes
+        match = re.search(r'boundary="?([^";]+)"?', content_type, re.IGNORECASE)
+        self._closing = f"--{match[1]}--".encode("latin-1", "replace") if match else b""
+        self.closed = not self._closing
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        received = 0
+        received, carry = 0, b""
         async for chunk in self._stream:
             received += len(chunk)
             if received > self._limit:
                 # Before parsing: the part's file name is not known.
                 raise _too_large(UNNAMED, self._max_bytes)
-            self._tail = (self._tail + chunk)[-self.TAIL:]
+            if not self.closed:  # the delimiter may straddle two chunks
+                window = carry + chunk
+                self.closed = self._closing in window
+                carry = window[-len(self._closing):]
             yield chunk
-
-    def closed(self, content_type: str) -> bool:
-        """Whether the body ended with the closing delimiter (``--BOUNDARY--``) of
-        ``content_type``'s boundary, as every whole multipart body does."""
-        match = re.search(r'boundary="?([^";]+)"?', content_type, re.IGNORECASE)
-        return match is None or f"--{match[1]}--".encode("latin-1", "replace") in self._tail
 
 
 def _too_large(filename: str, max_bytes: int) -> ApiError:
