@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -243,8 +244,118 @@ def test_every_process_resumes_or_none(seen, refused, monkeypatch, tmp_path):
 
     info = DistInfo(rank=0, local_rank=0, world_size=2)
     monkeypatch.setattr(train, "all_reduce_sum", lambda t, _info: t.fill_(seen))
+    (tmp_path / train.CHECKPOINT).write_bytes(b"state")
+    monkeypatch.setattr(train, "gather_objects", lambda obj, _info: [obj, obj])
     if refused:
-        with pytest.raises(PneumoscanError, match="there for 1 of 2 processes"):
+        with pytest.raises(PneumoscanError, match="is there for 1 of 2 processes"):
             train._agree_on_resume(True, tmp_path, info, torch.device("cpu"))
+        # Said as it is on the machine without it.
+        with pytest.raises(PneumoscanError, match="is missing here, though there for 1 of 2"):
+            train._agree_on_resume(False, tmp_path, info, torch.device("cpu"))
     else:
         assert train._agree_on_resume(seen == 2, tmp_path, info, torch.device("cpu")) == (seen == 2)
+    if seen == 2:
+        # A machine's older copy: the processes would resume from different epochs.
+        monkeypatch.setattr(train, "gather_objects", lambda obj, _info: [obj, "another"])
+        with pytest.raises(PneumoscanError, match="differ"):
+            train._agree_on_resume(True, tmp_path, info, torch.device("cpu"))
+
+
+# ---- several machines, each with its own --data and --out: what differs is refused by all
+
+
+def _two_machines(tmp_path: Path, args_a: list[str], args_b: list[str]) -> list:
+    """Two processes joined as torchrun joins two machines' (RANK 0 and 1, each LOCAL_RANK 0),
+    each running `pneumoscan train` with its own arguments: (exit status, stderr) of each."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank, args in enumerate((args_a, args_b)):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank),
+               "LOCAL_RANK": "0", "PNEUMOSCAN_CACHE": str(tmp_path / f"cache{rank}"),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC),
+                                                           os.environ.get("PYTHONPATH")]))}
+        procs.append(subprocess.Popen([sys.executable, "-m", "pneumoscan", "train", *args,
+                                       *TRAIN_ARGS[:-5], "--epochs", "1", "--device", "cpu",
+                                       "--val-fraction", "0.25", "--quiet"],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    results = []
+    for proc in procs:
+        try:
+            _, err = proc.communicate(timeout=240)  # a hang would be torch's 30 minutes
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail("the processes hung instead of stopping")
+        results.append((proc.returncode, err))
+    return results
+
+
+@pytest.mark.slow
+def test_machines_with_different_data_are_refused_by_both(tmp_path):
+    """Each rank carved its own validation from its own files (21 of 24 of rank 0's validation
+    images were rank 1's training images), and a run was written; with other step counts the
+    ranks hung for 30 minutes."""
+    a = write_synthetic_dataset(tmp_path / "a", n_train=40, n_test=4, size=32)
+    b = Path(shutil.copytree(a, tmp_path / "b"))
+    extra = sorted((b / "train" / "NORMAL").iterdir())[0]
+    shutil.copy(extra, extra.with_name("extra.png"))
+    results = _two_machines(tmp_path, ["--data", str(a), "--out", str(tmp_path / "ra")],
+                            ["--data", str(b), "--out", str(tmp_path / "rb")])
+    for status, err in results:
+        assert status == 2 and "the processes read different data" in err, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "ra" / "model.json").exists()
+
+
+@pytest.mark.slow
+def test_a_machine_that_refuses_to_start_stops_the_other_at_once(tmp_path):
+    """One machine's --out held a finished run: it refused in one line, and the other waited
+    30 minutes in silence for it to join."""
+    data = write_synthetic_dataset(tmp_path / "data", n_train=40, n_test=4, size=32)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "model.json").write_text("{}")
+    (status_a, err_a), (status_b, err_b) = _two_machines(
+        tmp_path, ["--data", str(data), "--out", str(tmp_path / "ra")],
+        ["--data", str(data), "--out", str(taken)])
+    assert status_b == 2 and "already holds" in err_b, err_b
+    assert status_a == 2 and "1 of the 2 processes stopped before training" in err_a, err_a
+    assert "Traceback" not in err_a + err_b
+
+
+def test_commands_other_than_train_refuse_torchrun(monkeypatch, capsys, tmp_path):
+    """cv under torchrun ran the whole cross-validation in every process, all writing one
+    folder (with two machines' data, a mixed run)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(["cv", "--data", str(tmp_path), "--folds", "2", "--out",
+                     str(tmp_path / "cv")]) == 2
+    err = capsys.readouterr().err
+    assert "cv runs as one process: start it without torchrun" in err
+    assert not (tmp_path / "cv").exists()
+
+
+def test_a_process_that_lost_its_peers_says_so_in_one_line(monkeypatch, capsys):
+    """A survivor printed gloo's 20-line traceback ("Connection closed by peer ... GLHF!")."""
+    import pneumoscan.commands.train as train_command
+    import pneumoscan.distributed  # noqa: F401  (imported by any command that trains)
+
+    def lost(_args):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection "
+                           "closed by peer [127.0.0.1]:29500")
+
+    monkeypatch.setattr(train_command, "run", lost)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["train", "--out", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another process of this torchrun stopped" in err
+    monkeypatch.delenv("WORLD_SIZE")  # without torchrun it is no such thing: raised as it is
+    with pytest.raises(RuntimeError):
+        cli.main(["train", "--out", "x"])

@@ -342,3 +342,24 @@ def test_a_diverged_training_stops_with_one_line(data_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert status == 2 and len(err.splitlines()) == 1, err
     assert "diverged in epoch 1" in err and "--lr" in err
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does_and_it_resumes(data_dir, env, tmp_path):
+    """SIGTERM (a job scheduler's, or torchrun's when it is stopped) ended the process without
+    a word: no "--resume continues" line, and an exit status that said nothing."""
+    run = tmp_path / "run"
+    proc = start(train_argv(data_dir, run, "cpu", "--epochs", "30"), env)
+    deadline = time.monotonic() + TIMEOUT_S
+    while metric_lines(run) < 1:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"training made no progress:\n{proc.communicate()[1][-2000:]}")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == (
+        "pneumoscan train: terminated; the same command with --resume continues from the last "
+        "checkpoint"), err
+    assert "Traceback" not in err and (run / "checkpoint.pt").is_file()
+    assert not list(run.glob(".*.tmp"))

@@ -10,6 +10,7 @@ import argparse
 import gc
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -104,6 +105,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _under_torchrun() -> bool:
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
+
+
+def _peer_gone(e: RuntimeError) -> bool:
+    distributed = sys.modules.get("pneumoscan.distributed")  # imported by whatever trained
+    return distributed is not None and distributed.is_peer_gone(e)
+
+
 def _has_checkpoint(out: str | None) -> bool:
     """Whether an interrupted train left something for --resume (not when stopped before its
     first checkpoint, in its start-up or first epoch)."""
@@ -133,6 +143,9 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command != "train" and _under_torchrun():
+            raise PneumoscanError(f"{args.command} runs as one process: start it without "
+                                  "torchrun (train alone spreads over several)")
         return int(args._run(args) or 0)
     except PneumoscanError as e:
         print(printable(f"pneumoscan {args.command}: error: {e}"), file=sys.stderr)
@@ -145,15 +158,33 @@ def _main(argv: Sequence[str] | None) -> int:
             where, reason = f"{blocker}: ", "exists and is not a folder"
         print(printable(f"pneumoscan {args.command}: error: {where}{reason}"), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except RuntimeError as e:
+        if not (_under_torchrun() and _peer_gone(e)):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        print(printable(f"pneumoscan {args.command}: error: another process of this torchrun "
+                        f"stopped or could not be reached ({first}); its own output says why"),
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
         hint = ("; the same command with --resume continues from the last checkpoint"
                 if args.command == "train" and _has_checkpoint(getattr(args, "out", None))
                 else "")
         # Ctrl-C reaches every torchrun process at once: one line, from rank 0. (An error is
         # still printed by each process that meets it: it may be that process's alone.)
+        what, status = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
         if os.environ.get("RANK", "0") == "0":
-            print(f"pneumoscan {args.command}: interrupted{hint}", file=sys.stderr)
-        return 130
+            print(f"pneumoscan {args.command}: {what}{hint}", file=sys.stderr)
+        return status
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as job schedulers and torchrun send it to stop a run: ended as Ctrl-C ends it
+    (files whole, decode workers stopped, --resume offered), with the status 143 it asks for."""
+
+
+def _terminate(_signum, _frame) -> None:
+    raise Terminated
 
 
 def console_main() -> None:
@@ -170,6 +201,7 @@ def console_main() -> None:
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
+    signal.signal(signal.SIGTERM, _terminate)
     status = main()
     gc.freeze()
     sys.exit(status)

@@ -123,3 +123,38 @@ def broadcast_object(obj, info: DistInfo):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every process's ``obj``, in rank order (``[obj]`` alone without torchrun)."""
+    if not info.enabled:
+        return [obj]
+    out: list = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def agree_to_start(ok: bool, info: DistInfo) -> None:
+    """Tell the other processes whether this one's checks passed, and hear theirs: a process
+    that stops before training would otherwise leave the others waiting in their first
+    collective for torch's timeout (30 minutes), without a word."""
+    if not info.enabled:
+        return
+    flag = torch.tensor([float(ok)])
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    ready = int(all_reduce_sum(flag, info).item())
+    if ok and ready < info.world_size:
+        raise PneumoscanError(f"{info.world_size - ready} of the {info.world_size} processes "
+                              "stopped before training (their output says why): this one stops "
+                              "too")
+
+
+def is_peer_gone(e: BaseException) -> bool:
+    """Whether ``e`` is torch failing to reach the other processes of the group (one ended,
+    or never came)."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return any(sign in text for sign in ("Connection closed by peer", "Connection reset by peer",
+                                         "Broken pipe"))

@@ -22,8 +22,9 @@ from pneumoscan.data.dataset import (
     training_data_options,
 )
 from pneumoscan.device import resolve_device
-from pneumoscan.distributed import DistInfo, barrier, process_group
+from pneumoscan.distributed import DistInfo, barrier, gather_objects, process_group
 from pneumoscan.environment import run_config
+from pneumoscan.errors import PneumoscanError
 from pneumoscan.evaluate import (
     choose_threshold,
     evaluate_predictions,
@@ -82,6 +83,7 @@ def _train_run(
         if device.type == "cuda":
             warm_up_s = time.perf_counter() - t_start
         bundle = data.result()
+    check_same_data(bundle, dist_info)
     if dist_info.is_main:
         # Written once the data is known to be usable, so a refused run leaves no folder behind.
         # A run resumed from its checkpoint keeps its own: fit() refuses other settings there.
@@ -110,6 +112,18 @@ def _train_run(
                                 warm_up_s))
     barrier(dist_info)
     return summary
+
+
+def check_same_data(bundle: DataBundle, dist_info: DistInfo) -> None:
+    """Refuse, on every process, data that differs between them: on several machines each
+    reads its own --data, and one with other files would carve other validation images (some
+    of them another process's training images) and step through other batches."""
+    seen = gather_objects((bundle.fingerprint, len(bundle.train), len(bundle.val)), dist_info)
+    if len(set(seen)) > 1:
+        counts = "; ".join(f"rank {rank}: {n_train} training and {n_val} validation images"
+                           for rank, (_, n_train, n_val) in enumerate(seen))
+        raise PneumoscanError(f"the processes read different data ({counts}; or as many other "
+                              "files): every machine's --data must hold the same files")
 
 
 def describe_run_time(

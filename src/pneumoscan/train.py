@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -43,7 +44,7 @@ from pneumoscan.device import (
     sync,
     work_224,
 )
-from pneumoscan.distributed import DistInfo, all_reduce_sum, broadcast_object
+from pneumoscan.distributed import DistInfo, all_reduce_sum, broadcast_object, gather_objects
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.fileio import atomic_write_text
 from pneumoscan.models import create_model
@@ -592,11 +593,26 @@ def _agree_on_resume(resuming: bool, run_dir: Path, dist_info: DistInfo,
         return resuming
     seen = int(all_reduce_sum(torch.tensor([float(resuming)], device=device), dist_info).item())
     if 0 < seen < dist_info.world_size:
+        here = "is there" if resuming else "is missing here, though there"
         raise PneumoscanError(
-            f"--resume: {run_dir / CHECKPOINT} is there for {seen} of {dist_info.world_size} "
+            f"--resume: {run_dir / CHECKPOINT} {here} for {seen} of {dist_info.world_size} "
             "processes; on several machines --out must be a folder they all share (or copy the "
             "run folder to each)")
+    # Copies made at different times (one machine's older than another's) would resume from
+    # different epochs, their collectives pairing one epoch's steps with another's.
+    if resuming and len(set(gather_objects(_file_digest(run_dir / CHECKPOINT), dist_info))) > 1:
+        raise PneumoscanError(
+            f"--resume: the processes' {run_dir / CHECKPOINT} differ (copies made at different "
+            "times?); copy the run folder of the machine with the latest to every machine")
     return resuming
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def seed_epoch(seed: int, epoch: int, rank: int, shuffle_gen: torch.Generator,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -46,41 +47,37 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pneumoscan.allocator import low_memory_mode
     from pneumoscan.config import check_batch_per_process
-    from pneumoscan.data.background import loading_in_background
-    from pneumoscan.data.dataset import training_data_options
-    from pneumoscan.distributed import env_is_main, env_world_size
-    from pneumoscan.run_folder import check_out_folder
+    from pneumoscan.device import resolve_device
+    from pneumoscan.distributed import agree_to_start, env_world_size, process_group
 
+    # What the command line alone decides, refused alike by every process at once.
     cfg = config_from_args(args)
     seeds = _parse_seeds(args.seeds) if args.seeds else None
-    check_out_folder(cfg.out, resume=args.resume, seeds=seeds)
+    if seeds and args.seed is not None:
+        raise PneumoscanError("--seed and --seeds: give one of them")
     # Under torchrun the batch is split across the processes: each needs two images or more.
     check_batch_per_process(cfg.batch_size, env_world_size())
-    low_memory_mode(cfg.low_memory)  # before anything large is allocated
-    if not args.seeds:
-        age = process_age_s()
-        started = None if age is None else time.perf_counter() - age
-        options = training_data_options(cfg, not args.quiet, env_is_main())
-        # The images decode while the rest of training's modules import (scikit-learn's alone
-        # takes 1-2 s) and the GPU warms up.
-        with loading_in_background(cfg.data, cfg.image_size, **options) as data:
-            from pneumoscan.pipeline import train_run
+    # What each machine decides for itself (its --out, its --data) comes after joining the
+    # group, so that a process which refuses tells the others: they would otherwise wait in
+    # their first collective for torch's timeout (30 minutes), without a word.
+    with process_group(resolve_device(cfg.device).type) as dist_info, \
+            contextlib.ExitStack() as stack:
+        try:
+            data = _checked_start(cfg, args, seeds, stack, dist_info.is_main)
+        except (PneumoscanError, OSError):
+            agree_to_start(False, dist_info)
+            raise
+        agree_to_start(True, dist_info)
+        from pneumoscan.pipeline import train_run
 
+        if not seeds:
             data.imports_done()
-            train_run(cfg, resume=args.resume, progress=not args.quiet, process_started=started,
-                      data=data)
-        return 0
-    if args.seed is not None:
-        raise PneumoscanError("--seed and --seeds: give one of them")
-    from pneumoscan.device import resolve_device
-    from pneumoscan.distributed import process_group
-    from pneumoscan.pipeline import train_run
-
-    summaries = []
-    # One process group for all the seeds' trainings under torchrun; rank 0 alone speaks.
-    with process_group(resolve_device(cfg.device).type) as dist_info:
+            train_run(cfg, resume=args.resume, progress=not args.quiet,
+                      process_started=_process_started(), data=data)
+            return 0
+        summaries = []
+        # One process group for all the seeds' trainings under torchrun; rank 0 alone speaks.
         for i, seed in enumerate(seeds):
             seed_cfg = dataclasses.replace(cfg, seed=seed, out=str(Path(cfg.out) / f"seed-{seed}"))
             if dist_info.is_main:
@@ -92,6 +89,30 @@ def _train(args: argparse.Namespace) -> int:
 
         write_seed_summary(Path(cfg.out), seeds, summaries)
     return 0
+
+
+def _checked_start(cfg, args: argparse.Namespace, seeds: list[int] | None,
+                   stack: contextlib.ExitStack, is_main: bool):
+    """The checks of this machine's --out, and for one run its data loading in the background
+    (entered on ``stack``, and returned; None for --seeds, whose runs load their own)."""
+    from pneumoscan.allocator import low_memory_mode
+    from pneumoscan.data.background import loading_in_background
+    from pneumoscan.data.dataset import training_data_options
+    from pneumoscan.run_folder import check_out_folder
+
+    check_out_folder(cfg.out, resume=args.resume, seeds=seeds)
+    low_memory_mode(cfg.low_memory)  # before anything large is allocated
+    if seeds:
+        return None
+    options = training_data_options(cfg, not args.quiet, is_main)
+    # The images decode while the rest of training's modules import (scikit-learn's alone
+    # takes 1-2 s) and the GPU warms up.
+    return stack.enter_context(loading_in_background(cfg.data, cfg.image_size, **options))
+
+
+def _process_started() -> float | None:
+    age = process_age_s()
+    return None if age is None else time.perf_counter() - age
 
 
 def process_age_s() -> float | None:

@@ -341,6 +341,9 @@ def _ignore_sigint() -> None:
     blocks Ctrl-C (background.py) starts with it blocked: ignored first, it is unblocked, and
     one that came meanwhile is dropped."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM to the whole process group (a job scheduler's) ends a worker quietly; the main
+    # process's own handler (cli.Terminated) is not the worker's to run.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if hasattr(signal, "pthread_sigmask"):  # not on Windows
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
