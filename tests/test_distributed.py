@@ -308,9 +308,18 @@ def test_machines_with_different_data_are_refused_by_both(tmp_path):
     results = _two_machines(tmp_path, ["--data", str(a), "--out", str(tmp_path / "ra")],
                             ["--data", str(b), "--out", str(tmp_path / "rb")])
     for status, err in results:
-        assert status == 2 and "the processes read different data" in err, err
+        assert status == 2 and "the processes' data differ" in err, err
         assert "Traceback" not in err
     assert not (tmp_path / "ra" / "model.json").exists()
+    # The same files, another --seed on one machine: other validation images and batches.
+    results = _two_machines(tmp_path, ["--data", str(a), "--out", str(tmp_path / "sa")],
+                            ["--data", str(a), "--out", str(tmp_path / "sb"), "--seed", "1"])
+    for status, err in results:
+        assert status == 2 and "the processes' data differ" in err, err
+    results = _two_machines(tmp_path, ["--data", str(a), "--out", str(tmp_path / "ea")],
+                            ["--data", str(a), "--out", str(tmp_path / "eb"), "--lr", "0.01"])
+    for status, err in results:
+        assert status == 2 and "the processes' settings: lr differ" in err, err
 
 
 @pytest.mark.slow

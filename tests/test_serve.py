@@ -665,6 +665,25 @@ def test_serve_port_0_prints_the_real_port_and_keeps_stderr_clean(trained_run, i
     assert process.returncode == 0 and out == "" and err == ""
 
 
+def test_serve_stopped_by_sigterm_says_so_with_143(trained_run):
+    """uvicorn stops gracefully on SIGTERM, then re-raises it: the end must still say 143."""
+    command = [sys.executable, "-m", "pneumoscan", "serve", str(trained_run), "--port", "0",
+               "--device", "cpu"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONUNBUFFERED", "WORLD_SIZE")}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env)
+    try:
+        _read_line(process, timeout=120)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            _, err = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, err = process.communicate()
+    assert process.returncode == 143 and err == "pneumoscan serve: terminated\n", err
+
+
 def _read_line(process: subprocess.Popen, timeout: float) -> str:
     """The first line of the process's stdout, or a failure naming its stderr."""
     lines: list[str] = []

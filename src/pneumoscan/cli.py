@@ -144,8 +144,10 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
     try:
         if args.command != "train" and _under_torchrun():
-            raise PneumoscanError(f"{args.command} runs as one process: start it without "
-                                  "torchrun (train alone spreads over several)")
+            raise PneumoscanError(
+                f"{args.command} runs as one process: start it without torchrun (train alone "
+                f"spreads over several), or unset WORLD_SIZE={os.environ['WORLD_SIZE']} if "
+                "something else set it")
         return int(args._run(args) or 0)
     except PneumoscanError as e:
         print(printable(f"pneumoscan {args.command}: error: {e}"), file=sys.stderr)
@@ -179,11 +181,13 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, as job schedulers and torchrun send it to stop a run: ended as Ctrl-C ends it
-    (files whole, decode workers stopped, --resume offered), with the status 143 it asks for."""
+    """SIGTERM, as a job scheduler sends it to stop a command: ended as Ctrl-C ends it (files
+    whole, decode workers stopped, --resume offered), with the status 143 it asks for."""
 
 
 def _terminate(_signum, _frame) -> None:
+    # A second SIGTERM, while this one's clean-up runs, ends the process at once.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise Terminated
 
 
@@ -201,7 +205,10 @@ def console_main() -> None:
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
-    signal.signal(signal.SIGTERM, _terminate)
+    # Not under torchrun: a process waiting in a collective for another runs no Python until
+    # torch's timeout, so a Python handler would keep it from stopping; there SIGTERM kills.
+    if not _under_torchrun():
+        signal.signal(signal.SIGTERM, _terminate)
     status = main()
     gc.freeze()
     sys.exit(status)

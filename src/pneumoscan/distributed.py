@@ -153,6 +153,8 @@ def agree_to_start(ok: bool, info: DistInfo) -> None:
 def is_peer_gone(e: BaseException) -> bool:
     """Whether ``e`` is torch failing to reach the other processes of the group (one ended,
     or never came)."""
+    if isinstance(e, getattr(dist, "DistNetworkError", ())):
+        return False  # this process's own network (a port in use), not another's absence
     if isinstance(e, getattr(dist, "DistError", ())):
         return True
     text = str(e)

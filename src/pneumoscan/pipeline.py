@@ -18,6 +18,7 @@ from pneumoscan.data.dataset import (
     DataBundle,
     Split,
     load_data,
+    split_identity,
     test_heading,
     training_data_options,
 )
@@ -83,7 +84,7 @@ def _train_run(
         if device.type == "cuda":
             warm_up_s = time.perf_counter() - t_start
         bundle = data.result()
-    check_same_data(bundle, dist_info)
+    check_same_run(cfg, bundle, dist_info)
     if dist_info.is_main:
         # Written once the data is known to be usable, so a refused run leaves no folder behind.
         # A run resumed from its checkpoint keeps its own: fit() refuses other settings there.
@@ -114,16 +115,25 @@ def _train_run(
     return summary
 
 
-def check_same_data(bundle: DataBundle, dist_info: DistInfo) -> None:
-    """Refuse, on every process, data that differs between them: on several machines each
-    reads its own --data, and one with other files would carve other validation images (some
-    of them another process's training images) and step through other batches."""
-    seen = gather_objects((bundle.fingerprint, len(bundle.train), len(bundle.val)), dist_info)
-    if len(set(seen)) > 1:
-        counts = "; ".join(f"rank {rank}: {n_train} training and {n_val} validation images"
-                           for rank, (_, n_train, n_val) in enumerate(seen))
-        raise PneumoscanError(f"the processes read different data ({counts}; or as many other "
-                              "files): every machine's --data must hold the same files")
+def check_same_run(cfg: TrainConfig, bundle: DataBundle, dist_info: DistInfo) -> None:
+    """Refuse, on every process, a run that differs between them: on several machines each
+    reads its own --data and command line. One with other files would carve other validation
+    images (some of them another process's training images); other settings (a --seed, an
+    --epochs) would step through other batches, and the processes would hang."""
+    # Paths are each machine's own; so is --low-memory, and --pretrained's file (rank 0's
+    # initial weights are every process's).
+    mine = ("data", "out", "low_memory", "pretrained")
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in mine}
+    seen = gather_objects({"data": bundle.fingerprint, "validation": split_identity(bundle.val),
+                           "settings": settings}, dist_info)
+    for what in ("data", "validation", "settings"):
+        if any(other[what] != seen[0][what] for other in seen[1:]):
+            differ = ("data" if what != "settings" else "settings: " + ", ".join(
+                sorted({k for other in seen for k, v in other["settings"].items()
+                        if v != seen[0]["settings"].get(k)})))
+            raise PneumoscanError(
+                f"the processes' {differ} differ: every machine needs the same files in its "
+                "--data and the same command line (but for --data and --out)")
 
 
 def describe_run_time(

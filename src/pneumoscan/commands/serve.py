@@ -128,5 +128,8 @@ def _serve(uvicorn, app, sock: socket.socket) -> None:
     server = Server(uvicorn.Config(app, log_level="warning"))
     try:
         server.run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn re-raises the signal it caught once it has shut down
-        pass
+    except KeyboardInterrupt as e:  # uvicorn re-raises the signal it caught once shut down
+        from pneumoscan.cli import Terminated
+
+        if isinstance(e, Terminated):
+            raise  # stopped by SIGTERM: said, and 143, as every command ends on it
