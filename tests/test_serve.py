@@ -636,14 +636,28 @@ def _request(port: int, method: str, path: str, body: bytes = b"", headers=None)
         connection.close()
 
 
-def test_serve_port_0_prints_the_real_port_and_keeps_stderr_clean(trained_run, image_file):
-    # The real command in its own process: the banner through a pipe, the port it got, and a
-    # stderr with nothing on it after a malformed upload and Ctrl-C.
-    command = [sys.executable, "-m", "pneumoscan", "serve", str(trained_run), "--port", "0",
+def _serve_process(run) -> subprocess.Popen:
+    """The real command in its own process, its output through real pipes."""
+    command = [sys.executable, "-m", "pneumoscan", "serve", str(run), "--port", "0",
                "--device", "cpu"]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a real pipe
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=env)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONUNBUFFERED", "WORLD_SIZE")}
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+
+
+def _stop(process: subprocess.Popen, sig: int) -> tuple[str, str]:
+    process.send_signal(sig)
+    try:
+        return process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.communicate()
+
+
+def test_serve_port_0_prints_the_real_port_and_keeps_stderr_clean(trained_run, image_file):
+    # The banner through a pipe, the port it got, and a stderr with nothing on it after a
+    # malformed upload and Ctrl-C.
+    process = _serve_process(trained_run)
     try:
         banner = _read_line(process, timeout=120)
         match = re.fullmatch(r"pneumoscan serve: http://127\.0\.0\.1:(\d+)/ .*\n", banner)
@@ -656,31 +670,17 @@ def test_serve_port_0_prints_the_real_port_and_keeps_stderr_clean(trained_run, i
                                   {"content-type": content_type})
         assert status == 422 and b"malformed multipart body" in answer
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            out, err = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            out, err = process.communicate()
+        out, err = _stop(process, signal.SIGINT)
     assert process.returncode == 0 and out == "" and err == ""
 
 
 def test_serve_stopped_by_sigterm_says_so_with_143(trained_run):
     """uvicorn stops gracefully on SIGTERM, then re-raises it: the end must still say 143."""
-    command = [sys.executable, "-m", "pneumoscan", "serve", str(trained_run), "--port", "0",
-               "--device", "cpu"]
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONUNBUFFERED", "WORLD_SIZE")}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=env)
+    process = _serve_process(trained_run)
     try:
         _read_line(process, timeout=120)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            _, err = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            _, err = process.communicate()
+        _, err = _stop(process, signal.SIGTERM)
     assert process.returncode == 143 and err == "pneumoscan serve: terminated\n", err
 
 
