@@ -66,12 +66,12 @@ def training_keys(predictor) -> dict[int, set[bytes]] | None:
     return {size: {row.tobytes() for row in keys}}
 
 
-def count_seen(predictor, images) -> int | None:
+def count_seen(predictor, images) -> int:
     """How many of ``images`` (an array, or ``{size: array}`` for a stack of several sizes)
-    ``predictor`` trained or validated on; None when its runs do not say."""
+    ``predictor`` trained or validated on; 0 when its runs do not say."""
     known = training_keys(predictor)
     if known is None:
-        return None
+        return 0
     by_size = images if isinstance(images, dict) else {predictor.image_size: images}
     seen = np.zeros(len(next(iter(by_size.values()))), dtype=bool)
     for size, array in by_size.items():

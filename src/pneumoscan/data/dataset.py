@@ -145,7 +145,7 @@ def arrange(
         notes.append(f"{name}/ has no readable images: ignored")
         del splits[name]
     _check_classes(splits["train"], f"{source} (train)", both=not as_given)
-    keys = {name: _pixel_keys(split) for name, split in splits.items()}  # hashed once
+    keys = {name: pixel_keys(split.images) for name, split in splits.items()}  # once
     for name, split in splits.items():
         if contradiction := labelled_both_ways(split, keys[name]):
             notes.append(f"warning: {name}/: {contradiction}")
@@ -223,7 +223,7 @@ def few_patients(labels: np.ndarray, patients: list[str]) -> str:
 def why_val_unfit(val: Split, train: Split, val_keys: list[bytes],
                   train_keys: list[bytes]) -> str:
     """Why a given val/ cannot be the validation split, or "" when it can. ``*_keys``: the
-    splits' ``_pixel_keys``."""
+    splits' ``pixel_keys``."""
     if len(val) < MIN_VAL_IMAGES:
         return f"has {len(val)} images, too few to select anything on"
     if len(set(val.labels.tolist())) < 2:
@@ -283,14 +283,10 @@ def test_heading(what: str, overlap: str) -> str:
     return f"{what} (held out; nothing was selected on it):"
 
 
-def _pixel_keys(split: Split) -> list[bytes]:
-    return pixel_keys(split.images)
-
-
 def seen_in_training(splits: dict[str, Split], keys: dict[str, list[bytes]]) -> str:
     """Test images that are also training images, pixel for pixel once decoded (a file copied
     into both folders): a warning naming them, or "" when the test split is held out.
-    ``keys``: each split's ``_pixel_keys``."""
+    ``keys``: each split's ``pixel_keys``."""
     test = splits["test"]
     both = _copies(test, keys["test"], [(splits[name], keys[name]) for name in ("train", "val")
                                         if name in splits])
@@ -303,7 +299,7 @@ def seen_in_training(splits: dict[str, Split], keys: dict[str, list[bytes]]) -> 
 def _copies(split: Split, keys: list[bytes],
             others: list[tuple[Split, list[bytes]]]) -> list[tuple[str, str]]:
     """(path, path of its copy) for each image of ``split`` that an image of ``others`` (each a
-    split with its ``_pixel_keys``) equals pixel for pixel."""
+    split with its ``pixel_keys``) equals pixel for pixel."""
     index: dict[bytes, tuple[Split, int]] = {}
     for other, other_keys in others:
         for j, key in enumerate(other_keys):
@@ -336,7 +332,7 @@ def copies_as_one_patient(split: Split, keys: list[bytes]) -> tuple[Split, int]:
 def labelled_both_ways(split: Split, keys: list[bytes]) -> str:
     """Images of a split that are in both class folders, pixel for pixel once decoded: a
     warning naming one pair (the model is taught both answers for them), or "". ``keys``: the
-    split's ``_pixel_keys``."""
+    split's ``pixel_keys``."""
     first: dict[bytes, int] = {}  # key -> row of its first image
     both = []
     for i, key in enumerate(keys):
