@@ -76,3 +76,14 @@ def test_train_defaults_to_pneumoniamnist(tmp_path, monkeypatch, no_network):
     assert config["data"] == "pneumoniamnist"
     assert json.loads((out / "test_metrics.json").read_text())["n"] == 30
     assert os.path.exists(out / "model.safetensors")
+
+
+def test_data_source_description_reads_back_and_hides_server_folders():
+    from pneumoscan.serve.app import public_meta
+
+    source = medmnist.describe(64, Path("/srv/cache/pneumoscan/medmnist/pneumoniamnist_64.npz"))
+    assert medmnist.spec_of(source) == "pneumoniamnist:64"
+    assert medmnist.spec_of("/data/chest_xray") is None
+    shown = public_meta({"data_source": source})["data_source"]
+    assert shown == "PneumoniaMNIST 64 px (pneumoniamnist_64.npz)"
+    assert public_meta({"data_source": "/data/chest_xray"})["data_source"] == "chest_xray"

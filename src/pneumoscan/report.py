@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from pneumoscan import CLASS_NAMES, __version__
+from pneumoscan.data import medmnist
 from pneumoscan.evaluate import RATE_KEYS, format_figure
 from pneumoscan.fileio import atomic_write_text, read_json
 from pneumoscan.model_io import read_meta
@@ -172,7 +173,7 @@ def data_section(run_dir: Path, meta: dict, config: dict | None) -> Section:
     # The run's own record of its data, resolved when it trained: a relative --data would
     # otherwise be read from wherever the report is made.
     source = meta.get("data_source")
-    folder = isinstance(source, str) and not source.startswith("PneumoniaMNIST")
+    folder = isinstance(source, str) and medmnist.spec_of(source) is None
     spec = source if folder else (config or {}).get("data")
     if not spec:
         section.note("The run does not record its data source; the counts below are those of "

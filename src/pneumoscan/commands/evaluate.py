@@ -102,17 +102,17 @@ def own_test_data(run: str, meta: dict) -> str:
     """The data ``run`` was trained on, for an evaluate without --data: its test split (never
     used to select anything) is what gets scored. Refused where there is none to score; a
     warning where files were added, removed or resized since the run trained."""
-    import re
     from pathlib import Path
 
+    from pneumoscan.data import medmnist
     from pneumoscan.data.dataset import data_changed, files_fingerprint
     from pneumoscan.data.discover import discover
     from pneumoscan.errors import PneumoscanError
 
     source = meta.get("data_source")
-    medmnist = re.match(r"PneumoniaMNIST (\d+) px", source) if isinstance(source, str) else None
-    if medmnist:
-        return f"pneumoniamnist:{medmnist.group(1)}"  # the file of the size it trained on
+    medmnist_spec = medmnist.spec_of(source)
+    if medmnist_spec:
+        return medmnist_spec  # the file of the size it trained on
     if not isinstance(source, str) or not source or not Path(source).is_dir():
         raise PneumoscanError(f"{run}: no --data given, and the data it was trained on "
                               f"({source or 'not recorded'}) is not there; give --data DIR")

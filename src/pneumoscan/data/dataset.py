@@ -448,7 +448,7 @@ def _load_medmnist(spec: str, image_size: int) -> tuple[dict[str, Split], str, s
         ids = [f"{name}/{i}" for i in range(len(labels))]  # no patient ids are published
         splits[name] = Split(images=images, labels=labels, patients=ids, paths=ids)
     digest = hashlib.sha256(f"{path.name}:{image_size}".encode()).hexdigest()[:24]
-    return splits, f"PneumoniaMNIST {size} px ({path})", digest
+    return splits, medmnist.describe(size, path), digest
 
 
 def _resize_all(images: np.ndarray, size: int) -> np.ndarray:

@@ -7,6 +7,7 @@ dependencies are not needed. Files are cached; offline, a missing file fails at 
 from __future__ import annotations
 
 import hashlib
+import re
 import urllib.request
 import zipfile
 import zlib
@@ -38,6 +39,30 @@ def parse_spec(spec: str) -> int | None:
     if not size.isdigit() or int(size) not in FILES:
         raise PneumoscanError(f"{spec}: PneumoniaMNIST comes in sizes {', '.join(map(str, FILES))}")
     return int(size)
+
+
+def describe(size: int, path: Path) -> str:
+    """A run's ``data_source`` for PneumoniaMNIST; ``spec_of`` reads it back."""
+    return f"PneumoniaMNIST {size} px ({path})"
+
+
+_DESCRIPTION = re.compile(r"PneumoniaMNIST (\d+) px \((.*)\)")
+
+
+def spec_of(source: object) -> str | None:
+    """The ``--data`` value that names the file a ``data_source`` describes: 'pneumoniamnist:64'
+    for 'PneumoniaMNIST 64 px (/cache/pneumoniamnist_64.npz)'; None for a folder."""
+    match = _DESCRIPTION.fullmatch(source) if isinstance(source, str) else None
+    return f"pneumoniamnist:{match.group(1)}" if match else None
+
+
+def public_description(source: str) -> str:
+    """``data_source`` without the server's folders: 'PneumoniaMNIST 64 px
+    (pneumoniamnist_64.npz)', or a data folder's own name."""
+    match = _DESCRIPTION.fullmatch(source)
+    if match:
+        return describe(int(match.group(1)), Path(Path(match.group(2)).name))
+    return Path(source).name
 
 
 def pick_size(requested: int | None, image_size: int) -> int:

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from pneumoscan import CLASS_NAMES, __version__
-from pneumoscan.data import decode
+from pneumoscan.data import decode, medmnist
 from pneumoscan.errors import PneumoscanError, UnreadableImage
 from pneumoscan.predict import NOT_FINITE
 
@@ -244,7 +244,7 @@ def public_meta(meta: dict) -> dict:
     """model.json as clients may see it: local paths on the server are reduced to names."""
     info = dict(meta)
     if isinstance(info.get("data_source"), str):
-        info["data_source"] = Path(info["data_source"]).name
+        info["data_source"] = medmnist.public_description(info["data_source"])
     if isinstance(info.get("onnx"), dict) and "file" in info["onnx"]:
         info["onnx"] = {**info["onnx"], "file": Path(str(info["onnx"]["file"])).name}
     return info
