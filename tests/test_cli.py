@@ -229,6 +229,20 @@ def test_out_of_range_training_options_exit_2_in_one_line(command, option, value
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["predict", "RUN", "x.png", "--batch-size", "0"],
+         "--batch-size: expected a whole number of at least 1, got '0'"),
+        (["serve", "RUN", "--port", "70000"],
+         "--port: expected a whole number from 0 to 65535, got '70000'"),
+    ],
+)
+def test_out_of_range_predict_and_serve_options_exit_2_in_one_line(argv, message, capsys):
+    status, err = _exit_status_and_err(argv, capsys)
+    assert status == 2 and message in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("value", ["0", "-4", "100000"])
 def test_eda_image_size_out_of_range_is_one_line(value, capsys, tmp_path):
     # Before: "size must be positive" or numpy's "negative dimensions" as tracebacks.

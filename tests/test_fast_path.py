@@ -154,9 +154,9 @@ def _count_saves(monkeypatch) -> list[int]:
     epochs: list[int] = []
     real = train_module.save_checkpoint
 
-    def counting(path, cfg, epoch, *args):
-        epochs.append(epoch)
-        return real(path, cfg, epoch, *args)
+    def counting(path, **fields):
+        epochs.append(fields["epoch"])
+        return real(path, **fields)
 
     monkeypatch.setattr(train_module, "save_checkpoint", counting)
     return epochs

@@ -81,3 +81,8 @@ def test_resume_on_another_device_keeps_the_recipe_auto_chose(tmp_path, monkeypa
     assert config_from_args(args).recipe == "cpu"
     new = build_parser().parse_args(["train", "--data", "d", "--out", str(tmp_path / "new")])
     assert config_from_args(new).recipe == "strong"  # a new run: auto by the device
+
+
+def test_a_misspelt_override_is_refused_not_dropped():
+    with pytest.raises(TypeError, match="epoch"):
+        build_config("cpu", "cpu", {"epoch": 1})

@@ -249,14 +249,17 @@ def test_fit_accounts_for_its_time(tmp_path):
 def test_run_time_line_adds_start_up_when_known():
     timings = {"set-up": 1.0, "epochs": 10.0, "validation": 0.5, "checkpoints": 0.25,
                "first epoch": 6.0}
-    line = describe_run_time(20.0, 2.0, 12.0, timings, 6.0, startup=9.0)
+    line = describe_run_time(total=20.0, data=2.0, training=12.0, fit_timings=timings,
+                             finishing=6.0, startup=9.0)
     assert line.startswith("done in 29.0 s: start-up 9.0 s, data 2.0 s, "
                            "training 12.0 s (set-up 1.0 s, epochs 10.0 s (the first 6.0 s), ")
     assert line.endswith("plots 6.0 s")
     # On a GPU the data loads beside the start-up and the GPU's warm-up: their times are said.
-    line = describe_run_time(20.0, 0.5, 12.0, timings, 6.0, startup=9.0, warm_up=1.5)
+    line = describe_run_time(total=20.0, data=0.5, training=12.0, fit_timings=timings,
+                             finishing=6.0, startup=9.0, warm_up=1.5)
     assert line.startswith("done in 29.0 s: start-up 9.0 s, GPU warm-up 1.5 s, data 0.5 s, ")
-    assert describe_run_time(20.0, 2.0, 12.0, {}, 6.0).startswith("done in 20.0 s: data 2.0 s, "
+    assert describe_run_time(total=20.0, data=2.0, training=12.0, fit_timings={},
+                             finishing=6.0).startswith("done in 20.0 s: data 2.0 s, "
                                                                   "training 12.0 s, calibration")
     # One epoch: it is the first, so that is not said twice.
     assert describe_fit_timings({"set-up": 1.0, "epochs": 5.0, "first epoch": 5.0}) == (

@@ -23,8 +23,10 @@ CHECKPOINT_INTERVAL_S = {"cpu": 0.0, "cuda": 30.0}
 
 
 def save_checkpoint(
-    path, cfg, epoch, model, optimizer, scheduler, stopper, best_state, history,
-    data_fingerprint, steps_per_epoch, processes, validation="",
+    path: Path, *, cfg: TrainConfig, epoch: int, model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer, scheduler, stopper, best_state: dict | None,
+    history: list[dict], data_fingerprint: str, steps_per_epoch: int, processes: int,
+    validation: str = "",
 ) -> None:
     """Everything needed to continue exactly where this epoch ended, written atomically.
     ``validation``: the validation split's identity (``dataset.split_identity``)."""

@@ -72,10 +72,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
+        # Every key must be a field: a misspelt override fails here rather than being dropped.
         d = dict(d)
         augment = AugmentConfig(**d.pop("augment", {}))
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(augment=augment, **{k: v for k, v in d.items() if k in known})
+        return cls(augment=augment, **d)
 
 
 # The report's recipe as written: its CNN, optimizer, batch, class weights, augmentation and

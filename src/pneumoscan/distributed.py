@@ -62,13 +62,6 @@ def _env_number(name: str, default: str | None, meaning: str) -> int:
                               "or start the command with torchrun") from None
 
 
-def env_is_main() -> bool:
-    """Whether this process will be the main one (init_distributed's is_main), before joining:
-    a process on its own, or torchrun's RANK 0."""
-    world_size = env_world_size()
-    return world_size <= 1 or env_ranks(world_size)[0] == 0
-
-
 def init_distributed(device_type: str) -> DistInfo:
     """Join the process group torchrun set up (NCCL on GPU, gloo on CPU), if there is one."""
     world_size = env_world_size()

@@ -206,25 +206,40 @@ class Predictor:
             size=self.image_size,
         )
 
-    @torch.no_grad()
     def logits(self, images, batch_size: int = 0) -> np.ndarray:
         """(N, 2) float32 logits for (N, H, W) uint8 images (from inputs, those of its size)."""
         images = at_size(images, self.image_size)
         images = torch.as_tensor(np.asarray(images)) if isinstance(images, np.ndarray) else images
-        batch_size = batch_size or eval_batch_size(self.image_size, device_type=self.device.type)
-        out = []
-        for start in range(0, len(images), batch_size):
-            x = self.model_input(images[start : start + batch_size])
-            x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(self.device):
-                out.append(self.model(x).float().cpu())
-        if not out:
-            return np.zeros((0, 2), dtype=np.float32)
-        return torch.cat(out).numpy()
+        intensity = self.meta["intensity"]
+        return batched_logits(
+            self.model, images, in_chans=int(self.meta["in_chans"]), mean=float(intensity["mean"]),
+            std=float(intensity["std"]), device=self.device, batch_size=batch_size,
+            size=self.image_size,
+        ).numpy()
 
     def predict_proba(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """Calibrated probability of PNEUMONIA for each image."""
         return probabilities(self.logits(images), self.temperature)
+
+
+@torch.no_grad()
+def batched_logits(
+    model: nn.Module, images: torch.Tensor, *, in_chans: int, mean: float, std: float,
+    device: torch.device, batch_size: int = 0, size: int | None = None,
+) -> torch.Tensor:
+    """(N, 2) float32 logits on the CPU for (N, H, W) uint8 images, as training's validation,
+    evaluate, predict and serve all compute them. ``batch_size`` 0: as many images as fit the
+    pixel budget of ``preprocess.eval_batch_size``. The model's mode is the caller's."""
+    size_in = size or images.shape[-1]
+    batch_size = batch_size or eval_batch_size(size_in, device_type=device.type)
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_model_input(images[start : start + batch_size].to(device), in_chans=in_chans,
+                           mean=mean, std=std, size=size)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.zeros((0, 2))
 
 
 class EnsemblePredictor:

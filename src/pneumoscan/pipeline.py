@@ -108,9 +108,10 @@ def _train_run(
         summary["best_epoch"] = result.best_epoch
         summary["stopped_early"] = result.stopped_early
         t_end = time.perf_counter()
-        print(describe_run_time(t_end - t_start, t_data - t_start - (warm_up_s or 0.0),
-                                t_fit - t_data, result.timings, t_end - t_fit, startup_s,
-                                warm_up_s))
+        print(describe_run_time(
+            total=t_end - t_start, data=t_data - t_start - (warm_up_s or 0.0),
+            training=t_fit - t_data, fit_timings=result.timings, finishing=t_end - t_fit,
+            startup=startup_s, warm_up=warm_up_s))
     barrier(dist_info)
     return summary
 
@@ -137,7 +138,7 @@ def check_same_run(cfg: TrainConfig, bundle: DataBundle, dist_info: DistInfo) ->
 
 
 def describe_run_time(
-    total: float, data: float, training: float, fit_timings: dict[str, float],
+    *, total: float, data: float, training: float, fit_timings: dict[str, float],
     finishing: float, startup: float | None = None, warm_up: float | None = None,
 ) -> str:
     """The closing line: where a run's time went, start-up included when it is known.

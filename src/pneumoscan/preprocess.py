@@ -21,8 +21,18 @@ def to_model_input(
     images: torch.Tensor, *, in_chans: int, mean: float, std: float, size: int | None = None
 ) -> torch.Tensor:
     """(N, H, W) uint8 -> (N, in_chans, size, size) float: (x / 255 - mean) / std."""
-    x = images.unsqueeze(1).float().div_(255.0)
+    x = to_unit_float(images)
     if size is not None and tuple(x.shape[-2:]) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    return normalize(x, in_chans=in_chans, mean=mean, std=std)
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) uint8 -> (N, 1, H, W) float in [0, 1]: where training augments."""
+    return images.unsqueeze(1).float().div_(255.0)
+
+
+def normalize(x: torch.Tensor, *, in_chans: int, mean: float, std: float) -> torch.Tensor:
+    """(N, 1, H, W) in [0, 1] -> the model's input: (x - mean) / std, repeated over channels."""
     x = (x - mean) / std
     return x.expand(-1, in_chans, -1, -1) if in_chans > 1 else x

@@ -47,8 +47,9 @@ from pneumoscan.device import (
 from pneumoscan.distributed import DistInfo, all_reduce_sum, broadcast_object, gather_objects
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.fileio import atomic_write_text
+from pneumoscan.model_io import batched_logits
 from pneumoscan.models import create_model
-from pneumoscan.preprocess import eval_batch_size, to_model_input
+from pneumoscan.preprocess import eval_batch_size, normalize, to_model_input, to_unit_float
 from pneumoscan.progress import format_duration, progress_bar, time_left
 from pneumoscan.run_folder import CHECKPOINT, METRICS
 
@@ -126,22 +127,17 @@ def weighted_loss(
     return loss.mean()
 
 
-@torch.no_grad()
 def predict_logits(
     model: nn.Module, images: torch.Tensor, cfg: TrainConfig, device: torch.device
 ) -> torch.Tensor:
     """(N, 2) float32 logits on the CPU, in large batches, with the model in eval mode."""
     was_training = model.training
     model.eval()
-    out = []
-    batch = cfg.eval_batch_size or eval_batch_size(cfg.image_size, device_type=device.type)
-    for start in range(0, len(images), batch):
-        x = model_input(images[start : start + batch].to(device), cfg)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device):
-            out.append(model(x).float())
-    model.train(was_training)
-    return torch.cat(out).cpu() if out else torch.zeros((0, 2))
+    try:
+        return batched_logits(model, images, in_chans=cfg.in_chans, mean=cfg.mean, std=cfg.std,
+                              device=device, batch_size=cfg.eval_batch_size)
+    finally:
+        model.train(was_training)
 
 
 @dataclass
@@ -210,11 +206,8 @@ class TrainStep:
 
     def __call__(self, images_u8: torch.Tensor, labels: torch.Tensor):
         cfg = self.cfg
-        x = images_u8.unsqueeze(1).float().div_(255.0)
-        x = augment_batch(x, cfg.augment, self.generator)
-        x = (x - cfg.mean) / cfg.std
-        if cfg.in_chans > 1:
-            x = x.expand(-1, cfg.in_chans, -1, -1)
+        x = augment_batch(to_unit_float(images_u8), cfg.augment, self.generator)
+        x = normalize(x, in_chans=cfg.in_chans, mean=cfg.mean, std=cfg.std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device):
@@ -470,9 +463,10 @@ def fit(
                 device.type, 0.0
             ):
                 save_checkpoint(
-                    run_dir / CHECKPOINT, cfg, epoch, model, optimizer, scheduler, stopper,
-                    best_state, history, data_fingerprint, steps_per_epoch,
-                    dist_info.world_size, validation,
+                    run_dir / CHECKPOINT, cfg=cfg, epoch=epoch, model=model, optimizer=optimizer,
+                    scheduler=scheduler, stopper=stopper, best_state=best_state, history=history,
+                    data_fingerprint=data_fingerprint, steps_per_epoch=steps_per_epoch,
+                    processes=dist_info.world_size, validation=validation,
                 )
                 last_checkpoint = time.monotonic()
             write_metrics(run_dir, history)

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pneumoscan.commands.train_options import add_device_option
+from pneumoscan.commands.train_options import add_device_option, int_at_least
 from pneumoscan.console import printable
 
 
@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write the rows to FILE.csv or FILE.json instead of a table on stdout")
     p.add_argument("--cam", metavar="DIR",
                    help="also write Grad-CAM overlays into DIR; a last column, cam, names each")
-    p.add_argument("--batch-size", type=int, default=32, help="files decoded and predicted at once")
+    p.add_argument("--batch-size", type=int_at_least(1), default=32,
+                   help="files decoded and predicted at once")
     add_device_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -47,8 +48,6 @@ def run(args: argparse.Namespace) -> int:
 
         output_format(args.output)  # refuse a bad extension before any work
         refuse_own_file(args.run, args.output, "--output")
-    if args.batch_size < 1:
-        raise PneumoscanError(f"--batch-size must be positive, got {args.batch_size}")
     if args.cam:
         from pneumoscan.fileio import check_writable_folder
 

@@ -9,14 +9,15 @@ import signal
 import socket
 import sys
 
-from pneumoscan.commands.train_options import add_device_option
+from pneumoscan.commands.train_options import add_device_option, int_at_least
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory (a single model or an ensemble)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port)")
+    p.add_argument("--port", type=int_at_least(0, 65535), default=8000,
+                   help="port to bind (0: any free port)")
     p.add_argument("--max-upload-mb", type=float, default=20, metavar="MB",
                    help="the largest upload taken, in MiB (an uncompressed DR DICOM can take "
                    "30 or more)")
@@ -29,8 +30,6 @@ def run(args: argparse.Namespace) -> int:
     from pneumoscan.errors import PneumoscanError
     from pneumoscan.serve.app import create_app
 
-    if not 0 <= args.port <= 65535:
-        raise PneumoscanError(f"--port {args.port}: expected 0..65535")
     if not 0 < args.max_upload_mb <= MAX_FILE_BYTES / 2**20:
         raise PneumoscanError(f"--max-upload-mb {args.max_upload_mb:g}: expected more than 0 "
                               f"and at most {MAX_FILE_BYTES // 2**20} (the decoder's limit)")

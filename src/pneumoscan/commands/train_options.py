@@ -144,7 +144,7 @@ def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> N
     )
 
 
-def config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
     # Imported here, not at the top: building the parser (and --help) must not wait for torch.
     from pneumoscan.device import resolve_device
     from pneumoscan.distributed import env_world_size
@@ -168,7 +168,6 @@ def config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
         "compile": args.compile,
         "cuda_graphs": args.cuda_graphs,
         "low_memory": args.low_memory,
-        **extra,
     }
     # A run resumed from its checkpoint takes its weights from there, not from --pretrained.
     resuming = getattr(args, "resume", False) and args.out is not None and has_checkpoint(

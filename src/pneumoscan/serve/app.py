@@ -44,7 +44,7 @@ import numpy as np
 from pneumoscan import CLASS_NAMES, __version__
 from pneumoscan.data import decode, medmnist
 from pneumoscan.errors import PneumoscanError, UnreadableImage
-from pneumoscan.predict import NOT_FINITE
+from pneumoscan.predict import NOT_FINITE, label_for
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = decode.MAX_PIXELS  # the decoder enforces it from the header
@@ -396,7 +396,7 @@ class _Service:
         threshold = float(self.predictor.threshold)
         return {
             "probability": probability,
-            "label": CLASS_NAMES[1] if probability >= threshold else CLASS_NAMES[0],
+            "label": label_for(probability, threshold),
             "threshold": threshold,
             "model": self.predictor.name,
             "filename": filename,
