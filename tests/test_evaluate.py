@@ -98,7 +98,7 @@ def test_undefined_figures_are_none_without_warnings():
     assert only_pos_none_predicted["npv"] == 0.0
     assert only_pos_none_predicted["f1"] == 0.0
     assert ci["sensitivity"] is None and ci["roc_auc"] is None and ci["precision"] is None
-    assert ci["specificity"] == [1.0, 1.0]
+    assert ci["specificity"] == pytest.approx([0.025 ** (1 / 4), 1.0])  # 4 of 4: exact
     # No positive case but a false alarm: precision is 0, yet F1 (which needs sensitivity) is
     # as undefined as sensitivity, in the figure and in its interval.
     false_alarm = binary_metrics(np.zeros(4, int), np.array([0.1, 0.2, 0.3, 0.9]))
@@ -418,7 +418,8 @@ def test_sensitivity_by_kind_finds_the_kind_a_model_misses():
     assert figures["viral"]["n"] == 4 and figures["viral"]["sensitivity"] == 0.25
     low, high = figures["viral"]["ci95"]
     assert 0.0 <= low <= 0.25 <= high <= 1.0 and low < high
-    assert figures["bacterial"]["ci95"] == [1.0, 1.0]
+    # 6 of 6 found, from 3 patients: the exact interval of 3 of 3.
+    assert figures["bacterial"]["ci95"] == pytest.approx([0.025 ** (1 / 3), 1.0])
     with pytest.raises(ValueError, match="one entry per image"):
         sensitivity_by_kind(y, prob, 0.5, kinds[:-1])
 
@@ -433,3 +434,20 @@ def test_figures_by_kind_only_where_the_names_say_it():
     assert "sensitivity by kind of pneumonia" in text and "viral (1)" in text
     plain = evaluate_predictions(y, prob, 0.5, n_resamples=20, paths=["a.png"] * 4)
     assert "sensitivity_by_kind" not in plain and "by kind" not in format_table(plain)
+
+
+def test_a_rate_of_all_correct_gets_the_exact_interval_not_one_point():
+    # 50 of 50 NORMAL images called NORMAL: every bootstrap resample says 1.0 too, and its
+    # interval was [1, 1]. Clopper-Pearson's for 50 of 50 is [0.025^(1/50), 1] = [0.929, 1].
+    y = np.array([0] * 50 + [1] * 60)
+    p = np.r_[np.full(50, 0.1), np.linspace(0.2, 0.9, 60)]
+    ci = bootstrap_ci(y, p, 0.5)
+    assert ci["specificity"] == pytest.approx([0.025 ** (1 / 50), 1.0])
+    assert ci["sensitivity"][0] < ci["sensitivity"][1] < 1.0  # inside: the bootstrap's own
+    # Patients are the draws: 50 NORMAL images of 25 patients are 25 of 25.
+    groups = np.r_[np.repeat(np.arange(25), 2), 100 + np.arange(60)]
+    assert bootstrap_ci(y, p, 0.5, groups=groups)["specificity"] == pytest.approx(
+        [0.025 ** (1 / 25), 1.0])
+    # None of the NORMAL images right: [0, 1 - 0.025^(1/50)].
+    assert bootstrap_ci(y, 1 - p, 0.5)["specificity"] == pytest.approx(
+        [0.0, 1 - 0.025 ** (1 / 50)])

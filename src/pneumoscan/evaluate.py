@@ -326,10 +326,35 @@ def bootstrap_ci(
         rows = min(_BOOTSTRAP_CHUNK, int(n_resamples) - start)
         weights = _resample_weights(rng, codes, strata, rows)
         chunks.append(_weighted_rates(p, positive, weights, t))
-    return {
+    intervals = {
         key: _percentile_interval(np.concatenate([c[key] for c in chunks]), float(level))
         for key in RATE_KEYS
     }
+    correct = (p >= t) == positive
+    for key, counted in _proportion_denominators(positive, p >= t).items():
+        hits = correct[counted]
+        if hits.size and (hits.all() or not hits.any()):
+            # Every resample gives this rate as 0 or 1 too: the bootstrap's interval would be
+            # [1, 1], as if 50 of 50 were certainty. The exact interval of the sample says how
+            # far the rate could be from it, counting patients (fewer than images) as the draws.
+            patients = np.unique(codes[counted]).size
+            intervals[key] = _exact_interval_at_boundary(bool(hits.all()), patients, float(level))
+    return intervals
+
+
+def _proportion_denominators(positive: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
+    """The rates that are shares of correct calls, each with the images its denominator counts."""
+    return {"accuracy": np.ones_like(positive), "sensitivity": positive,
+            "specificity": ~positive, "precision": pred, "npv": ~pred}
+
+
+def _exact_interval_at_boundary(all_correct: bool, n: int, level: float) -> list[float] | None:
+    """Clopper-Pearson's interval for n of n (or 0 of n) correct: [(a/2)^(1/n), 1] (or
+    [0, 1 - (a/2)^(1/n)]), a = 1 - level; None where n is 0."""
+    if n == 0:
+        return None
+    bound = ((1.0 - level) / 2.0) ** (1.0 / n)
+    return [bound, 1.0] if all_correct else [0.0, 1.0 - bound]
 
 
 def evaluate_predictions(
