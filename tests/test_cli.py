@@ -158,6 +158,8 @@ def test_eda_writes_charts_and_a_table(synthetic_data, tmp_path, capsys):
     assert set(summary["splits"]) == {"train", "test"}  # as on disk: no val/, none carved
     total = sum(c["n"] for s in summary["splits"].values() for c in s["classes"].values())
     assert total == 120
+    # The table's mean and std are those of the decoded images: it says at what size.
+    assert "grey levels (0-255) of the images decoded at 32 px" in (out / "eda.txt").read_text()
     assert "PNEUMONIA" in capsys.readouterr().out
 
 
@@ -390,7 +392,7 @@ def test_cli_startup_benchmark_times_each_command(trained_run, synthetic_data, c
     assert result["command"].startswith("python benchmarks/cli_startup.py --run ")
 
 
-def test_seeds_write_a_summary(synthetic_data, tmp_path):
+def test_seeds_write_a_summary(synthetic_data, tmp_path, capsys):
     out = tmp_path / "seeds"
     assert (
         main(
@@ -419,6 +421,10 @@ def test_seeds_write_a_summary(synthetic_data, tmp_path):
     assert summary["seeds"] == [0, 1]
     acc = summary["test"]["accuracy"]
     assert acc["min"] <= acc["mean"] <= acc["max"]
+    # Its brackets hold the range over seeds, not an interval as in the tables above them.
+    printed = capsys.readouterr().out
+    assert "test over seeds 0, 1: mean +- standard deviation [lowest, highest]" in printed
+    assert f"[{acc['min']:.3f}, {acc['max']:.3f}]" in printed
     assert (out / "seed-0" / "model.json").exists() and (out / "seed-1" / "model.json").exists()
 
 

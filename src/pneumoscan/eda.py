@@ -41,6 +41,7 @@ def summarize(data: DataBundle) -> dict:
         "source": data.source,
         "notes": data.notes,
         "skipped": len(data.skipped),
+        "decoded_size": int(data.train.images.shape[-1]),  # where mean and std were taken
         "splits": {},
     }
     for name, split in data.splits().items():
@@ -105,6 +106,8 @@ def format_summary(summary: dict) -> str:
             mean, std = (f"{s[k]:6.1f}" if k in s else f"{'-':>6s}"  # none for no images
                          for k in ("intensity_mean", "intensity_std"))
             lines.append(f"{name:6s} {cls:10s} {s['n']:7d} {share:6.1%} {mean} {std}  {size}")
+    lines.append(f"mean, std: grey levels (0-255) of the images decoded at "
+                 f"{summary['decoded_size']} px; size: the files' own, in pixels")
     if summary["skipped"]:
         lines.append(f"skipped {summary['skipped']} unreadable file(s)")
     return "\n".join(lines)

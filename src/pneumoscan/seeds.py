@@ -37,9 +37,10 @@ def write_seed_summary(out: Path, seeds: list[int], summaries: list[dict]) -> di
     atomic_write_json(out / SEEDS_SUMMARY, result)
     for split in ("validation", "test"):
         if split in result:
-            print(f"{split} over seeds {', '.join(map(str, seeds))}:")
+            # Brackets elsewhere hold 95% intervals: the header says these hold the range.
+            print(f"{split} over seeds {', '.join(map(str, seeds))}: "
+                  "mean +- standard deviation [lowest, highest]")
             for k, v in result[split].items():
-                print(
-                    f"  {k:12s} {v['mean']:.4f} +- {v['std']:.4f}  [{v['min']:.4f}, {v['max']:.4f}]"
-                )
+                print(f"  {k:12s} {v['mean']:.3f} +- {v['std']:.3f}  "
+                      f"[{v['min']:.3f}, {v['max']:.3f}]")
     return result

@@ -13,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for the PNGs, eda.json and eda.txt")
     p.add_argument("--image-size", type=IMAGE_SIZE, default=224,
                    help="decoding size for the statistics")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:

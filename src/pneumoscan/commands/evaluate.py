@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
         help="its test/ split if it has one, otherwise every image in its class folders; "
-        "left out: the test split of the data the run was trained on",
+        "without --data: the test split of the data the run was trained on",
     )
     p.add_argument("--json", metavar="FILE", help="write the figures as one JSON object")
     p.add_argument(
@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "chosen on validation data",
     )
     add_device_option(p)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -79,8 +79,9 @@ def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> N
         "--recipe",
         default="auto",
         choices=["auto", *RECIPES],
-        help="auto (the default): strong on a GPU, cpu otherwise; quick: a first model in "
-        "under 3 minutes on a CPU; seed: the report's recipe",
+        help="auto (the default): strong on a GPU, cpu otherwise; strong: the most accurate, "
+        "for a GPU; cpu: the most accurate in minutes on a CPU; quick: a first model in under "
+        "3 minutes on a CPU; seed: the original course report's CNN and recipe, as written",
     )
     p.add_argument("--model", help="registry name or any timm model (see `pneumoscan models`); "
                    "default: the recipe's")
