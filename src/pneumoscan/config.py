@@ -39,27 +39,27 @@ class TrainConfig:
     recipe: str = "auto"  # the named recipe these fields were resolved from
     model: str = "seed_cnn"  # registry name, or any timm model
     pretrained: str = ""  # "", "timm" (download) or a local weights file (timm models)
-    image_size: int = 224
+    image_size: int = 224  # images are decoded to this square size, in pixels
     in_chans: int = 3  # gray replicated to this many channels (the report fed RGB)
     mean: float = 0.0  # intensity scaling: (x / 255 - mean) / std
-    std: float = 1.0
-    epochs: int = 50
-    batch_size: int = 32
+    std: float = 1.0  # (0 and 1: the report's plain x / 255)
+    epochs: int = 50  # at most: early stopping may end the run sooner
+    batch_size: int = 32  # images a step, over all processes under torchrun
     lr: float = 1e-3  # at batch_size (already scaled when the batch was changed)
     optimizer: str = "adam"  # adam | adamw
     adam_eps: float = 1e-7  # Keras' Adam epsilon, kept for the report's recipe
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's decoupled decay (adam takes none)
     schedule: str = "constant"  # constant | onecycle
     warmup_fraction: float = 0.3  # one-cycle: share of steps spent warming up
     warmup_epochs: float = 0.0  # constant schedule: linear warm-up over this many epochs
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # share of each target spread over both classes
     class_weights: bool = True  # 'balanced' weights, n / (2 * n_class), from the full train split
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     early_stop_patience: int = 10  # epochs without val-loss improvement; 0 turns it off
-    early_stop_min_delta: float = 0.001
+    early_stop_min_delta: float = 0.001  # the least fall in val loss that counts
     restore_best: bool = True  # end with the best val-loss weights (else the last ones)
     val_fraction: float = 0.1  # carved from train by patient when there is no usable val/
-    seed: int = 0
+    seed: int = 0  # weights, augmentation, shuffling and the validation carve
     device: str = "auto"  # auto | cpu | cuda
     compile: bool | None = None  # None: on for CUDA when the run is long enough to pay for it
     cuda_graphs: bool | None = None  # None: on for uncompiled single-GPU CUDA runs
@@ -153,6 +153,9 @@ def resolve_recipe(name: str, device_type: str) -> str:
     return name
 
 
+LARGE_BATCH_WARMUP_EPOCHS = 2.0  # a constant-rate recipe's warm-up when its batch is raised
+
+
 def build_config(recipe: str, device_type: str, overrides: dict) -> TrainConfig:
     """The recipe's fields, then every override the user gave (None means 'not given').
 
@@ -180,9 +183,6 @@ def build_config(recipe: str, device_type: str, overrides: dict) -> TrainConfig:
             values["warmup_epochs"] = LARGE_BATCH_WARMUP_EPOCHS
     values["recipe"] = name
     return TrainConfig.from_dict(values)
-
-
-LARGE_BATCH_WARMUP_EPOCHS = 2.0
 
 
 def check_pretrained(model: str, pretrained: str, *, source: bool = False) -> None:
