@@ -8,12 +8,14 @@ worker threads; every figure is released when the function returns.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import (
     average_precision_score,
     precision_recall_curve,
@@ -35,6 +37,8 @@ DPI = 110
 SINGLE = (4.4, 4.0)
 WIDE = (8.0, 3.4)
 MAX_SAMPLES_PER_CLASS = 5
+LEGEND_WRAP = 50  # characters a line in the learning curves' legends
+HISTOGRAM_BIN_WIDTH = 1 / 30  # at most; the bins either side of the threshold fit it exactly
 COLORS = {"train": "#1f77b4", "val": "#ff7f0e", "NORMAL": "#2ca02c", "PNEUMONIA": "#d62728"}
 
 
@@ -76,23 +80,80 @@ def _history_series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[lis
     return xs, ys
 
 
-def learning_curves(history: list[dict], path: str | Path) -> Path:
-    """Loss and accuracy per epoch, train vs validation; missing or None values are skipped."""
+# The epoch's figures are not like for like, so the legend says what each line measures.
+# train_* come from the optimisation steps: the training objective on augmented images, which
+# class weights and label smoothing change (smoothing 0.1 alone keeps it above about 0.20);
+# val_* are plain cross-entropy and argmax accuracy on the network's logits, before the
+# temperature and the threshold of the run are chosen.
+VALIDATION_LABELS = {
+    "val_loss": "validation cross-entropy (unweighted, before calibration)",
+    "val_accuracy": "validation accuracy at p = 0.5, before calibration",
+}
+# The config.json fields that change what the training figures measure.
+TRAINING_FIELDS = ("class_weights", "label_smoothing", "augment")
+
+
+def _is_augmented(augment: Mapping[str, Any]) -> bool:
+    return any(float(augment.get(k, 0.0)) for k in ("rotation_deg", "zoom", "shift")) or bool(
+        augment.get("hflip", False)
+    )
+
+
+def _training_objective_terms(config: Mapping[str, Any]) -> list[str]:
+    terms = ["class-weighted"] if config["class_weights"] else []
+    if float(config["label_smoothing"]) > 0:
+        terms.append(f"label smoothing {float(config['label_smoothing']):g}")
+    if _is_augmented(config["augment"]):
+        terms.append("augmented")
+    return terms
+
+
+def learning_curve_labels(config: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Legend label of each metrics.jsonl series, worded from the run's ``config`` (its
+    config.json) when that names the training fields, and generically otherwise."""
+    if config is None or not all(k in config for k in TRAINING_FIELDS):
+        return {
+            "train_loss": "training objective (the run's weighting, smoothing, augmentation)",
+            "train_accuracy": "training accuracy at p = 0.5, on the images as trained",
+            **VALIDATION_LABELS,
+        }
+    terms = _training_objective_terms(config)
+    augmented = _is_augmented(config["augment"])
+    return {
+        "train_loss": f"training objective ({', '.join(terms)})" if terms
+        else "training cross-entropy (unweighted, unaugmented)",
+        "train_accuracy": "training accuracy at p = 0.5"
+        + (", augmented images" if augmented else ""),
+        **VALIDATION_LABELS,
+    }
+
+
+def learning_curves(
+    history: list[dict], path: str | Path, config: Mapping[str, Any] | None = None
+) -> Path:
+    """Loss and accuracy per epoch, train vs validation; missing or None values are skipped.
+    ``config`` (the run's config.json) words the legend; without it the labels stay generic."""
     if len(history) == 0:
         raise ValueError("history must have at least one row, got 0")
-    fig = Figure(figsize=WIDE)
+    labels = learning_curve_labels(config)
+    fig = Figure(figsize=(WIDE[0], WIDE[1] + 0.8))  # room for the legends under the panels
     for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy"), strict=True):
         drawn = False
-        for split, label in (("train", "train"), ("val", "validation")):
-            xs, ys = _history_series(history, f"{split}_{metric}")
+        for split in ("train", "val"):
+            key = f"{split}_{metric}"
+            xs, ys = _history_series(history, key)
             if xs:
+                label = textwrap.fill(labels[key], LEGEND_WRAP)
                 ax.plot(xs, ys, marker="o", markersize=3, color=COLORS[split], label=label)
                 drawn = True
         ax.set_title(metric)
         ax.set_xlabel("epoch")
+        # Whole epochs only, even for a one-epoch run (min_n_ticks=1), where it would show 0.95.
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
         if drawn:
-            ax.legend(fontsize=8)
+            # Below the panel: the labels are long, and inside they would hide the curves.
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     return _save(fig, path)
@@ -218,12 +279,34 @@ def reliability_diagram(
     return _save(fig, path)
 
 
+def _bins_in(span: float, width: float) -> int:
+    return max(1, math.ceil(span / width - 1e-9))
+
+
+def histogram_edges(threshold: float, width: float = HISTOGRAM_BIN_WIDTH) -> np.ndarray:
+    """Bin edges over [0, 1] at most ``width`` apart with ``threshold`` itself an edge, so every
+    bar lies wholly on one side of the threshold line.
+
+    np.histogram's bins are [a, b) save the last, [a, b]: a score equal to the threshold lands
+    right of the line, as ``p >= threshold`` predicts PNEUMONIA. At threshold 1 a last bin
+    [1, 1 + width] holds the scores of exactly 1, the only ones predicted PNEUMONIA there.
+    """
+    t = float(threshold)
+    if not 0.0 < t <= 1.0:  # 0 is an edge already; outside [0, 1] no bar crosses the line
+        return np.linspace(0.0, 1.0, _bins_in(1.0, width) + 1)
+    top = 1.0 if t < 1.0 else 1.0 + width
+    below = np.linspace(0.0, t, _bins_in(t, width) + 1)  # linspace ends exactly on t
+    above = np.linspace(t, top, _bins_in(top - t, width) + 1)
+    return np.concatenate([below, above[1:]])
+
+
 def score_histograms(y_true: Any, prob: Any, threshold: float, path: str | Path) -> Path:
-    """Distribution of P(PNEUMONIA) for each actual class, with the threshold marked."""
+    """Distribution of P(PNEUMONIA) for each actual class, with the threshold marked: the
+    threshold is a bin edge, so the NORMAL bars right of the line are the false positives."""
     y, p = validate_predictions(y_true, prob)
     fig = Figure(figsize=SINGLE)
     ax = fig.subplots()
-    edges = np.linspace(0.0, 1.0, 31)
+    edges = histogram_edges(threshold)
     for cls, name in enumerate(CLASS_NAMES):
         scores = p[y == cls]
         if scores.size:
@@ -240,7 +323,7 @@ def score_histograms(y_true: Any, prob: Any, threshold: float, path: str | Path)
     )
     ax.set_xlabel(f"predicted P({CLASS_NAMES[1]})")
     ax.set_ylabel("images")
-    ax.set_xlim(0.0, 1.0)
+    ax.set_xlim(0.0, edges[-1])
     ax.legend(fontsize=8)
     return _save(fig, path)
 

@@ -1,9 +1,9 @@
 """Every figure of a finished run, drawn from what the run directory holds.
 
 Inputs are the files a run leaves behind: ``val_predictions.npz`` and ``test_predictions.npz``
-(labels, logits, calibrated prob, paths), ``model.json`` (threshold) and ``metrics.jsonl``. So the
-plots can be drawn again at any time, by ``train`` at its end or by ``report`` later, without the
-model or the data.
+(labels, logits, calibrated prob, paths), ``model.json`` (threshold), ``metrics.jsonl`` and
+``config.json`` (what the training figures measured). So the plots can be drawn again at any
+time, by ``train`` at its end or by ``report`` later, without the model or the data.
 """
 
 from __future__ import annotations
@@ -80,6 +80,16 @@ def read_history(run_dir: str | Path) -> list[dict]:
     return rows
 
 
+def read_run_config(run_dir: str | Path) -> dict | None:
+    """The run's config.json, or None when it has none or it cannot be read: the learning
+    curves then say less about what the training figures measured, but are still drawn."""
+    try:
+        config = read_json(Path(run_dir) / "config.json")
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def expected_plots(run_dir: str | Path) -> list[Path]:
     """The files write_evaluation_plots would write for this run as it stands now."""
     run_dir = Path(run_dir)
@@ -118,7 +128,8 @@ def write_evaluation_plots(run_dir: str | Path) -> list[Path]:
 
     history = read_history(run_dir)
     if history:
-        draw("learning_curves.png", lambda p: plots.learning_curves(history, p))
+        config = read_run_config(run_dir)
+        draw("learning_curves.png", lambda p: plots.learning_curves(history, p, config))
     for split in SPLITS:
         pred = load_split_predictions(run_dir, split)
         if pred is not None and len(pred.labels):

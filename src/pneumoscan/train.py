@@ -340,12 +340,7 @@ def fit(
 
     already_stopped = False
     if resume and dist_info.is_main:
-        # Left by a process killed mid-write (the checkpoint, metrics, plots); the files
-        # themselves are whole, renamed into place.
-        for stray in [*run_dir.glob(".*.tmp"), *run_dir.glob("plots/.*.tmp")]:
-            stray.unlink(missing_ok=True)
-        if not (run_dir / CHECKPOINT).exists():
-            print(f"--resume: no {CHECKPOINT} in {run_dir}; starting from epoch 1")
+        _clear_for_resume(run_dir)
     if resuming:
         state = load_checkpoint(run_dir / CHECKPOINT, cfg, data_fingerprint, steps_per_epoch,
                                 dist_info.world_size, validation)
@@ -375,18 +370,7 @@ def fit(
     )
     if dist_info.is_main:
         how = " (compiled)" if compiled else " (CUDA graphs)" if graphed else ""
-        print(f"training {cfg.model} at {cfg.image_size} px on {device}{how}: {describe_lr(cfg)}")
-        if device.type == "cpu" and cfg.recipe in GPU_RECIPES and (
-                work_224(cfg, n_train) >= CPU_HOURS_WORK_224):
-            print(f"note: the {cfg.recipe} recipe is sized for a GPU; on a CPU it takes hours "
-                  "(--recipe cpu trains in minutes)")
-        if dist_info.enabled:
-            print(f"distributed: {dist_info.world_size} processes x batch {per_rank_batch} = "
-                  f"effective batch {per_rank_batch * dist_info.world_size}, lr {cfg.lr:g}")
-        if shard < per_rank_batch:
-            print(f"note: the batch of {per_rank_batch} is more than the {shard} training images"
-                  f"{' a process' if dist_info.enabled else ''}: every step takes all of them, "
-                  "one step an epoch")
+        _announce_start(cfg, device, how, n_train, per_rank_batch, dist_info)
     last_checkpoint = time.monotonic()
     sync(device)
     timings["set-up"] = time.perf_counter() - t_setup
@@ -507,6 +491,35 @@ def fit(
               "averages had not settled (batchnorm.py)")
     best_epoch = stopper.best_epoch if cfg.restore_best else len(history)
     return FitResult(model, history, best_epoch, stopped_early, timings)
+
+
+def _clear_for_resume(run_dir: Path) -> None:
+    """Before a resume: remove what a process killed mid-write left (the checkpoint's, the
+    metrics' or a plot's temporary file; the files themselves are whole, renamed into place),
+    and say when there is no checkpoint to resume from."""
+    for stray in [*run_dir.glob(".*.tmp"), *run_dir.glob("plots/.*.tmp")]:
+        stray.unlink(missing_ok=True)
+    if not (run_dir / CHECKPOINT).exists():
+        print(f"--resume: no {CHECKPOINT} in {run_dir}; starting from epoch 1")
+
+
+def _announce_start(cfg: TrainConfig, device: torch.device, how: str, n_train: int,
+                    per_rank_batch: int, dist_info: DistInfo) -> None:
+    """The lines above the first epoch: what trains where (``how``: compiled, CUDA graphs or
+    ''), and what the user should know before it starts."""
+    shard = n_train // dist_info.world_size
+    print(f"training {cfg.model} at {cfg.image_size} px on {device}{how}: {describe_lr(cfg)}")
+    if device.type == "cpu" and cfg.recipe in GPU_RECIPES and (
+            work_224(cfg, n_train) >= CPU_HOURS_WORK_224):
+        print(f"note: the {cfg.recipe} recipe is sized for a GPU; on a CPU it takes hours "
+              "(--recipe cpu trains in minutes)")
+    if dist_info.enabled:
+        print(f"distributed: {dist_info.world_size} processes x batch {per_rank_batch} = "
+              f"effective batch {per_rank_batch * dist_info.world_size}, lr {cfg.lr:g}")
+    if shard < per_rank_batch:
+        print(f"note: the batch of {per_rank_batch} is more than the {shard} training images"
+              f"{' a process' if dist_info.enabled else ''}: every step takes all of them, "
+              "one step an epoch")
 
 
 def _restore(state: dict, model, optimizer, scheduler) -> tuple[EarlyStopping, dict | None,
