@@ -31,6 +31,7 @@ from pneumoscan.model_io import EnsemblePredictor, Predictor, load_predictor  # 
 from pneumoscan.models import create_model, register_model  # noqa: E402
 
 SIZE, BLOB, N_PER_CLASS = 32, 6, 64
+NO_EVIDENCE = "no evidence for PNEUMONIA on this layer (an all-blue map)"
 
 
 class BlobNet(nn.Module):
@@ -157,24 +158,65 @@ def test_gradcam_empty_batch_and_bad_input(blob_predictor):
         gradcam(blob_predictor, np.zeros((2, SIZE, SIZE), np.float32))
 
 
+def _flat_predictor(run_dir: Path, meta: dict) -> Predictor:
+    """A BlobNet with every weight zero: no evidence anywhere, an all-zero map."""
+    model = BlobNet().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    return Predictor(run_dir, meta, model, torch.device("cpu"))
+
+
+def _halves_predictor(run_dir: Path) -> Predictor:
+    meta = {"architecture": "shared", "image_size": SIZE, "in_chans": 1,
+            "intensity": {"mean": 0.0, "std": 1.0}, "threshold": 0.5, "temperature": 1.0}
+    return Predictor(run_dir, meta, _SharedEvidenceNet().eval(), torch.device("cpu"))
+
+
+def _stack(run_dir: Path, meta: dict, members: list, coef: list[float]) -> EnsemblePredictor:
+    return EnsemblePredictor(run_dir, {**meta, "kind": "stack",
+                                       "stacker": {"coef": coef, "intercept": 0.0}}, members)
+
+
+def _peak_one(maps: np.ndarray) -> np.ndarray:
+    peak = maps.max(axis=(1, 2), keepdims=True)
+    return np.where(peak > 0, maps / np.where(peak > 0, peak, 1), 0.0)
+
+
 def test_gradcam_of_an_ensemble_is_the_members_mean_and_of_a_stack_weighted(blob_predictor,
                                                                            blob_run):
     images, _, _ = blob_images(2, seed=4)
     single = gradcam(blob_predictor, images)
-    flat = Predictor(blob_run, blob_predictor.meta, BlobNet().eval(), torch.device("cpu"))
-    with torch.no_grad():
-        for p in flat.model.parameters():
-            p.zero_()  # no evidence anywhere: an all-zero map
+    flat = _flat_predictor(blob_run, blob_predictor.meta)
     assert gradcam(flat, images).max() == 0.0
     ensemble = EnsemblePredictor(blob_run, {**blob_predictor.meta, "kind": "ensemble"},
                                  [blob_predictor, flat])
-    np.testing.assert_allclose(gradcam(ensemble, images), single / 2, atol=1e-6)
+    np.testing.assert_allclose(gradcam(ensemble, images), single, atol=1e-6)  # peak 1 again
     # A stack weighs each member's map by its coefficient; a negative one is left out.
+    halves = gradcam(_halves_predictor(blob_run), images)
+    members = [blob_predictor, _halves_predictor(blob_run)]
     for coef, share in (([3.0, 1.0], 0.75), ([1.0, -2.0], 1.0), ([-1.0, -1.0], 0.5)):
-        stack = EnsemblePredictor(blob_run, {**blob_predictor.meta, "kind": "stack",
-                                             "stacker": {"coef": coef, "intercept": 0.0}},
-                                  [blob_predictor, flat])
-        np.testing.assert_allclose(gradcam(stack, images), single * share, atol=1e-6)
+        stack = _stack(blob_run, blob_predictor.meta, members, coef)
+        expected = _peak_one(single * share + halves * (1 - share))
+        np.testing.assert_allclose(gradcam(stack, images), expected, atol=1e-5)
+
+
+def test_an_ensembles_map_peaks_at_one_as_a_single_models_does(blob_predictor, blob_run):
+    """Each member's map was scaled to peak 1, then averaged and left so: where the members'
+    peaks lie apart, the mean peaked at 0.5-0.8, and red meant something else than for one
+    model. An ensemble with no evidence anywhere must still be all zeros, not divided by 0."""
+    images, labels, _ = blob_images(4, seed=13)
+    members = [blob_predictor, _halves_predictor(blob_run)]
+    for meta in ({**blob_predictor.meta, "kind": "ensemble"},
+                 {**blob_predictor.meta, "kind": "stack",
+                  "stacker": {"coef": [1.0, 2.0], "intercept": 0.0}}):
+        maps = gradcam(EnsemblePredictor(blob_run, meta, members), images)
+        np.testing.assert_allclose(maps.max(axis=(1, 2)), 1.0, atol=1e-6)
+    flat = _flat_predictor(blob_run, blob_predictor.meta)
+    nothing = EnsemblePredictor(blob_run, {**blob_predictor.meta, "kind": "ensemble"},
+                                [flat, flat])
+    maps = gradcam(nothing, images)
+    assert maps.dtype == np.float32 and not maps.any()
 
 
 def test_overlay_shapes_dtypes_and_blend():
@@ -297,7 +339,8 @@ def test_files_named_by_their_uid_keep_the_whole_name(blob_run, tmp_path, capsys
     assert sorted(p.name for p in out.iterdir()) == [f"{u.name}_gradcam.png" for u in uids]
     lines = capsys.readouterr().out.splitlines()
     for uid in uids:  # each input's line says which overlay is its own
-        assert f"{uid}  -> {out / (uid.name + '_gradcam.png')}" in lines
+        own = f"{uid}  -> {out / (uid.name + '_gradcam.png')}  "
+        assert any(line.startswith(own) for line in lines), lines
 
 
 def test_long_file_names_get_overlays_too(blob_predictor, tmp_path):
@@ -437,3 +480,89 @@ def test_gradcam_shows_the_evidence_for_the_log_odds_not_for_one_logit(tmp_path)
     half = SIZE // 2
     assert cam[:, half + 1 :].min() > 0.5  # the right half: the evidence
     assert cam[:, : half - 1].max() < 0.05  # the left half: none
+
+
+def _resnet_run(tmp_path: Path, size: int) -> Path:
+    from pneumoscan.model_io import save_model
+
+    run_dir = tmp_path / f"resnet{size}"
+    meta = {"architecture": "resnet10t", "image_size": size, "in_chans": 1,
+            "intensity": {"mean": 0.5, "std": 0.25}, "threshold": 0.5, "temperature": 1.0,
+            "class_names": ["NORMAL", "PNEUMONIA"]}
+    save_model(run_dir, create_model("resnet10t", in_chans=1, image_size=size).eval(), meta)
+    return run_dir
+
+
+def test_the_grid_a_map_is_upsampled_from_is_known(tmp_path):
+    """A ResNet's last stage is 1/32 of its input: at 32 px a single cell, whose map is one
+    colour whatever the X-ray shows, and at 64 px 2 x 2. Nothing said so: an all-red or
+    all-blue picture was presented as a heat map."""
+    from pneumoscan.explain import Grid, gradcam_grids, grid_note, grid_warning
+
+    coarse = load_predictor(_resnet_run(tmp_path, 32), "cpu")
+    finer = load_predictor(_resnet_run(tmp_path, 64), "cpu")
+    assert gradcam_grids(finer) == [Grid("layer4", 2, 2, 64)]
+    assert grid_note(finer) == "Grad-CAM on layer4: a 2 x 2 grid at 64 px, upsampled to each image"
+    assert grid_warning(finer) == ""
+    assert gradcam_grids(coarse) == [Grid("layer4", 1, 1, 32)]
+    assert grid_warning(coarse).startswith(
+        "Grad-CAM's layer layer4 gives a 1 x 1 grid at 32 px: the maps carry no location")
+    assert "--image-size" in grid_warning(coarse)
+    assert gradcam_grids(_seed_cnn_predictor(tmp_path)) == [Grid("features.block4", 1, 1, SIZE)]
+    # An ensemble names each distinct grid once, and warns of the members that have one cell.
+    both = EnsemblePredictor(tmp_path, {**finer.meta, "kind": "ensemble"},
+                             [finer, coarse, finer])
+    assert grid_note(both) == ("Grad-CAM on layer4: a 2 x 2 grid at 64 px; on layer4: a 1 x 1 "
+                               "grid at 32 px, upsampled to each image")
+    assert grid_warning(both).startswith("1 of the 3 members' Grad-CAM layers give a 1 x 1 grid")
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_explain_says_the_grid_once_and_warns_of_a_single_cell(size, tmp_path, capsys):
+    images, _, _ = blob_images(1, seed=14)
+    paths = [str(_write_png(tmp_path / "in" / f"x{i}.png", image))
+             for i, image in enumerate(images)]
+    run_dir = _resnet_run(tmp_path, size)
+    assert main(["explain", str(run_dir), *paths, "--out", str(tmp_path / "out"),
+                 "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    grid = "1 x 1" if size == 32 else "2 x 2"
+    assert lines[0] == f"Grad-CAM on layer4: a {grid} grid at {size} px, upsampled to each image"
+    assert sum(line.startswith("Grad-CAM on ") for line in lines) == 1
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning: ")]
+    if size == 32:
+        assert len(warnings) == 1 and "carry no location" in warnings[0], captured.err
+    else:
+        assert warnings == [], captured.err
+
+
+def test_explain_gives_each_files_probability_and_label_as_predict_does(blob_run, tmp_path,
+                                                                         capsys):
+    """explain wrote overlays without a word of what the model concluded, and a map with no
+    evidence for PNEUMONIA (all zeros) as an all-blue overlay that looked like a fault."""
+    from pneumoscan.model_io import save_model
+    from pneumoscan.predict import predict_files
+
+    images, _, _ = blob_images(2, seed=15)
+    paths = [_write_png(tmp_path / "in" / f"x{i}.png", image) for i, image in enumerate(images)]
+    out = tmp_path / "out"
+    assert main(["explain", str(blob_run), *map(str, paths), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = predict_files(load_predictor(blob_run, "cpu"), paths)
+    assert {row.label for row in rows} == {"NORMAL", "PNEUMONIA"}  # both labels are shown
+    for row in rows:
+        own = f"{row.path}  -> {out / (Path(row.path).stem + '_gradcam.png')}"
+        said = f"{own}  P(PNEUMONIA) {row.probability:.4f} {row.label}"
+        assert said in lines or f"{said}; {NO_EVIDENCE}" in lines, lines
+
+    flat = _flat_predictor(blob_run, load_predictor(blob_run, "cpu").meta)
+    save_model(tmp_path / "flat", flat.model, flat.meta)
+    assert main(["explain", str(tmp_path / "flat"), str(paths[0]), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # Every logit 0: P = 0.5, at the threshold of 0.5, and no evidence anywhere on the layer.
+    assert lines[1] == (f"{paths[0]}  -> {out / 'x0_gradcam.png'}  P(PNEUMONIA) 0.5000 "
+                        f"PNEUMONIA; {NO_EVIDENCE}")
+    assert lines[2] == f"1 Grad-CAM overlay(s) -> {out}"

@@ -66,6 +66,9 @@ def test_report_has_every_section_and_embeds_everything(report_run):
     assert _section(html, "plots").count("data:image/png") >= 8
     gallery = _section(html, "gradcam")
     assert gallery.count("data:image/png") >= 2 and "P(PNEUMONIA) = " in gallery
+    # The run is seed_cnn at 32 px: one cell on its Grad-CAM layer, which the gallery says.
+    assert "Grad-CAM on features.block4: a 1 x 1 grid at 32 px" in gallery
+    assert "Warning: Grad-CAM&#x27;s layer features.block4 gives a 1 x 1 grid" in gallery
     assert "could not" not in html and "not reachable" not in html
 
 

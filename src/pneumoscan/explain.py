@@ -11,6 +11,10 @@ Grad-CAM needs a layer that gives a (channels, height, width) map. Some timm fam
 tokens (ViT, DeiT, Mixer) or channels-last maps (Swin): for those ``gradcam_problem`` says why
 not, so that ``explain`` and ``predict --cam`` refuse in one line and ``serve`` answers without
 a heat map, instead of crashing or drawing a meaningless one.
+
+The map can show no more places than that layer's grid has cells: a ResNet's last stage is 1/32
+of the input, a 2 x 2 grid at 64 px and a single cell at 32 px, where every map is one colour.
+``gradcam_grids`` tells the grid, ``grid_note`` and ``grid_warning`` say it to the user.
 """
 
 from __future__ import annotations
@@ -44,9 +48,10 @@ SOURCE_KEY = "Source"  # the PNG text chunk naming the file an overlay was drawn
 def gradcam(predictor, images: np.ndarray) -> np.ndarray:
     """Grad-CAM maps for PNEUMONIA: (N, S, S) uint8 images -> (N, S, S) float32 in [0, 1].
 
-    ``predictor`` is a ``Predictor`` or an ``EnsemblePredictor`` (the mean of its members' maps);
-    images are at ``predictor.image_size``. Each map is scaled so that its peak is 1; a map with
-    no positive evidence anywhere is all zeros.
+    ``predictor`` is a ``Predictor`` or an ``EnsemblePredictor`` (its members' maps averaged with
+    ``member_weights``); images are at ``predictor.image_size``. Each map, an ensemble's
+    included, is scaled so that its peak is 1; a map with no positive evidence anywhere is all
+    zeros. How coarse the map is depends on the layer's grid (``gradcam_grids``).
     """
     images = np.asarray(images)
     if images.ndim != 3 or images.dtype != np.uint8:
@@ -57,8 +62,10 @@ def gradcam(predictor, images: np.ndarray) -> np.ndarray:
     members = getattr(predictor, "members", None)
     if members is not None:
         maps = np.stack([gradcam(member, images) for member in members])
-        weights = member_weights(predictor)
-        return np.tensordot(weights, maps, axes=1).astype(np.float32)
+        combined = np.tensordot(member_weights(predictor), maps, axes=1)
+        # Each member's map peaks at 1, but rarely all at the same place: unscaled, the mean
+        # would peak at 0.5-0.8, and a colour would mean less than it does for one model.
+        return _scaled_to_peak_one(combined)
     size = images.shape[1:]
     out = [
         _gradcam_batch(predictor, images[start : start + BATCH_SIZE], size)
@@ -93,10 +100,16 @@ def _gradcam_batch(predictor, images: np.ndarray, size: tuple[int, int]) -> np.n
             attr = LayerAttribution.interpolate(attr.detach(), size, interpolate_mode="bilinear")
     finally:
         model.train(was_training)
-    maps = attr[:, 0].float()  # non-negative: ReLU'd on the layer's grid, then interpolated
-    peak = maps.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
-    maps = torch.where(peak > 1e-12, maps / peak, torch.zeros_like(maps))
-    return maps.clamp_(0.0, 1.0).cpu().numpy().astype(np.float32)
+    # Non-negative: ReLU'd on the layer's grid, then interpolated.
+    return _scaled_to_peak_one(attr[:, 0].float().cpu().numpy())
+
+
+def _scaled_to_peak_one(maps: np.ndarray) -> np.ndarray:
+    """(N, H, W) non-negative maps, each divided by its own peak, so that red is the strongest
+    evidence in that image; a map with no evidence anywhere stays all zeros (all blue)."""
+    peak = maps.max(axis=(1, 2), initial=0.0)[:, None, None]
+    scaled = np.divide(maps, peak, out=np.zeros_like(maps), where=peak > 1e-12)
+    return np.clip(scaled, 0.0, 1.0).astype(np.float32)
 
 
 def member_weights(predictor) -> np.ndarray:
@@ -127,6 +140,23 @@ class _LogOdds(nn.Module):
         return (z[:, TARGET_CLASS] - z[:, 1 - TARGET_CLASS])[:, None]
 
 
+class Grid(NamedTuple):
+    """The grid of one network's Grad-CAM layer: each map is upsampled from it."""
+
+    layer: str
+    rows: int
+    cols: int
+    image_size: int  # the network's input size, which the grid depends on
+
+    def __str__(self) -> str:
+        return f"on {self.layer}: a {self.rows} x {self.cols} grid at {self.image_size} px"
+
+
+class _Probe(NamedTuple):
+    problem: str  # why Grad-CAM cannot explain the network; "" when it can
+    grid: Grid | None  # None where there is a problem
+
+
 def gradcam_problem(predictor) -> str:
     """Why Grad-CAM cannot explain this predictor's model ("" when it can).
 
@@ -136,15 +166,55 @@ def gradcam_problem(predictor) -> str:
     members = getattr(predictor, "members", None)
     if members is not None:
         return next((p for p in map(gradcam_problem, members) if p), "")
+    return _probe(predictor).problem
+
+
+def gradcam_grids(predictor) -> list[Grid]:
+    """The Grad-CAM grid of each network in ``predictor`` (its own, or one per member) that
+    Grad-CAM can explain."""
+    members = getattr(predictor, "members", None)
+    if members is not None:
+        return [grid for member in members for grid in gradcam_grids(member)]
+    grid = _probe(predictor).grid
+    return [] if grid is None else [grid]
+
+
+def grid_note(predictor) -> str:
+    """One line saying where the maps come from, e.g. ``Grad-CAM on layer4: a 2 x 2 grid at
+    64 px, upsampled to each image``; an ensemble's distinct grids are joined by ``; ``."""
+    described = dict.fromkeys(str(grid) for grid in gradcam_grids(predictor))
+    return f"Grad-CAM {'; '.join(described)}, upsampled to each image"
+
+
+def grid_warning(predictor) -> str:
+    """Why the maps show no place ("" when they can): a 1 x 1 grid is one number per image, so
+    its map is one colour, all red or all blue, whatever the X-ray shows."""
+    grids = gradcam_grids(predictor)
+    single = [grid for grid in grids if (grid.rows, grid.cols) == (1, 1)]
+    if not single:
+        return ""
+    advice = "train at a larger --image-size for maps that show where the evidence lies"
+    if len(single) == len(grids):
+        return (f"Grad-CAM's layer {single[0].layer} gives a 1 x 1 grid at "
+                f"{single[0].image_size} px: the maps carry no location (each is one colour, "
+                f"all red or all blue); {advice}")
+    return (f"{len(single)} of the {len(grids)} members' Grad-CAM layers give a 1 x 1 grid: "
+            f"their part of each map is the same everywhere and carries no location; {advice}")
+
+
+def _probe(predictor) -> _Probe:
+    """``_probe_gradcam_layer``, once per model and input size."""
     model: nn.Module = predictor.model
-    cached = getattr(model, "_pneumoscan_gradcam_problem", None)
-    if cached is None:
-        cached = _probe_gradcam_layer(predictor)
-        model._pneumoscan_gradcam_problem = cached
-    return cached
+    cache = getattr(model, "_pneumoscan_gradcam_probes", None)
+    if cache is None:
+        cache = model._pneumoscan_gradcam_probes = {}
+    size = predictor.image_size
+    if size not in cache:
+        cache[size] = _probe_gradcam_layer(predictor)
+    return cache[size]
 
 
-def _probe_gradcam_layer(predictor) -> str:
+def _probe_gradcam_layer(predictor) -> _Probe:
     from pneumoscan.models import gradcam_module
 
     model: nn.Module = predictor.model
@@ -152,7 +222,7 @@ def _probe_gradcam_layer(predictor) -> str:
     try:
         layer = gradcam_module(model)
     except (AttributeError, KeyError) as e:
-        return f"Grad-CAM is not available for {name}: no layer {e} to look at"
+        return _Probe(f"Grad-CAM is not available for {name}: no layer {e} to look at", None)
     seen: list = []
     hook = layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
     was_training = model.training
@@ -167,10 +237,12 @@ def _probe_gradcam_layer(predictor) -> str:
     out = seen[0] if seen else None
     if isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[2] == out.shape[3] and (
             out.shape[1] != out.shape[2]):
-        return ""
+        rows, cols = out.shape[2:]
+        return _Probe("", Grid(str(model.gradcam_layer), int(rows), int(cols), size))
     shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-    return (f"Grad-CAM is not available for {name}: its layer {model.gradcam_layer} gives "
-            f"{shape}, not a (channels, height, width) map (token or channels-last models)")
+    return _Probe(f"Grad-CAM is not available for {name}: its layer {model.gradcam_layer} gives "
+                  f"{shape}, not a (channels, height, width) map (token or channels-last models)",
+                  None)
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
@@ -324,6 +396,9 @@ class Overlay(NamedTuple):
     path: str  # the input file, as given
     file: Path | None  # the overlay written for it; None when it could not be read
     error: str | None  # why it could not be read; None when the overlay was written
+    # The map is all zeros: no evidence for PNEUMONIA on the layer, an all-blue overlay that
+    # would otherwise look like a rendering fault.
+    blank: bool = False
 
 
 def write_overlays(
@@ -367,7 +442,7 @@ def write_overlays(
                 continue
             file = out_dir / names.name_for(path)
             atomic_write_bytes(file, overlay_png(image, cam, overlay_source(path)))
-            results.append(Overlay(path, file, None))
+            results.append(Overlay(path, file, None, blank=not cam.any()))
     order = {p: i for i, p in enumerate(paths)}
     results.sort(key=lambda r: order[r.path])  # the caller's order, errors and all
     return results

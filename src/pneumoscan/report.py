@@ -436,7 +436,13 @@ def gradcam_section(run_dir: Path, meta: dict, device: str) -> Section:
     if pred is None or not pred.paths:
         return section.note("No saved predictions with file paths: no gallery to show.")
     try:
-        cards = _gallery_cards(run_dir, meta, pred, device)
+        from pneumoscan.device import resolve_device
+        from pneumoscan.explain import grid_note, grid_warning
+        from pneumoscan.model_io import load_predictor
+
+        predictor = load_predictor(run_dir, resolve_device(device))
+        cards = _gallery_cards(predictor, meta, pred)
+        grid, coarse = grid_note(predictor), grid_warning(predictor)
     except Exception as e:  # captum missing, weights gone, ...: the rest of the report stands
         return section.note(_warn("the Grad-CAM gallery could not be made", e))
     if cards is None:
@@ -448,7 +454,9 @@ def gradcam_section(run_dir: Path, meta: dict, device: str) -> Section:
                 f"{format_threshold(meta['threshold'])}. Each pair shows the image and where the "
                 f"evidence for {CLASS_NAMES[1]} lies (red = strongest; each map is scaled to "
                 f"its own peak, so it shows where, not how much). Up to {GALLERY_PER_CELL} of "
-                "each kind, most confident first.</p>")
+                f"each kind, most confident first. {esc(grid)}.</p>")
+    if coarse:
+        section.note(f"Warning: {coarse}.")
     for cell, items in cards.items():
         section.add(f"<h3>{esc(cell.capitalize())}</h3>")
         if items:
@@ -458,14 +466,11 @@ def gradcam_section(run_dir: Path, meta: dict, device: str) -> Section:
     return section
 
 
-def _gallery_cards(run_dir: Path, meta: dict, pred, device: str) -> dict[str, list[str]] | None:
+def _gallery_cards(predictor, meta: dict, pred) -> dict[str, list[str]] | None:
     from pneumoscan.data.decode import read_gray
-    from pneumoscan.device import resolve_device
     from pneumoscan.errors import UnreadableImage
     from pneumoscan.explain import gradcam, overlay_png
-    from pneumoscan.model_io import load_predictor
 
-    predictor = load_predictor(run_dir, resolve_device(device))
     picks = gallery_picks(pred.labels, pred.prob, float(meta["threshold"]))
     chosen, images = [], []
     for cell, indices in picks.items():
@@ -484,7 +489,10 @@ def _gallery_cards(run_dir: Path, meta: dict, pred, device: str) -> dict[str, li
         label = CLASS_NAMES[int(pred.labels[i])]
         caption = (f'<figcaption><span class="path" title="{esc(path)}">{esc(Path(path).name)}'
                    f"</span><br>P({CLASS_NAMES[1]}) = {pred.prob[i]:.3f} &middot; actual "
-                   f"{esc(label)}</figcaption>")
+                   f"{esc(label)}"
+                   # An all-blue map is no evidence on the layer, not a rendering fault.
+                   + ("" if cam.any() else f"<br>no evidence for {CLASS_NAMES[1]} on this layer")
+                   + "</figcaption>")
         cards[cell].append(
             '<figure class="card"><div class="pair">'
             + img_tag(_png(image), f"{path}", "xray")

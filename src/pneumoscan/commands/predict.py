@@ -55,10 +55,12 @@ def run(args: argparse.Namespace) -> int:
         check_writable_folder(args.cam)  # before the table's header is printed
     predictor = load_predictor(args.run, resolve_device(args.device))
     if args.cam:
-        from pneumoscan.explain import gradcam_problem
+        from pneumoscan.explain import gradcam_problem, grid_warning
 
         if problem := gradcam_problem(predictor):
             raise PneumoscanError(f"--cam: {problem}")
+        if coarse := grid_warning(predictor):
+            print(f"warning: --cam: {coarse}", file=sys.stderr)
     inputs = expand_paths(args.paths)
     failures = [f"{spec}: {reason}" for spec, reason in inputs.missing]
     if not inputs.files:
