@@ -45,8 +45,8 @@ from pneumoscan.evaluate import (
     format_figure,
     format_table,
 )
-from pneumoscan.fileio import atomic_write, atomic_write_json
-from pneumoscan.model_io import load_predictor, log_odds, probabilities, read_meta, save_meta
+from pneumoscan.fileio import atomic_write_json
+from pneumoscan.model_io import load_predictor, probabilities, read_meta, save_meta
 from pneumoscan.run_folder import (
     CV_METRICS,
     OOF_PREDICTIONS,
@@ -54,6 +54,7 @@ from pneumoscan.run_folder import (
     TEST_PREDICTIONS,
     VAL_PREDICTIONS,
 )
+from pneumoscan.run_plots import write_predictions
 from pneumoscan.seen import pixel_keys, save_training_images
 from pneumoscan.threshold_rules import format_threshold
 
@@ -233,7 +234,7 @@ def _pool_folds(cfg: TrainConfig, data: DataBundle, pool: Split, results: list[F
     paths = pool.paths  # absolute (dataset.py): stack matches cv runs started from other folders
     save_oof(out / OOF_PREDICTIONS, pool.labels, prob, fold_of, paths, pool.patients)
     # The pooled out-of-fold predictions, in a single run's format: the threshold came from them.
-    _save_val_predictions(out / VAL_PREDICTIONS, pool.labels, prob, paths)
+    write_predictions(out / VAL_PREDICTIONS, labels=pool.labels, prob=prob, paths=paths)
 
     summary = {
         "folds": [
@@ -274,11 +275,10 @@ def evaluate_ensemble_on_test(
     """The saved ensemble's figures on the test split; nothing is selected on them."""
     predictor = load_predictor(run_dir, device)
     prob = predictor.predict_proba(test.images)
-    z = log_odds(prob)
-    logits = np.stack([np.zeros_like(z), z], axis=1).astype(np.float32)  # softmax -> prob
     metrics = evaluate_predictions(test.labels, prob, threshold, groups=test.patients,
                                    paths=test.paths)
-    _save_val_predictions(run_dir / TEST_PREDICTIONS, test.labels, prob, test.paths, logits)
+    write_predictions(run_dir / TEST_PREDICTIONS, labels=test.labels, prob=prob,
+                      paths=test.paths)
     atomic_write_json(run_dir / TEST_METRICS, metrics)
     print("\n" + test_heading(f"test, ensemble of {len(predictor.members)} fold models",
                               overlap))
@@ -294,12 +294,8 @@ def save_oof(
     paths: list[str],
     patients: list[str],
 ) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, labels=labels, prob=prob, fold=fold,
-                     paths=np.array(paths, dtype=str), patients=np.array(patients, dtype=str))
-
-    atomic_write(path, write)
+    write_predictions(path, labels=labels, prob=prob, paths=paths, fold=fold,
+                      patients=np.array(patients, dtype=str))
 
 
 def load_oof(run_dir: str | Path) -> dict[str, np.ndarray]:
@@ -346,17 +342,3 @@ def _describe(data: DataBundle, n_folds: int) -> None:
         print(f"  {note}")
 
 
-def _save_val_predictions(
-    path: Path, labels: np.ndarray, prob: np.ndarray, paths: list[str],
-    logits: np.ndarray | None = None,
-) -> None:
-    """The single-run predictions format (labels, (N, 2) logits, prob, paths)."""
-    if logits is None:
-        z = log_odds(prob)
-        logits = np.stack([np.zeros_like(z), z], axis=1).astype(np.float32)
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, labels=labels, logits=logits, prob=prob, paths=np.array(paths, dtype=str))
-
-    atomic_write(path, write)

@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pneumoscan import CLASS_NAMES
@@ -16,7 +15,6 @@ from pneumoscan.config import TrainConfig
 from pneumoscan.data.background import PendingData
 from pneumoscan.data.dataset import (
     DataBundle,
-    Split,
     load_data,
     split_identity,
     test_heading,
@@ -36,6 +34,7 @@ from pneumoscan.evaluate import (
 from pneumoscan.fileio import atomic_write_json
 from pneumoscan.model_io import probabilities, save_model
 from pneumoscan.run_folder import TEST_METRICS, TEST_PREDICTIONS, VAL_PREDICTIONS
+from pneumoscan.run_plots import write_predictions
 from pneumoscan.seen import pixel_keys, save_training_images
 from pneumoscan.threshold_rules import format_threshold
 from pneumoscan.train import (
@@ -184,7 +183,8 @@ def finish_run(
     threshold = choose_threshold(data.val.labels, val_prob, cfg.threshold_rule)
     val_metrics = evaluate_predictions(data.val.labels, val_prob, threshold,
                                        groups=data.val.patients, paths=data.val.paths)
-    save_predictions(run_dir / VAL_PREDICTIONS, data.val, val_logits, val_prob)
+    write_predictions(run_dir / VAL_PREDICTIONS, labels=data.val.labels, prob=val_prob,
+                      paths=data.val.paths, logits=val_logits)
     meta = {
         "architecture": cfg.model,
         "image_size": cfg.image_size,
@@ -211,7 +211,8 @@ def finish_run(
         test_prob = probabilities(test_logits.numpy(), temperature)
         test_metrics = evaluate_predictions(data.test.labels, test_prob, threshold,
                                             groups=data.test.patients, paths=data.test.paths)
-        save_predictions(run_dir / TEST_PREDICTIONS, data.test, test_logits.numpy(), test_prob)
+        write_predictions(run_dir / TEST_PREDICTIONS, labels=data.test.labels, prob=test_prob,
+                          paths=data.test.paths, logits=test_logits.numpy())
         atomic_write_json(run_dir / TEST_METRICS, test_metrics)
         print(test_heading("test", data.test_overlap))
         print(format_table(test_metrics))
@@ -220,17 +221,6 @@ def finish_run(
     if data.skipped:
         summary["skipped"] = len(data.skipped)
     return summary
-
-
-def save_predictions(path: Path, split: Split, logits: np.ndarray, prob: np.ndarray) -> None:
-    from pneumoscan.fileio import atomic_write
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, labels=split.labels, logits=logits, prob=prob,
-                     paths=np.array(split.paths, dtype=str))
-
-    atomic_write(path, write)
 
 
 def write_run_plots(run_dir: Path) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +39,30 @@ class SplitPredictions:
 
 def predictions_path(run_dir: Path, split: str) -> Path:
     return Path(run_dir) / f"{split}_predictions.npz"
+
+
+def write_predictions(
+    path: Path, *, labels: np.ndarray, prob: np.ndarray, paths: Sequence[str],
+    logits: np.ndarray | None = None, **columns: np.ndarray,
+) -> None:
+    """A predictions file as ``load_split_predictions`` reads it (labels, (N, 2) logits, prob,
+    paths), with any further ``columns`` (a fold's number, patients), written atomically.
+    Without ``logits`` (an ensemble's or stack's combined probabilities) they are taken as
+    (0, log-odds of prob), whose softmax is prob again."""
+    from pneumoscan.fileio import atomic_write
+    from pneumoscan.model_io import log_odds
+
+    if logits is None:
+        z = log_odds(prob)
+        logits = np.stack([np.zeros_like(z), z], axis=1).astype(np.float32)
+    arrays = {"labels": labels, "logits": logits, "prob": prob,
+              "paths": np.array(paths, dtype=str), **columns}
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
 
 
 def load_split_predictions(run_dir: str | Path, split: str) -> SplitPredictions | None:

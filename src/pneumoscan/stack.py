@@ -34,9 +34,10 @@ from pneumoscan.evaluate import (
     format_figure,
     format_table,
 )
-from pneumoscan.fileio import atomic_write, atomic_write_json, staged_folder
+from pneumoscan.fileio import atomic_write_json, staged_folder
 from pneumoscan.model_io import log_odds, read_meta, save_meta, stack_probabilities
 from pneumoscan.run_folder import CHECKPOINT, STACK_METRICS, VAL_PREDICTIONS
+from pneumoscan.run_plots import write_predictions
 from pneumoscan.threshold_rules import format_threshold
 
 NESTED_PREDICTIONS = VAL_PREDICTIONS  # nested-CV predictions, in the single-run format
@@ -198,7 +199,8 @@ def build_stack(
     out.mkdir(parents=True, exist_ok=True)
     for name, run in zip(names, runs, strict=True):
         copy_member(run, out / name)
-    _save_nested(out / NESTED_PREDICTIONS, labels, fitted, paths, patients)
+    write_predictions(out / NESTED_PREDICTIONS, labels=labels, prob=fitted.nested_prob,
+                      paths=paths, fold=fitted.nested_fold, patients=np.array(patients, dtype=str))
     atomic_write_json(out / "config.json", run_config({
         "stack": {"runs": [str(r.resolve()) for r in runs], "members": names,
                   "nested_folds": n_folds, "seed": seed, "threshold_rule": rule},
@@ -268,18 +270,3 @@ def _comparison_line(name: str, m: dict, *, with_ci: bool) -> str:
             f"sensitivity {format_figure(m['sensitivity'])}  "
             f"specificity {format_figure(m['specificity'])}  "
             f"accuracy {format_figure(m['accuracy'])}")
-
-
-def _save_nested(
-    path: Path, labels: np.ndarray, fitted: StackFit, paths: list[str], patients: list[str]
-) -> None:
-    z = log_odds(fitted.nested_prob)
-    logits = np.stack([np.zeros_like(z), z], axis=1).astype(np.float32)
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, labels=labels, logits=logits, prob=fitted.nested_prob,
-                     fold=fitted.nested_fold, paths=np.array(paths, dtype=str),
-                     patients=np.array(patients, dtype=str))
-
-    atomic_write(path, write)
