@@ -37,7 +37,7 @@ def test_unreadable_weights_file_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["empty", "prefixed", "another network"])
-def test_a_file_that_does_not_fit_is_refused_not_trained_from_scratch(kind, tmp_path):
+def test_a_file_that_does_not_fit_is_refused_not_trained_from_scratch(kind, tmp_path, capfd):
     """timm loads leniently when the classifier is replaced: a file of another network, or with
     its names prefixed, loaded nothing, and the run trained from random weights with exit 0."""
     from safetensors.torch import save_file
@@ -53,6 +53,19 @@ def test_a_file_that_does_not_fit_is_refused_not_trained_from_scratch(kind, tmp_
     with pytest.raises(PneumoscanError, match="does not fit") as e:
         create_model("resnet18", in_chans=1, pretrained=str(path))
     assert "\n" not in str(e.value)
+    # Only the refusal: not timm's list of every key it did not expect, kilobytes long.
+    assert "Unexpected keys" not in capfd.readouterr().err
+
+
+def test_a_key_another_networks_loader_needs_is_named_in_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "resnet10t.safetensors"
+    source = timm.create_model("resnet10t")
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    with pytest.raises(PneumoscanError, match="the file has no tensor 'fc.weight' that its "
+                                              "loader needs"):
+        create_model("convnext_atto", in_chans=1, pretrained=str(path))
 
 
 def test_offline_download_fails_at_once(monkeypatch):
@@ -61,8 +74,9 @@ def test_offline_download_fails_at_once(monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", refuse)
     # The refusal comes from the reachability check, before any download could hang.
-    with pytest.raises(PneumoscanError, match="--pretrained PATH"):
+    with pytest.raises(PneumoscanError, match="--pretrained PATH") as e:
         create_model("resnet18", in_chans=1, pretrained="timm")
+    assert "model.safetensors of huggingface.co/timm/resnet18." in str(e.value)  # what to fetch
 
 
 def test_seed_cnn_refuses_pretrained(tmp_path, synthetic_data, capsys):
@@ -132,3 +146,45 @@ def test_a_weights_file_that_does_not_fit_is_refused_before_out_is_touched(
     assert len(err.splitlines()) == 1
     assert [p.name for p in out.iterdir()] == ["config.json"]
     assert (out / "config.json").read_text() == "mine"
+
+
+def test_published_weights_already_in_the_hub_cache_are_used_offline(tmp_path):
+    """timm reads its published weights from the Hugging Face cache without the network: the
+    offline refusal must not stand in its way. Run in a child process, where HF_HOME is read
+    as huggingface_hub is imported, with every connection refused."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    hub_id = timm.models.get_pretrained_cfg("resnet10t").hf_hub_id  # 'timm/resnet10t.c3_in1k'
+    repo = tmp_path / "hub" / f"models--{hub_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    source = timm.create_model("resnet10t")
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()},
+              str(snapshot / "model.safetensors"))
+    child = f"""
+import socket
+def refuse(*args, **kwargs):
+    raise OSError("network unreachable")
+socket.create_connection = refuse
+socket.socket.connect = lambda *a, **k: refuse()
+import torch
+from safetensors.torch import load_file
+from pneumoscan.config import check_pretrained
+from pneumoscan.models import create_model
+check_pretrained("resnet10t", "timm", source=True)
+model = create_model("resnet10t", in_chans=1, pretrained=True)
+cached = load_file({str(snapshot / "model.safetensors")!r})
+assert torch.equal(model.layer1[0].conv1.weight, cached["layer1.0.conv1.weight"])
+print("loaded from the cache")
+"""
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_CACHE": str(tmp_path / "hub")}
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "loaded from the cache" in done.stdout

@@ -195,10 +195,9 @@ def check_pretrained(model: str, pretrained: str, *, source: bool = False) -> No
     if not source:
         return
     if pretrained == "timm":
-        from pneumoscan.net import require_network
+        from pneumoscan.models.timm_models import require_published_weights
 
-        require_network("huggingface.co", what=f"pretrained {model} weights",
-                        instead="--pretrained PATH")
+        require_published_weights(model)
     elif not Path(pretrained).is_file():
         raise PneumoscanError(f"{pretrained}: pretrained weights file not found")
 

@@ -6,6 +6,9 @@ CNN needs neither.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
 from pathlib import Path
 
 from torch import nn
@@ -71,7 +74,8 @@ def create_timm_model(
     elif pretrained:
         kwargs["pretrained"] = True
     try:
-        model = _create_offline_aware(timm, arch, kwargs)
+        with _timm_warnings() as said:
+            model = _create_offline_aware(timm, arch, kwargs)
     except PneumoscanError:
         raise
     except Exception as e:  # unreadable or mismatched weight files raise many types
@@ -83,6 +87,8 @@ def create_timm_model(
             f"{where}cannot load pretrained weights for {arch!r}: {_load_reason(e)}") from None
     if "pretrained_cfg_overlay" in kwargs:
         _check_fits(model, file_keys, kwargs["pretrained_cfg_overlay"]["file"], arch)
+    for message in said:  # the weights fit: what timm noted on the way is worth a line
+        print(f"warning: timm: {_shortened(message)}", file=sys.stderr)
     model.gradcam_layer = model.feature_info[-1]["module"]
     return model
 
@@ -118,12 +124,7 @@ def _check_fits(model: nn.Module, file_keys: set[str], path: str, arch: str) -> 
 def _create_offline_aware(timm, arch: str, kwargs: dict) -> nn.Module:
     if not kwargs.get("pretrained") or "pretrained_cfg_overlay" in kwargs:
         return timm.create_model(arch, **kwargs)
-    # Downloading needs the network: fail at once, not after a long time-out.
-    from pneumoscan.net import require_network
-
-    require_network(
-        "huggingface.co", what=f"pretrained {arch} weights", instead="--pretrained PATH"
-    )
+    require_published_weights(arch)
     try:
         return timm.create_model(arch, **kwargs)
     except Exception as e:  # hub and HTTP errors come in many types
@@ -131,6 +132,41 @@ def _create_offline_aware(timm, arch: str, kwargs: dict) -> nn.Module:
             f"cannot download pretrained {arch} weights ({type(e).__name__}); "
             "pass --pretrained PATH with a local weights file"
         ) from e
+
+
+# The files timm looks for in a Hugging Face repository of weights, in its order.
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def require_published_weights(name: str) -> None:
+    """Raise a one-line PneumoscanError unless timm's published weights for ``name`` can be had:
+    already in the Hugging Face cache (``HF_HOME``), or from huggingface.co, checked at once
+    rather than after a long time-out. The message names the file to fetch by other means."""
+    hub_id = _hub_id(name)
+    if hub_id and _in_hub_cache(hub_id):
+        return  # timm reads it from the cache, offline too
+    from pneumoscan.net import require_network
+
+    where = f" ({HUB_WEIGHT_FILES[0]} of huggingface.co/{hub_id})" if hub_id else ""
+    require_network("huggingface.co", what=f"pretrained {name} weights",
+                    instead=f"--pretrained PATH with a local copy{where}")
+
+
+def _hub_id(name: str) -> str | None:
+    """The Hugging Face repository timm takes ``name``'s weights from ('timm/resnet18.a1_in1k')."""
+    try:
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(name.removeprefix("timm:"))
+    except Exception:  # a name timm has no weights for: the download fails and says so
+        return None
+    return getattr(cfg, "hf_hub_id", None) or None
+
+
+def _in_hub_cache(hub_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(hub_id, f), str) for f in HUB_WEIGHT_FILES)
 
 
 def _standard(arch: str):
@@ -146,6 +182,33 @@ for _arch in STANDARD_BACKBONES:
     register_model(_standard(_arch))
 
 
+@contextlib.contextmanager
+def _timm_warnings():
+    """timm's warnings while it builds a model, kept rather than logged: loading a file of
+    another network, it lists every key it did not expect, kilobytes on one line, before the
+    one-line refusal that says the same."""
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    timm_log = logging.getLogger("timm")
+    keep, propagated = Keep(logging.WARNING), timm_log.propagate
+    timm_log.addHandler(keep)
+    timm_log.propagate = False
+    try:
+        yield said
+    finally:
+        timm_log.removeHandler(keep)
+        timm_log.propagate = propagated
+
+
+def _shortened(message: str, limit: int = 200) -> str:
+    line = " ".join(message.split())
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 def _load_reason(e: Exception) -> str:
     """One line on why weights did not load. torch's state-dict errors open with a header line
     ("Error(s) in loading state_dict for ResNet:") and give the reason below it: the first
@@ -154,8 +217,7 @@ def _load_reason(e: Exception) -> str:
     if not lines:
         return type(e).__name__
     if lines[0].startswith("Error(s) in loading state_dict") and len(lines) > 1:
-        detail = lines[1]
-        if len(detail) > 200:
-            detail = detail[:200].rsplit(" ", 1)[0] + " ..."
-        return f"the file does not fit this network ({detail})"
+        return f"the file does not fit this network ({_shortened(lines[1])})"
+    if isinstance(e, KeyError):  # a model's own loader looked for a tensor by name
+        return f"the file has no tensor {lines[0]} that its loader needs (another network's?)"
     return lines[0]
