@@ -270,3 +270,40 @@ def test_a_full_disk_while_copying_members_is_one_line_and_leaves_no_partial_cop
     assert f"cannot copy {cv_runs[0]}{os.sep}" in err and f" to {out}{os.sep}" in err
     assert "(no space left on device)" in err and "partial" not in err
     assert not list(out.glob(".*.partial"))
+
+
+def test_a_folder_in_out_named_like_a_member_is_refused_not_replaced(cv_runs, tmp_path,
+                                                                     capsys):
+    """The members are copied to OUT/<run folder name>: a folder of that name already there
+    (someone's notes, another trained run) was deleted without a word."""
+    out = tmp_path / "s"
+    notes = out / cv_runs[0].name / "notes.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("mine")
+    assert main(["stack", *map(str, cv_runs), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"holds {cv_runs[0].name}/" in err, err
+    assert notes.read_text() == "mine" and not (out / "model.json").exists()
+
+
+def test_an_interrupted_stack_is_replaced_by_the_next_one(cv_runs, tmp_path, monkeypatch,
+                                                          capsys):
+    """A stack stopped before its model.json (Ctrl-C while copying a member) leaves its files;
+    the same command again must not take them for someone's own and refuse."""
+    import pneumoscan.stack as stack_module
+
+    out = tmp_path / "s"
+    real_write = stack_module.atomic_write_json
+
+    def interrupted(path, value):
+        if Path(path).name == "stack_metrics.json":  # members and predictions are written
+            raise KeyboardInterrupt
+        real_write(path, value)
+
+    monkeypatch.setattr(stack_module, "atomic_write_json", interrupted)
+    assert main(["stack", *map(str, cv_runs), "--out", str(out)]) == 130
+    assert (out / "val_predictions.npz").is_file() and not (out / "model.json").exists()
+    monkeypatch.setattr(stack_module, "atomic_write_json", real_write)
+    capsys.readouterr()
+    assert main(["stack", *map(str, cv_runs), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert read_meta(out)["kind"] == "stack"

@@ -84,16 +84,18 @@ def has_checkpoint(out: Path) -> bool:
     return (out / CHECKPOINT).is_file() or any(out.glob(f"seed-*/{CHECKPOINT}"))
 
 
-def files_in_the_way(out: Path, runs: list[Path] | None = None) -> list[str]:
+def files_in_the_way(out: Path, runs: list[Path] | None = None,
+                     replaceable: frozenset[str] = frozenset()) -> list[str]:
     """The names a run writes that its folder (``out``, or each of ``runs`` under it: the
     seed-N folders of train --seeds) already holds, though it holds no run: someone's own
     files, which a run would replace. A config.json that a run wrote (it names pneumoscan's
-    version) only shows a run stopped before its first checkpoint, and is not in the way."""
+    version) only shows a run stopped before its first checkpoint, and is not in the way; nor
+    are ``replaceable`` names (what an interrupted stack left)."""
     found = []
     for folder in runs or [out]:
         if not folder.is_dir() or (runs and any((folder / n).is_file() for n in RUN_FILES)):
             continue  # nothing there yet, or a seed's own run (resumed) and its files
-        for name in sorted(OWN_FILES):
+        for name in sorted(OWN_FILES - replaceable):
             path = folder / name
             if os.path.lexists(path) and not _written_by_a_run(path):
                 found.append(f"{path.relative_to(out)}{'/' if path.is_dir() else ''}")
@@ -112,12 +114,13 @@ def _written_by_a_run(path: Path) -> bool:
 
 
 def check_out_folder(out: str | Path, *, resume: bool | None = None,
-                     seeds: list[int] | None = None) -> None:
+                     seeds: list[int] | None = None,
+                     replaceable: frozenset[str] = frozenset()) -> None:
     """Refuse, in one line, an output folder that cannot take a new run.
 
     ``resume``: None for commands that cannot resume; False or True for train (resuming
     continues the run that is there, so an earlier run is expected). ``seeds``: train --seeds,
-    whose runs go into OUT/seed-N.
+    whose runs go into OUT/seed-N. ``replaceable``: names in ``out`` the run may replace.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -145,7 +148,7 @@ def check_out_folder(out: str | Path, *, resume: bool | None = None,
         if found is None and os.path.lexists(out / SEEDS_SUMMARY):
             in_the_way.append(SEEDS_SUMMARY)
     else:
-        in_the_way = files_in_the_way(out) if found is None else []
+        in_the_way = files_in_the_way(out, replaceable=replaceable) if found is None else []
     if in_the_way:
         raise PneumoscanError(
             f"--out {out}: holds {', '.join(in_the_way)}, which a run would replace; choose "

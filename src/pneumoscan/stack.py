@@ -16,6 +16,8 @@ The output is a run directory of kind "stack" that holds copies of its members (
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -125,6 +127,21 @@ def aligned_oof(runs: list[Path]) -> tuple[np.ndarray, np.ndarray, list[str], li
     return np.stack(columns, axis=1), first["labels"].astype(np.int64), patients, paths
 
 
+def unfinished_stack(out: Path) -> set[str]:
+    """The names an interrupted stack left in ``out``, which a new stack there may replace: its
+    config.json (written first, naming its members) and what it lists, when ``out`` has no
+    model.json (written last). Empty for anything else."""
+    try:
+        config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        members = config["stack"]["members"] if "pneumoscan" in config else None
+    except (OSError, ValueError, TypeError, KeyError):
+        return set()
+    if (out / "model.json").exists() or not isinstance(members, list):
+        return set()
+    return {"config.json", NESTED_PREDICTIONS, STACK_METRICS} | {
+        m for m in members if isinstance(m, str) and re.fullmatch(r"[A-Za-z0-9_-]+", m)}
+
+
 def member_names(runs: list[Path]) -> list[str]:
     """Sub-folder names for the members: each run's folder name, made safe and distinct.
 
@@ -167,13 +184,19 @@ def build_stack(
                 f"one ({run}); choose a new folder for the stack")
     if len({r.resolve() for r in runs}) != len(runs):
         raise PneumoscanError("the same run is named twice")
+    names = member_names(runs)
+    leftovers = unfinished_stack(out)
+    for name, run in zip(names, runs, strict=True):
+        if os.path.lexists(out / name) and name not in leftovers:
+            raise PneumoscanError(
+                f"--out {out}: holds {name}{'/' if (out / name).is_dir() else ''}, which the "
+                f"copy of {run} would replace; choose another --out, or move it first")
     metas = [read_meta(run) for run in runs]
     rule = threshold_rule or metas[0].get("threshold_rule", "youden")
 
     member_prob, labels, patients, paths = aligned_oof(runs)
     fitted = fit_stack(member_prob, labels, patients, n_folds=n_folds, seed=seed,
                        threshold_rule=rule, paths=paths)
-    names = member_names(runs)
     members = {
         name: {
             "run": str(run.resolve()),
@@ -197,14 +220,19 @@ def build_stack(
     }
 
     out.mkdir(parents=True, exist_ok=True)
-    for name, run in zip(names, runs, strict=True):
-        copy_member(run, out / name)
-    write_predictions(out / NESTED_PREDICTIONS, labels=labels, prob=fitted.nested_prob,
-                      paths=paths, fold=fitted.nested_fold, patients=np.array(patients, dtype=str))
+    # First: it names what this stack writes, so that a stack interrupted before its model.json
+    # is known by its own leftovers, which the next stack into this folder replaces.
     atomic_write_json(out / "config.json", run_config({
         "stack": {"runs": [str(r.resolve()) for r in runs], "members": names,
                   "nested_folds": n_folds, "seed": seed, "threshold_rule": rule},
     }))
+    for stale in leftovers - set(names) - {"config.json", NESTED_PREDICTIONS, STACK_METRICS}:
+        if (out / stale).is_dir() and not (out / stale).is_symlink():
+            shutil.rmtree(out / stale)  # a member of the interrupted stack this one does not have
+    for name, run in zip(names, runs, strict=True):
+        copy_member(run, out / name)
+    write_predictions(out / NESTED_PREDICTIONS, labels=labels, prob=fitted.nested_prob,
+                      paths=paths, fold=fitted.nested_fold, patients=np.array(patients, dtype=str))
     atomic_write_json(out / STACK_METRICS, summary)
     save_meta(out, {  # last: a crash before this leaves no half-made run behind a model.json
         "kind": "stack",

@@ -20,10 +20,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pneumoscan.run_folder import check_out_folder
-    from pneumoscan.stack import build_stack
+    from pathlib import Path
 
-    check_out_folder(args.out)
+    from pneumoscan.run_folder import check_out_folder
+    from pneumoscan.stack import build_stack, unfinished_stack
+
+    check_out_folder(args.out, replaceable=frozenset(unfinished_stack(Path(args.out))))
     build_stack(args.runs, args.out, n_folds=args.folds, seed=args.seed,
                 threshold_rule=args.threshold_rule)
     print(f"\nstacked run: {args.out} (evaluate, predict, report, serve and export take it)")
