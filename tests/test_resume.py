@@ -363,3 +363,31 @@ def test_sigterm_ends_a_run_as_ctrl_c_does_and_it_resumes(data_dir, env, tmp_pat
         "checkpoint"), err
     assert "Traceback" not in err and (run / "checkpoint.pt").is_file()
     assert not list(run.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("command", ["train", "cv"])
+def test_model_json_is_written_last_so_a_stopped_run_is_not_taken_for_finished(
+        command, synthetic_data, tmp_path, monkeypatch):
+    """Stopped as model.json would be written: everything a finished run holds besides (its
+    digests of training images, its test figures) is already there, and no model.json says
+    finished. Before, model.json came first: a run stopped after it looked finished, yet
+    evaluate could no longer tell its training images."""
+    import pneumoscan.cv as cv_module
+    import pneumoscan.pipeline as pipeline_module
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if command == "train":
+        monkeypatch.setattr(pipeline_module, "save_model", stop)
+    else:
+        monkeypatch.setattr(cv_module, "save_meta", stop)
+    out = tmp_path / "run"
+    argv = [command, "--data", str(synthetic_data), "--out", str(out), "--recipe", "cpu",
+            "--model", "seed_cnn", "--image-size", "32", "--epochs", "1", "--quiet"]
+    assert main(argv + (["--folds", "2"] if command == "cv" else [])) == 130
+    assert (out / "test_metrics.json").is_file() and not (out / "model.json").exists()
+    if command == "train":
+        assert (out / "training_images.npz").is_file()
+    else:
+        assert all((out / f"fold-{k}" / "training_images.npz").is_file() for k in (0, 1))

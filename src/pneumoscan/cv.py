@@ -46,7 +46,13 @@ from pneumoscan.evaluate import (
     format_table,
 )
 from pneumoscan.fileio import atomic_write_json
-from pneumoscan.model_io import load_predictor, probabilities, read_meta, save_meta
+from pneumoscan.model_io import (
+    EnsemblePredictor,
+    load_predictor,
+    probabilities,
+    read_meta,
+    save_meta,
+)
 from pneumoscan.run_folder import (
     CV_METRICS,
     OOF_PREDICTIONS,
@@ -151,10 +157,11 @@ def cross_validate(
         if after_fold is not None:
             after_fold(result)
 
-    summary = _pool_folds(cfg, data, pool, results)
+    summary, meta = _pool_folds(cfg, data, pool, results)
     if data.test is not None:
-        summary["test"] = evaluate_ensemble_on_test(out, data.test, float(summary["threshold"]),
-                                                    device, data.test_overlap)
+        summary["test"] = evaluate_ensemble_on_test(out, meta, data.test, device,
+                                                    data.test_overlap)
+    save_meta(out, meta)  # last: model.json marks the run finished, its test figures written
     return summary
 
 
@@ -195,8 +202,9 @@ def run_fold(
     )
     result = fit(fold_cfg, pool, bundle.val, fold_dir, train_rows=fit_idx,
                  class_counts=bundle.train_counts, progress=progress)
-    finish_run(fold_cfg, bundle, result.model, fold_dir, result.history, result.best_epoch)
+    # Before finish_run's model.json, which marks the fold's run finished.
     save_training_images(fold_dir, cfg.image_size, pixel_keys(pool.images, np.concatenate(inner)))
+    finish_run(fold_cfg, bundle, result.model, fold_dir, result.history, result.best_epoch)
     # A fold's checkpoint (weights, optimizer state: 134 MB for ResNet-18) serves only to resume
     # an interrupted fit, which cv does not do; the fold's model is in its model.safetensors.
     (fold_dir / CHECKPOINT).unlink(missing_ok=True)
@@ -217,8 +225,10 @@ def run_fold(
     return FoldResult(k, fold_dir, held_idx, prob, float(meta["threshold"]), metrics)
 
 
-def _pool_folds(cfg: TrainConfig, data: DataBundle, pool: Split, results: list[FoldResult]) -> dict:
-    """OOF predictions, pooled figures and the ensemble's model.json."""
+def _pool_folds(cfg: TrainConfig, data: DataBundle, pool: Split,
+                results: list[FoldResult]) -> tuple[dict, dict]:
+    """OOF predictions and pooled figures, written; their summary, and the ensemble's model.json
+    to write once its test figures are."""
     out = Path(cfg.out)
     n = len(pool)
     prob = np.full(n, np.nan)
@@ -249,7 +259,7 @@ def _pool_folds(cfg: TrainConfig, data: DataBundle, pool: Split, results: list[F
         "seed": cfg.seed,
     }
     atomic_write_json(out / CV_METRICS, summary)
-    save_meta(out, {
+    meta = {
         "kind": "ensemble",
         "members": [fold_name(r.fold) for r in results],
         "image_size": cfg.image_size,
@@ -261,22 +271,24 @@ def _pool_folds(cfg: TrainConfig, data: DataBundle, pool: Split, results: list[F
         "data_fingerprint": data.fingerprint,
         "data_source": data.source,
         "validation": pooled,
-    })
+    }
     print("\n" + format_fold_table(summary["folds"]))
     print(f"\npooled out-of-fold ({n} images; threshold {format_threshold(threshold)} by "
           f"{cfg.threshold_rule}, chosen on these predictions):")
     print(format_table(pooled))
-    return summary
+    return summary, meta
 
 
 def evaluate_ensemble_on_test(
-    run_dir: Path, test: Split, threshold: float, device: torch.device, overlap: str = ""
+    run_dir: Path, meta: dict, test: Split, device: torch.device, overlap: str = ""
 ) -> dict:
-    """The saved ensemble's figures on the test split; nothing is selected on them."""
-    predictor = load_predictor(run_dir, device)
+    """The figures on the test split of the ensemble ``meta`` describes (its model.json, not
+    yet written); nothing is selected on them."""
+    members = [load_predictor(run_dir / name, device) for name in meta["members"]]
+    predictor = EnsemblePredictor(run_dir, meta, members)
     prob = predictor.predict_proba(test.images)
-    metrics = evaluate_predictions(test.labels, prob, threshold, groups=test.patients,
-                                   paths=test.paths)
+    metrics = evaluate_predictions(test.labels, prob, float(meta["threshold"]),
+                                   groups=test.patients, paths=test.paths)
     write_predictions(run_dir / TEST_PREDICTIONS, labels=test.labels, prob=prob,
                       paths=test.paths)
     atomic_write_json(run_dir / TEST_METRICS, metrics)

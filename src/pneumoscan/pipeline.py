@@ -100,10 +100,12 @@ def _train_run(
     t_fit = time.perf_counter()
     summary: dict = {}
     if dist_info.is_main:
-        summary = finish_run(cfg, bundle, result.model, run_dir, result.history,
-                             result.best_epoch)
+        # Before model.json, which marks a finished run: one stopped in between is not taken
+        # for finished without them.
         save_training_images(run_dir, cfg.image_size,
                              pixel_keys(bundle.train.images) + pixel_keys(bundle.val.images))
+        summary = finish_run(cfg, bundle, result.model, run_dir, result.history,
+                             result.best_epoch)
         summary["best_epoch"] = result.best_epoch
         summary["stopped_early"] = result.stopped_early
         t_end = time.perf_counter()
@@ -201,22 +203,24 @@ def finish_run(
         # The epoch whose weights were saved: the last, or the best restored by early stopping.
         "weights_from_epoch": weights_from_epoch or len(history),
     }
-    save_model(run_dir, model, meta)
-    print(f"validation (threshold {format_threshold(threshold)} by {cfg.threshold_rule}, "
-          f"temperature {temperature:.3f}):")
-    print(format_table(val_metrics))
     summary = {"run": str(run_dir), "validation": val_metrics}
     if data.test is not None:
         test_logits = predict_logits(model, torch.from_numpy(data.test.images), cfg, device)
         test_prob = probabilities(test_logits.numpy(), temperature)
-        test_metrics = evaluate_predictions(data.test.labels, test_prob, threshold,
-                                            groups=data.test.patients, paths=data.test.paths)
+        summary["test"] = evaluate_predictions(data.test.labels, test_prob, threshold,
+                                               groups=data.test.patients, paths=data.test.paths)
         write_predictions(run_dir / TEST_PREDICTIONS, labels=data.test.labels, prob=test_prob,
                           paths=data.test.paths, logits=test_logits.numpy())
-        atomic_write_json(run_dir / TEST_METRICS, test_metrics)
+        atomic_write_json(run_dir / TEST_METRICS, summary["test"])
+    # Last but the plots (drawn from it, and drawn again by report when missing): model.json
+    # marks the run finished, so a run stopped before it is not taken for one.
+    save_model(run_dir, model, meta)
+    print(f"validation (threshold {format_threshold(threshold)} by {cfg.threshold_rule}, "
+          f"temperature {temperature:.3f}):")
+    print(format_table(val_metrics))
+    if "test" in summary:
         print(test_heading("test", data.test_overlap))
-        print(format_table(test_metrics))
-        summary["test"] = test_metrics
+        print(format_table(summary["test"]))
     write_run_plots(run_dir)
     if data.skipped:
         summary["skipped"] = len(data.skipped)
