@@ -239,3 +239,21 @@ def test_the_report_says_which_epoch_the_weights_come_from():
     assert describe_epochs({"epochs_trained": 6, "weights_from_epoch": 6}) == "6 epochs trained."
     restored = describe_epochs({"epochs_trained": 6, "weights_from_epoch": 2})
     assert restored.startswith("6 epochs trained; the model holds the weights of epoch 2")
+
+
+def test_a_run_folder_name_that_is_not_utf8_is_shown_not_a_traceback(synthetic_data, tmp_path,
+                                                                     capsys):
+    """Linux file names are bytes: one that is not UTF-8 reaches Python as a surrogate, which a
+    UTF-8 report.html cannot hold (UnicodeEncodeError before), nor safetensors' or
+    onnxruntime's path arguments (every later command called the weights invalid)."""
+    import os
+
+    run = tmp_path / os.fsdecode(b"run\xff")
+    assert main(["train", "--data", str(synthetic_data), "--out", str(run), "--recipe", "cpu",
+                 "--model", "seed_cnn", "--image-size", "32", "--epochs", "1", "--quiet"]) == 0
+    assert main(["report", str(run)]) == 0
+    assert "run\\xff" in (run / "report.html").read_text(encoding="utf-8")
+    image = sorted((synthetic_data / "test" / "NORMAL").iterdir())[0]
+    assert main(["predict", str(run), str(image)]) == 0
+    assert main(["export", str(run), "--onnx", str(run / "model.onnx")]) == 0
+    assert "Traceback" not in capsys.readouterr().err

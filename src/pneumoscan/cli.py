@@ -93,6 +93,14 @@ def _command_module(verb: str):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A file name the console cannot encode (a Windows code page, a log redirected there), or
+    # one that is not UTF-8 (Linux names are bytes, which reach Python as surrogates), is
+    # printed escaped rather than ending the command mid-table with a traceback.
+    from pneumoscan.console import ESCAPE_UNDECODABLE
+
+    for stream in (sys.stdout, sys.stderr):
+        if callable(getattr(stream, "reconfigure", None)):
+            stream.reconfigure(errors=ESCAPE_UNDECODABLE)
     try:
         try:
             return _main(argv)
@@ -199,12 +207,6 @@ def console_main() -> None:
     ``predict``; frozen objects are left to the operating system, which takes the memory back
     anyway. Not in ``main``: a caller in a long-lived process still needs its collector.
     """
-    # A file name the console cannot encode (a Windows code page, a log redirected there) is
-    # printed escaped, as stderr already does, rather than ending the command mid-table.
-    for stream in (sys.stdout, sys.stderr):
-        reconfigure = getattr(stream, "reconfigure", None)
-        if reconfigure is not None:
-            reconfigure(errors="backslashreplace")
     # Not under torchrun: a process waiting in a collective for another runs no Python until
     # torch's timeout, so a Python handler would keep it from stopping; there SIGTERM kills.
     if not _under_torchrun():

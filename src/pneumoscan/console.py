@@ -8,6 +8,7 @@ override that shows the name reversed. Each is shown escaped instead.
 
 from __future__ import annotations
 
+import codecs
 import re
 
 # C0 and C1 controls (newline, carriage return, tab, escape ...), DEL, and the bidirectional
@@ -24,3 +25,18 @@ def printable(text: str) -> str:
         raw = text.encode("utf-8", "backslashreplace")
     text = raw.decode("utf-8", "backslashreplace")
     return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+ESCAPE_UNDECODABLE = "pneumoscan-escape-undecodable"  # an error handler name for streams
+
+
+def _escape_undecodable(error: UnicodeEncodeError) -> tuple[str, int]:
+    """A file name's undecodable byte (a surrogate U+DC80..U+DCFF) as \\xNN, the way printable
+    shows it; any other character the stream cannot take as Python's backslashreplace does."""
+    bad = error.object[error.start : error.end]
+    if not all(0xDC80 <= ord(c) <= 0xDCFF for c in bad):
+        return codecs.backslashreplace_errors(error)
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" for c in bad), error.end
+
+
+codecs.register_error(ESCAPE_UNDECODABLE, _escape_undecodable)

@@ -283,7 +283,8 @@ def verify(
     name = path if name is None else name
     images, compared = _check_images(predictor, np.random.default_rng(seed))
     expected = _log_odds(predictor.predict_proba(images))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # The model's bytes, not its path: onnxruntime takes only a path that is valid UTF-8.
+    session = ort.InferenceSession(path.read_bytes(), providers=["CPUExecutionProvider"])
     worst = 0.0
     for batch in (images[:1], images):  # two batch sizes: the batch axis must really be dynamic
         (got,) = session.run(None, {INPUT_NAME: batch[:, None].astype(np.float32)})

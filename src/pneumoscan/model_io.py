@@ -380,12 +380,13 @@ def load_predictor(run_dir: str | Path, device: str | torch.device = "cpu"):
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     if not path.is_file():
         raise PneumoscanError(f"{path}: missing model weights")
     try:
-        weights = load_file(str(path))
+        # Read here, not by load_file(), which takes only a folder whose name is valid UTF-8.
+        weights = load(path.read_bytes())
     except (SafetensorError, OSError, ValueError) as e:
         raise PneumoscanError(f"{path}: not a valid safetensors file ({e})") from None
     _check_finite(path, weights)

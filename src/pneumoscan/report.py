@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from pneumoscan import CLASS_NAMES, __version__
+from pneumoscan.console import printable
 from pneumoscan.data import medmnist
 from pneumoscan.evaluate import RATE_KEYS, format_figure
 from pneumoscan.fileio import atomic_write_text, read_json
@@ -79,7 +80,8 @@ class Section:
 
 
 def esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    # printable: a file name's undecodable bytes as \xNN, which UTF-8 can carry.
+    return html.escape(printable(str(value)), quote=True)
 
 
 def data_uri(png: bytes) -> str:

@@ -12,8 +12,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pneumoscan.console import printable
     from pneumoscan.report import build_report
 
     path = build_report(args.run, device=args.device)
-    print(f"report -> {path}")
+    print(printable(f"report -> {path}"))
     return 0
