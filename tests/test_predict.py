@@ -584,3 +584,30 @@ def test_evaluate_gives_each_member_of_a_mixed_size_ensemble_its_own_decode(synt
     split = load_eval_split(str(synthetic_data), 48).split
     expected = evaluate_predictions(split.labels, (own[0] + own[1]) / 2, 0.5)
     assert json.loads(out.read_text())["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+
+
+def test_an_overlay_that_cannot_be_written_costs_only_its_cell(trained_run, synthetic_data,
+                                                               tmp_path, monkeypatch, capsys):
+    """A full disk under --cam ended predict at the first overlay: no --output file, nothing
+    printed, the predictions of every file lost."""
+    import errno
+
+    import pneumoscan.fileio as fileio
+
+    real = fileio.atomic_write_bytes
+
+    def full_for_overlays(path, data):
+        if str(path).endswith("_gradcam.png"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(fileio, "atomic_write_bytes", full_for_overlays)
+    files = sorted((synthetic_data / "test" / "NORMAL").iterdir())[:3]
+    out = tmp_path / "p.csv"
+    status = main(["predict", str(trained_run), *map(str, files), "--cam", str(tmp_path / "c"),
+                   "--output", str(out), "--quiet"])
+    assert status == 2
+    rows = out.read_text().splitlines()
+    assert len(rows) == 4 and all(row.endswith(",") for row in rows[1:])  # no cam, each file
+    err = capsys.readouterr().err
+    assert err.count("no Grad-CAM overlay (cannot write") == 3 and "Traceback" not in err

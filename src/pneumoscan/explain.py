@@ -441,7 +441,12 @@ def write_overlays(
                 results.append(Overlay(path, None, e.reason))
                 continue
             file = out_dir / names.name_for(path)
-            atomic_write_bytes(file, overlay_png(image, cam, overlay_source(path)))
+            try:
+                atomic_write_bytes(file, overlay_png(image, cam, overlay_source(path)))
+            except OSError as e:  # a full disk: this overlay is lost, not the files' predictions
+                results.append(Overlay(path, None, f"cannot write {file} "
+                                                   f"({(e.strerror or str(e)).lower()})"))
+                continue
             results.append(Overlay(path, file, None, blank=not cam.any()))
     order = {p: i for i, p in enumerate(paths)}
     results.sort(key=lambda r: order[r.path])  # the caller's order, errors and all
