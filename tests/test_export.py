@@ -298,3 +298,13 @@ def test_a_stack_over_confident_members_matches_in_log_odds(trained_run, synthet
     assert 0.2 < expected.min() and expected.max() < 0.8  # the stack itself is unsaturated
     np.testing.assert_allclose(np.log(got / (1 - got)), np.log(expected / (1 - expected)),
                                atol=1e-4)
+
+
+def test_onnx_is_written_only_to_a_name_ending_onnx(run_copy, tmp_path, capsys):
+    """--onnx scan.jpeg replaced the X-ray with a 19 MB model and said nothing."""
+    xray = tmp_path / "scan.jpeg"
+    xray.write_bytes(b"\xff\xd8\xff an X-ray")
+    assert main(["export", str(run_copy), "--onnx", str(xray)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "name the file FILE.onnx" in err[0]
+    assert xray.read_bytes() == b"\xff\xd8\xff an X-ray"
