@@ -770,3 +770,35 @@ def test_a_file_where_a_folder_is_needed_is_named(tmp_path):
     assert _file_in_the_way(made) == _file_in_the_way(entered) == str(afile)
     assert _file_in_the_way(FileExistsError(errno.EEXIST, "File exists", str(tmp_path))) is None
     assert _file_in_the_way(PermissionError(errno.EACCES, "Permission denied", str(afile))) is None
+
+
+def test_eda_failing_half_way_leaves_the_earlier_edas_files_whole(synthetic_data, tmp_path,
+                                                                  monkeypatch, capsys):
+    """A full disk at eda's second figure left the new class_balance.png beside the earlier
+    run's table and grid; and an --out that cannot be written was found after the decoding."""
+    import errno
+
+    import pneumoscan.plots as plots
+
+    out = tmp_path / "eda"
+    argv = ["eda", "--data", str(synthetic_data), "--out", str(out), "--image-size", "32",
+            "--quiet"]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "sample_grid.png"))
+
+    monkeypatch.setattr(plots, "sample_grid", full)
+    assert main(argv[:-2] + ["64", "--quiet"]) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging left either
+    capsys.readouterr()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded before the output was checked")
+
+    monkeypatch.setattr("pneumoscan.data.dataset.load_data", no_decoding)
+    assert main(["eda", "--data", str(synthetic_data), "--out", str(blocker / "eda")]) == 2
+    assert "a-file" in capsys.readouterr().err

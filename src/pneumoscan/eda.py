@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +115,9 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+EDA_FILES = ("class_balance.png", "sample_grid.png", "eda.json", "eda.txt")
+
+
 def run_eda(data: DataBundle, out: Path, *, seed: int = 0, title_note: str = "") -> dict:
     """Write class_balance.png, sample_grid.png, eda.json and eda.txt into ``out``."""
     from pneumoscan.plots import class_balance, sample_grid
@@ -120,7 +125,6 @@ def run_eda(data: DataBundle, out: Path, *, seed: int = 0, title_note: str = "")
     out = Path(out)
     summary = summarize(data)
     counts = {name: split.class_counts() for name, split in data.splits().items()}
-    class_balance(counts, out / "class_balance.png")
     rng = np.random.default_rng(seed)
     samples = {}
     for label, cls in enumerate(CLASS_NAMES):
@@ -128,10 +132,18 @@ def run_eda(data: DataBundle, out: Path, *, seed: int = 0, title_note: str = "")
         pick = rng.choice(idx, size=min(SAMPLES_PER_CLASS, len(idx)), replace=False)
         samples[cls] = [data.train.images[i] for i in pick]
     title = "training samples" + (f" ({title_note})" if title_note else "")
-    sample_grid(samples, out / "sample_grid.png", title=title)
     text = format_summary(summary)
-    atomic_write_json(out / "eda.json", summary)
-    atomic_write_text(out / "eda.txt", text + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    # All four files are written aside and then moved in together: a run that fails half way
+    # (a full disk) leaves an earlier eda's files as they were, not half of each.
+    with tempfile.TemporaryDirectory(dir=out, prefix=".eda-") as staging:
+        staged = Path(staging)
+        class_balance(counts, staged / "class_balance.png")
+        sample_grid(samples, staged / "sample_grid.png", title=title)
+        atomic_write_json(staged / "eda.json", summary)
+        atomic_write_text(staged / "eda.txt", text + "\n")
+        for name in EDA_FILES:
+            os.replace(staged / name, out / name)
     print(text)
     print(f"wrote {out / 'class_balance.png'}, {out / 'sample_grid.png'}, {out / 'eda.json'}, "
           f"{out / 'eda.txt'}")

@@ -19,7 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pneumoscan.data.dataset import load_data
     from pneumoscan.eda import run_eda
+    from pneumoscan.fileio import check_writable_folder
 
+    check_writable_folder(args.out)  # before the decoding, not after it
     data = load_data(args.data, args.image_size, progress=not args.quiet, as_given=True)
     note = "SYNTHETIC" if (Path(args.data) / "SYNTHETIC.txt").exists() else ""
     run_eda(data, Path(args.out), title_note=note)
