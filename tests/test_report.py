@@ -257,3 +257,19 @@ def test_a_run_folder_name_that_is_not_utf8_is_shown_not_a_traceback(synthetic_d
     assert main(["predict", str(run), str(image)]) == 0
     assert main(["export", str(run), "--onnx", str(run / "model.onnx")]) == 0
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_figure_that_cannot_be_drawn_is_not_blamed_on_the_data(trained_run, tmp_path,
+                                                                 monkeypatch, capsys):
+    import errno
+
+    import pneumoscan.plots as plots
+
+    def full(*args, **kwargs):
+        raise OSError(errno.EFBIG, "File too large", "/tmp/grid.png")
+
+    monkeypatch.setattr(plots, "sample_grid", full)
+    run = _copy_run(trained_run, tmp_path / "run")
+    assert main(["report", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "the data's figures could not be drawn" in err and "not reachable" not in err

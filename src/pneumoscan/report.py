@@ -182,11 +182,15 @@ def data_section(run_dir: Path, meta: dict, config: dict | None) -> Section:
                      "the saved predictions.")
         return _data_from_predictions(section, run_dir)
     try:
-        return _data_from_source(section, str(spec), meta, config or {})
+        data = _load_source(str(spec), meta, config or {})
     except Exception as e:  # moved, deleted or offline data: say so and go on
         section.note(_warn(f"the data at {spec} is not reachable now", e)
                      + ". The counts below are those of the saved predictions.")
         return _data_from_predictions(section, run_dir)
+    try:
+        return _data_from_source(section, data, str(spec), meta)
+    except Exception as e:  # a figure that cannot be drawn (a full temporary disk)
+        return section.note(_warn("the data's figures could not be drawn", e))
 
 
 def _counts_table(counts: dict[str, dict[str, int]]) -> str:
@@ -217,16 +221,22 @@ def _data_from_eda(section: Section, eda_dir: Path) -> Section:
     return section
 
 
-def _data_from_source(section: Section, spec: str, meta: dict, config: dict) -> Section:
-    from pneumoscan import plots
-    from pneumoscan.data.dataset import data_changed, load_data
+def _load_source(spec: str, meta: dict, config: dict):
+    """The run's data as it trained on it: its size, validation fraction and seed."""
+    from pneumoscan.data.dataset import load_data
 
     image_size = int(config.get("image_size") or meta["image_size"])
-    data = load_data(
+    return load_data(
         spec, image_size, val_fraction=float(config.get("val_fraction", 0.1)),
         seed=int(config.get("seed", 0)), progress=False,
         carve_val=meta.get("kind", "single") == "single",
     )
+
+
+def _data_from_source(section: Section, data, spec: str, meta: dict) -> Section:
+    from pneumoscan import plots
+    from pneumoscan.data.dataset import data_changed
+
     section.add(f"<p>Source: <code>{esc(data.source)}</code></p>")
     if (Path(spec) / "SYNTHETIC.txt").is_file():
         section.add(f'<p class="warning">{esc((Path(spec) / "SYNTHETIC.txt").read_text().strip())}'
