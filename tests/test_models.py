@@ -178,3 +178,19 @@ def test_input_size_check_builds_for_real_when_the_meta_device_fails(monkeypatch
     check_input_size("resnet10t", in_chans=1, image_size=32)
     with pytest.raises(PneumoscanError, match="seed_cnn needs an image size divisible by 32"):
         check_input_size("seed_cnn", in_chans=3, image_size=48)
+
+
+@pytest.mark.parametrize(
+    "name, hint",
+    [
+        ("resnt18", "(did you mean resnet18"),
+        ("efficientnet-b0", "(did you mean efficientnet_b0"),
+        ("seed-cnn", "(did you mean seed_cnn?)"),
+        ("resnet18.bogus_tag", "(resnet18 has no pretrained tag 'bogus_tag'; its tags: a1_in1k"),
+    ],
+)
+def test_an_unknown_model_name_says_the_nearest_ones(name, hint):
+    pytest.importorskip("timm")
+    from pneumoscan.models.registry import unknown_model_error
+
+    assert hint in str(unknown_model_error(name))

@@ -122,5 +122,25 @@ def _load_builtin_models() -> None:
 
 def unknown_model_error(name: str) -> PneumoscanError:
     return PneumoscanError(
-        f"unknown model {name!r}: choose one of {', '.join(list_models())} or a timm model name"
+        f"unknown model {name!r}{_nearest_names(name)}: choose one of "
+        f"{', '.join(list_models())} or a timm model name"
     )
+
+
+def _nearest_names(name: str) -> str:
+    """' (did you mean ...?)' for a misspelt name, or the tags an architecture has when only
+    its pretrained tag is unknown; '' when nothing is near."""
+    import difflib
+
+    try:
+        import timm
+    except ImportError:
+        timm = None
+    arch, dot, tag = name.removeprefix("timm:").partition(".")
+    if timm is not None and dot and timm.is_model(arch):
+        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*")]
+        return f" ({arch} has no pretrained tag {tag!r}; its tags: {', '.join(tags) or 'none'})"
+    known = list_models() + (timm.list_models() if timm is not None else [])
+    lowered = {k.lower(): k for k in known}
+    near = difflib.get_close_matches(name.lower().replace("-", "_"), lowered, n=3, cutoff=0.75)
+    return f" (did you mean {' or '.join(lowered[n] for n in near)}?)" if near else ""
