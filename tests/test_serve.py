@@ -796,3 +796,12 @@ def test_ctrl_c_while_answering_says_it_waits_and_a_second_stops_quietly(trained
     assert err == ("pneumoscan serve: stopping once the 2 prediction(s) in progress are "
                    "answered (Ctrl-C again stops at once)\n")
     assert process.returncode == 130
+
+
+def test_a_single_cell_grad_cam_layer_is_warned_of_at_start(trained_run, caplog):
+    """seed_cnn at 32 px has one cell on its Grad-CAM layer: every heat map is one colour."""
+    pytest.importorskip("captum", reason="Grad-CAM needs captum")
+    with caplog.at_level(logging.WARNING, logger="pneumoscan.serve"):
+        with TestClient(create_app(trained_run)):
+            pass
+    assert any("gives a 1 x 1 grid at 32 px" in r.getMessage() for r in caplog.records)

@@ -369,6 +369,8 @@ class _Service:
                                                               problem)
             else:
                 self.explain = explain
+                if coarse := explain.grid_warning(predictor):  # a map of one colour: say so
+                    logging.getLogger("pneumoscan.serve").warning("%s", coarse)
 
     def _gradcam(self, image: np.ndarray) -> np.ndarray | None:
         if self.explain is None:
