@@ -308,3 +308,15 @@ def test_onnx_is_written_only_to_a_name_ending_onnx(run_copy, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "name the file FILE.onnx" in err[0]
     assert xray.read_bytes() == b"\xff\xd8\xff an X-ray"
+
+
+def test_resuming_a_finished_run_keeps_its_export_record(run_copy, synthetic_data, tmp_path):
+    """train --resume of a run that had finished saves the same model again, and dropped
+    model.json's record of the ONNX file exported from it."""
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(run_copy), "--onnx", str(out)]) == 0
+    record = read_meta(run_copy)["onnx"]
+    assert main(["train", "--data", str(synthetic_data), "--out", str(run_copy), "--recipe",
+                 "cpu", "--model", "seed_cnn", "--image-size", "32", "--epochs", "2",
+                 "--resume", "--quiet"]) == 0
+    assert read_meta(run_copy)["onnx"] == record

@@ -133,10 +133,27 @@ def save_model(run_dir: Path, model: nn.Module, meta: dict) -> None:
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "single", **meta}
     validate_meta(meta, str(run_dir / "model.json"))
+    weights = save(state)
+    meta = _keep_export_record(run_dir, meta, weights)
     # As bytes, written here: save_file() reports a full disk as its own error type, not an
     # OSError naming the file, and leaves a temporary file of its own behind if killed.
-    atomic_write(run_dir / "model.safetensors", lambda tmp: tmp.write_bytes(save(state)))
+    atomic_write(run_dir / "model.safetensors", lambda tmp: tmp.write_bytes(weights))
     atomic_write_json(run_dir / "model.json", meta)
+
+
+def _keep_export_record(run_dir: Path, meta: dict, weights: bytes) -> dict:
+    """``meta`` with the run's earlier ONNX export record, when the model saved again is the one
+    exported (train --resume of a finished run saves the same weights and calibration)."""
+    try:
+        earlier = read_json(run_dir / "model.json")
+        same_weights = (run_dir / "model.safetensors").read_bytes() == weights
+    except (OSError, ValueError):
+        return meta
+    if not (isinstance(earlier, dict) and "onnx" in earlier and same_weights):
+        return meta
+    if any(earlier.get(k) != meta.get(k) for k in ("threshold", "temperature", "image_size")):
+        return meta
+    return {**meta, "onnx": earlier["onnx"]}
 
 
 def save_meta(run_dir: Path, meta: dict) -> None:
