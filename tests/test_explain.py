@@ -425,7 +425,7 @@ def test_models_without_a_channels_first_map_are_refused_not_misdrawn(architectu
     problem = gradcam_problem(predictor)
     assert problem.startswith(f"Grad-CAM is not available for {architecture}"), problem
     images = np.zeros((1, size, size), dtype=np.uint8)
-    with pytest.raises(PneumoscanError, match="not a \\(channels, height, width\\) map"):
+    with pytest.raises(PneumoscanError, match="not one \\(channels, height, width\\) map"):
         gradcam(predictor, images)
     assert _hooks(model) == 0
 

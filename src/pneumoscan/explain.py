@@ -239,10 +239,12 @@ def _probe_gradcam_layer(predictor) -> _Probe:
             out.shape[1] != out.shape[2]):
         rows, cols = out.shape[2:]
         return _Probe("", Grid(str(model.gradcam_layer), int(rows), int(cols), size))
-    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if isinstance(out, torch.Tensor):  # a ViT's tokens, a Swin's channels-last map
+        what = f"{tuple(out.shape)} (token or channels-last models)"
+    else:  # a list of maps (HRNet's branches), or nothing seen at all
+        what = f"a {type(out).__name__}"
     return _Probe(f"Grad-CAM is not available for {name}: its layer {model.gradcam_layer} gives "
-                  f"{shape}, not a (channels, height, width) map (token or channels-last models)",
-                  None)
+                  f"{what}, not one (channels, height, width) map", None)
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
