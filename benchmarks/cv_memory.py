@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         from pneumoscan.data.dataset import load_data
 
         low_memory_mode(cfg.low_memory)  # as cross_validate does, before the first large buffer
-        decoded = load_data(cfg.data, cfg.image_size, carve_val=False, progress=False)
+        decoded = load_data(cfg.data, cfg.image_size, validation="pool", progress=False)
         n_images = len(decoded.train)
         del decoded
         record("decoded")

@@ -130,7 +130,7 @@ def test_eda_describes_the_splits_on_disk(tmp_path):
     for i in range(4):
         for cls in ("NORMAL", "PNEUMONIA"):
             write_image(tmp_path / "train" / cls / f"person{i}_{cls}_{i}.png", _gray(i))
-    data = load_data(str(tmp_path), 32, progress=False, as_given=True)
+    data = load_data(str(tmp_path), 32, progress=False, validation="as_given")
     assert list(data.splits()) == ["train"] and len(data.train) == 8
     assert not any("validation" in note for note in data.notes)
 
@@ -159,7 +159,7 @@ def test_discover_class_folders_any_case_and_by_content(tmp_path):
     assert list(found) == ["train"]
     labels = sorted((s.path.name, s.label) for s in found["train"])
     assert labels == [("a.png", 0), ("b.png", 1), ("c.jpeg", 1)]
-    data = load_data(str(tmp_path), 32, progress=False, carve_val=False)
+    data = load_data(str(tmp_path), 32, progress=False, validation="pool")
     assert len(data.train) == 3 and data.train.images.dtype == np.uint8
 
 
@@ -504,7 +504,7 @@ def test_unreadable_files_are_skipped_and_named(tmp_path, capsys):
         write_image(tmp_path / ("PNEUMONIA" if i % 2 else "NORMAL") / f"{i}.png", _gray(i))
     (tmp_path / "NORMAL" / "empty.png").write_bytes(b"")
     (tmp_path / "PNEUMONIA" / "notes.jpeg").write_text("<html>not an x-ray</html>")
-    data = load_data(str(tmp_path), 32, progress=False, carve_val=False)
+    data = load_data(str(tmp_path), 32, progress=False, validation="pool")
     err = capsys.readouterr().err
     assert "skipped 2 unreadable file(s)" in err
     assert "empty.png" in err and "notes.jpeg" in err

@@ -157,7 +157,7 @@ def test_copies_across_train_and_val_stay_together_in_folds(tmp_path):
         for path in sorted((tmp_path / "train" / cls).iterdir())[:5]:
             (tmp_path / "val" / cls).mkdir(parents=True, exist_ok=True)
             shutil.copy(path, tmp_path / "val" / cls / f"copy_{path.name}")
-    pool = load_data(str(tmp_path), 40, progress=False, carve_val=False).train
+    pool = load_data(str(tmp_path), 40, progress=False, validation="pool").train
     folds = patient_folds(pool.labels, pool.patients, 5, 0)
     fold_of = np.empty(len(pool), dtype=int)
     for k, (_, held) in enumerate(folds):

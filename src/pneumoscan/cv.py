@@ -132,7 +132,8 @@ def cross_validate(
     if n_folds < 2:  # before decoding anything
         raise PneumoscanError(f"--folds {n_folds}: cross-validation needs at least 2 folds")
     low_memory_mode(cfg.low_memory)
-    data = load_data(cfg.data, cfg.image_size, seed=cfg.seed, progress=progress, carve_val=False)
+    data = load_data(cfg.data, cfg.image_size, seed=cfg.seed, progress=progress,
+                     validation="pool")
     pool = data.train  # train and any val/, un-carved; the test split is never touched here
     folds = make_folds(pool, n_folds, cfg.seed)
     # Every fold's own validation split, carved before any fold trains (one that cannot be

@@ -229,7 +229,7 @@ def _load_source(spec: str, meta: dict, config: dict):
     return load_data(
         spec, image_size, val_fraction=float(config.get("val_fraction", 0.1)),
         seed=int(config.get("seed", 0)), progress=False,
-        carve_val=meta.get("kind", "single") == "single",
+        validation="carve" if meta.get("kind", "single") == "single" else "pool",
     )
 
 

@@ -22,7 +22,8 @@ def run(args: argparse.Namespace) -> int:
     from pneumoscan.fileio import check_writable_folder
 
     check_writable_folder(args.out)  # before the decoding, not after it
-    data = load_data(args.data, args.image_size, progress=not args.quiet, as_given=True)
+    data = load_data(args.data, args.image_size, progress=not args.quiet,
+                     validation="as_given")
     note = "SYNTHETIC" if (Path(args.data) / "SYNTHETIC.txt").exists() else ""
     run_eda(data, Path(args.out), title_note=note)
     return 0

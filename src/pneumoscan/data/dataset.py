@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 
@@ -31,6 +31,8 @@ from pneumoscan.seen import pixel_keys
 if TYPE_CHECKING:
     from pneumoscan.config import TrainConfig
 
+Validation = Literal["carve", "pool", "as_given"]  # load_data's three views of a data set
+VALIDATION_MODES = get_args(Validation)
 MIN_VAL_IMAGES = 200  # a val/ smaller than this is too noisy to select anything on
 
 
@@ -95,21 +97,21 @@ def load_data(
     val_fraction: float = 0.1,
     seed: int = 0,
     progress: bool = True,
-    carve_val: bool = True,
-    as_given: bool = False,
+    validation: Validation = "carve",
     warn: bool = True,
 ) -> DataBundle:
     """Decode (or read from the cache) every split of ``spec`` at ``image_size``.
 
-    Validation is carved from train by patient, stratified, unless a val/ of at least
-    MIN_VAL_IMAGES of both classes, and no patient of train/, is given. ``carve_val=False``
-    keeps all of train (cross-validation carves its own folds); ``as_given`` keeps the splits as
-    they are on disk (eda describes the data, not a training run's view of it). A val/ or test/
-    without one readable image is left out, with a note. ``warn=False`` leaves the unreadable
-    files unsaid (listed in ``skipped``): torchrun's other processes decode the same files.
+    ``validation``: "carve" (training): validation carved from train by patient, stratified,
+    unless a val/ of at least MIN_VAL_IMAGES of both classes, and no patient of train/, is
+    given; "pool" (cross-validation, which carves its own folds): train and any val/ as one
+    pool, no validation; "as_given" (eda, which describes the data, not a training run's view
+    of it): the splits as they are on disk. A val/ or test/ without one readable image is left
+    out, with a note. ``warn=False`` leaves the unreadable files unsaid (listed in
+    ``skipped``): torchrun's other processes decode the same files.
     """
     return arrange(read_splits(spec, image_size, progress=progress, warn=warn),
-                   val_fraction=val_fraction, seed=seed, carve_val=carve_val, as_given=as_given)
+                   val_fraction=val_fraction, seed=seed, validation=validation)
 
 
 def read_splits(
@@ -134,10 +136,13 @@ def is_medmnist(spec: str) -> bool:
 
 
 def arrange(
-    decoded: DecodedSplits, *, val_fraction: float = 0.1, seed: int = 0, carve_val: bool = True,
-    as_given: bool = False,
+    decoded: DecodedSplits, *, val_fraction: float = 0.1, seed: int = 0,
+    validation: Validation = "carve",
 ) -> DataBundle:
-    """load_data's second half: the checks, and validation carved from train by patient."""
+    """load_data's second half: the checks, and validation as ``validation`` says."""
+    if validation not in VALIDATION_MODES:
+        raise ValueError(f"validation must be one of {VALIDATION_MODES}, got {validation!r}")
+    as_given = validation == "as_given"
     splits, source, fp, skipped = (decoded.splits, decoded.source, decoded.fingerprint,
                                    decoded.skipped)
     notes: list[str] = []  # printed with the data summary, by the main process only
@@ -165,7 +170,7 @@ def arrange(
         if len(present := set(train.labels.tolist())) < 2:
             notes.append(f"only {CLASS_NAMES[present.pop()]} images to train on; training "
                          "needs both classes")
-    elif not carve_val:
+    elif validation == "pool":
         if val is not None:
             notes.append(f"val/ ({len(val)} images) is cross-validated with train/")
             # Copies between the two go with their originals too: one pool, one grouping.
