@@ -158,6 +158,13 @@ def test_eda_writes_charts_and_a_table(synthetic_data, tmp_path, capsys):
     assert set(summary["splits"]) == {"train", "test"}  # as on disk: no val/, none carved
     total = sum(c["n"] for s in summary["splits"].values() for c in s["classes"].values())
     assert total == 120
+    # Patients, which validation and folds draw, beside the images.
+    from pneumoscan.data.discover import discover
+
+    on_disk = discover(synthetic_data, need_train=False)["train"]
+    patients = {s.patient for s in on_disk if s.label == 1}
+    assert len(patients) < sum(s.label == 1 for s in on_disk)  # some patients have two
+    assert summary["splits"]["train"]["classes"]["PNEUMONIA"]["patients"] == len(patients)
     # The table's mean and std are those of the decoded images: it says at what size.
     assert "grey levels (0-255) of the images decoded at 32 px" in (out / "eda.txt").read_text()
     assert "PNEUMONIA" in capsys.readouterr().out

@@ -50,7 +50,10 @@ def summarize(data: DataBundle) -> dict:
         entry: dict = {"n": len(split), "classes": {}}
         for label, cls in enumerate(CLASS_NAMES):
             idx = np.flatnonzero(split.labels == label)
-            stats: dict = {"n": int(len(idx))}
+            # Patients, not images, are what validation, folds and intervals draw: files whose
+            # names carry no patient id count as one patient each.
+            stats: dict = {"n": int(len(idx)),
+                           "patients": len({split.patients[i] for i in idx})}
             if len(idx):
                 mean, std = _intensity(split.images, idx)
                 stats["intensity_mean"] = round(mean, 2)
@@ -92,8 +95,8 @@ def _intensity(images: np.ndarray, idx: np.ndarray, chunk: int = 64) -> tuple[fl
 def format_summary(summary: dict) -> str:
     lines = [f"data: {summary['source']}", *[f"  {n}" for n in summary["notes"]]]
     header = (
-        f"{'split':6s} {'class':10s} {'images':>7s} {'share':>6s} {'mean':>6s} {'std':>6s}"
-        "  size (w x h, median [min-max])"
+        f"{'split':6s} {'class':10s} {'images':>7s} {'patients':>8s} {'share':>6s} {'mean':>6s} "
+        f"{'std':>6s}  size (w x h, median [min-max])"
     )
     lines += [header, "-" * len(header)]
     for name, entry in summary["splits"].items():
@@ -107,7 +110,8 @@ def format_summary(summary: dict) -> str:
                 )
             mean, std = (f"{s[k]:6.1f}" if k in s else f"{'-':>6s}"  # none for no images
                          for k in ("intensity_mean", "intensity_std"))
-            lines.append(f"{name:6s} {cls:10s} {s['n']:7d} {share:6.1%} {mean} {std}  {size}")
+            lines.append(f"{name:6s} {cls:10s} {s['n']:7d} {s['patients']:8d} {share:6.1%} "
+                         f"{mean} {std}  {size}")
     lines.append(f"mean, std: grey levels (0-255) of the images decoded at "
                  f"{summary['decoded_size']} px; size: the files' own, in pixels")
     if summary["skipped"]:
