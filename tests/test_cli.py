@@ -799,6 +799,7 @@ def test_eda_failing_half_way_leaves_the_earlier_edas_files_whole(synthetic_data
     monkeypatch.setattr(plots, "sample_grid", full)
     assert main(argv[:-2] + ["64", "--quiet"]) == 2
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging left either
+    assert f"{out / 'sample_grid.png'}: No space left on device" in capsys.readouterr().err
     capsys.readouterr()
     blocker = tmp_path / "a-file"
     blocker.write_text("")

@@ -566,3 +566,12 @@ def test_explain_gives_each_files_probability_and_label_as_predict_does(blob_run
     assert lines[1] == (f"{paths[0]}  -> {out / 'x0_gradcam.png'}  P(PNEUMONIA) 0.5000 "
                         f"PNEUMONIA; {NO_EVIDENCE}")
     assert lines[2] == f"1 Grad-CAM overlay(s) -> {out}"
+
+
+def test_an_out_that_is_a_file_is_one_line_before_any_work(trained_run, tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    image = _write_png(tmp_path / "x.png", np.full((32, 32), 128, np.uint8))
+    assert main(["explain", str(trained_run), str(image), "--out", str(blocker)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "afile" in err[0] and "overlay" not in err[0], err

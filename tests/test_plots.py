@@ -281,6 +281,10 @@ def test_histogram_bars_right_of_the_threshold_are_the_predicted_positives(tmp_p
             assert right <= threshold + 1e-12 or left >= threshold, (left, right)
         right_of_line = sum(h for left, _, h in bars[label] if left >= threshold)
         assert right_of_line == np.sum(prob[y == cls] >= threshold)  # NORMAL: false positives
+    # A bar too narrow to see at a threshold near 0 or 1 would hide them: the legend counts.
+    wrong = np.sum(prob[y == 0] >= threshold)
+    assert any(k.startswith(f"NORMAL (n={np.sum(y == 0)}; {wrong} at or above the threshold)")
+               for k in bars)
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1e-4, 0.45, 0.5, 0.99997, 1.0])

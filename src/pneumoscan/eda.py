@@ -142,10 +142,13 @@ def run_eda(data: DataBundle, out: Path, *, seed: int = 0, title_note: str = "")
     # (a full disk) leaves an earlier eda's files as they were, not half of each.
     with tempfile.TemporaryDirectory(dir=out, prefix=".eda-") as staging:
         staged = Path(staging)
-        class_balance(counts, staged / "class_balance.png")
-        sample_grid(samples, staged / "sample_grid.png", title=title)
-        atomic_write_json(staged / "eda.json", summary)
-        atomic_write_text(staged / "eda.txt", text + "\n")
+        try:
+            class_balance(counts, staged / "class_balance.png")
+            sample_grid(samples, staged / "sample_grid.png", title=title)
+            atomic_write_json(staged / "eda.json", summary)
+            atomic_write_text(staged / "eda.txt", text + "\n")
+        except OSError as e:  # named as the file it was to become, not its staging copy
+            raise OSError(e.errno, e.strerror, str(out / Path(e.filename or "").name)) from None
         for name in EDA_FILES:
             os.replace(staged / name, out / name)
     print(text)

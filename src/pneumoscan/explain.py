@@ -198,7 +198,7 @@ def grid_warning(predictor) -> str:
         return (f"Grad-CAM's layer {single[0].layer} gives a 1 x 1 grid at "
                 f"{single[0].image_size} px: the maps carry no location (each is one colour, "
                 f"all red or all blue); {advice}")
-    return (f"{len(single)} of the {len(grids)} members' Grad-CAM layers give a 1 x 1 grid: "
+    return (f"{len(single)} of the {len(grids)} networks' Grad-CAM layers give a 1 x 1 grid: "
             f"their part of each map is the same everywhere and carries no location; {advice}")
 
 

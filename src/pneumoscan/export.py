@@ -154,12 +154,14 @@ def export_onnx(run_dir: str | Path, onnx_path: str | Path) -> dict:
             "pip install 'pneumoscan[export]'"
         ) from None
     run_dir, onnx_path = Path(run_dir), Path(onnx_path)
+    given = onnx_path
     if onnx_path.is_symlink():  # written through, as cp would: the link keeps pointing there
         onnx_path = onnx_path.resolve()
     refuse_own_file(run_dir, onnx_path, "--onnx")  # a run whose weights became ONNX is dead
     if onnx_path.suffix.lower() != ".onnx":
         # An existing file of that name (an X-ray, a CSV) would be replaced: name the model so.
-        raise PneumoscanError(f"--onnx {onnx_path}: name the file FILE.onnx")
+        where = f" (a link to {onnx_path})" if onnx_path != given else ""
+        raise PneumoscanError(f"--onnx {given}{where}: name the file FILE.onnx")
     check_writable(onnx_path)
     recorded = _can_record(run_dir)
     predictor = load_predictor(run_dir, "cpu")

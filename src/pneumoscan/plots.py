@@ -310,12 +310,17 @@ def score_histograms(y_true: Any, prob: Any, threshold: float, path: str | Path)
     for cls, name in enumerate(CLASS_NAMES):
         scores = p[y == cls]
         if scores.size:
+            # The count on the wrong side of the line, which a bar too narrow to see (a
+            # threshold near 0 or 1) would hide: the false positives or the false negatives.
+            called_positive = int(np.sum(scores >= threshold))
+            wrong = called_positive if cls == 0 else scores.size - called_positive
+            side = "at or above" if cls == 0 else "below"
             ax.hist(
                 scores,
                 bins=edges,
                 alpha=0.55,
                 color=COLORS[name],
-                label=f"{name} (n={scores.size})",
+                label=f"{name} (n={scores.size}; {wrong} {side} the threshold)",
             )
     ax.axvline(
         threshold, color="black", linestyle="--", linewidth=1,

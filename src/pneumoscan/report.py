@@ -364,7 +364,8 @@ def figures_section(run_dir: Path, meta: dict) -> Section:
         + (f" ({rule})" if rule else "")
         + f", chosen on {THRESHOLD_CHOSEN_ON.get(kind, 'validation data')}; the test split "
         "was never used to select anything. "
-        "Intervals: 95%, a bootstrap over patients."
+        "Intervals: 95%, a bootstrap over patients; for a share that is all right or all "
+        "wrong, Clopper-Pearson's exact interval over its patients."
     )
     if any(m.get("sensitivity_by_kind") for m in columns.values()):
         section.note("Sensitivity by kind of pneumonia: within the PNEUMONIA images whose "

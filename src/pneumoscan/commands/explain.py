@@ -30,9 +30,11 @@ def run(args: argparse.Namespace) -> int:
     from pneumoscan.device import resolve_device
     from pneumoscan.errors import PneumoscanError
     from pneumoscan.explain import gradcam_problem
+    from pneumoscan.fileio import check_writable_folder
     from pneumoscan.model_io import load_predictor
     from pneumoscan.predict import expand_paths
 
+    check_writable_folder(args.out)  # one line now, not one a file after the work
     predictor = load_predictor(args.run, resolve_device(args.device))
     if problem := gradcam_problem(predictor):  # before any line that promises overlays
         raise PneumoscanError(problem)
