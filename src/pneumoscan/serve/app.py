@@ -363,14 +363,14 @@ class _Service:
         if importlib.util.find_spec("captum") is not None:
             from pneumoscan import explain
 
+            log = logging.getLogger("pneumoscan.serve")
             problem = explain.gradcam_problem(predictor)
             if problem:
-                logging.getLogger("pneumoscan.serve").warning("%s: answers carry no heat map",
-                                                              problem)
+                log.warning("warning: %s: answers carry no heat map", problem)
             else:
                 self.explain = explain
                 if coarse := explain.grid_warning(predictor):  # a map of one colour: say so
-                    logging.getLogger("pneumoscan.serve").warning("%s", coarse)
+                    log.warning("warning: %s", coarse)
 
     def _gradcam(self, image: np.ndarray) -> np.ndarray | None:
         if self.explain is None:
