@@ -307,3 +307,23 @@ def test_an_interrupted_stack_is_replaced_by_the_next_one(cv_runs, tmp_path, mon
     capsys.readouterr()
     assert main(["stack", *map(str, cv_runs), "--out", str(out)]) == 0, capsys.readouterr().err
     assert read_meta(out)["kind"] == "stack"
+
+
+def test_a_stacks_leftover_names_replace_only_its_own_copies(cv_runs, tmp_path, capsys):
+    """An interrupted stack's config.json names its members; a folder made since under one of
+    those names (someone's notes, a run trained there) is not a copy to replace or delete."""
+    out = tmp_path / "s"
+    assert main(["stack", *map(str, cv_runs), "--out", str(out)]) == 0
+    (out / "model.json").unlink()  # as if stopped before its last file
+    shutil.rmtree(out / cv_runs[0].name)
+    notes = out / cv_runs[0].name / "notes.txt"
+    notes.parent.mkdir()
+    notes.write_text("mine")
+    assert main(["stack", *map(str, cv_runs), "--out", str(out)]) == 2
+    assert f"holds {cv_runs[0].name}/" in capsys.readouterr().err
+    assert notes.read_text() == "mine"
+    # A run named like cv's folds is a member under another name, not one of the stack's folds.
+    fold_named = shutil.copytree(cv_runs[1], tmp_path / "fold-7")
+    out2 = tmp_path / "s2"
+    assert main(["stack", str(cv_runs[0]), str(fold_named), "--out", str(out2)]) == 0
+    assert read_meta(out2)["members"] == [cv_runs[0].name, "member-fold-7"]

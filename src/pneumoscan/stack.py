@@ -38,7 +38,7 @@ from pneumoscan.evaluate import (
 )
 from pneumoscan.fileio import atomic_write_json, staged_folder
 from pneumoscan.model_io import log_odds, read_meta, save_meta, stack_probabilities
-from pneumoscan.run_folder import CHECKPOINT, STACK_METRICS, VAL_PREDICTIONS
+from pneumoscan.run_folder import CHECKPOINT, METRICS, STACK_METRICS, VAL_PREDICTIONS
 from pneumoscan.run_plots import write_predictions
 from pneumoscan.threshold_rules import format_threshold
 
@@ -129,8 +129,9 @@ def aligned_oof(runs: list[Path]) -> tuple[np.ndarray, np.ndarray, list[str], li
 
 def unfinished_stack(out: Path) -> set[str]:
     """The names an interrupted stack left in ``out``, which a new stack there may replace: its
-    config.json (written first, naming its members) and what it lists, when ``out`` has no
-    model.json (written last). Empty for anything else."""
+    config.json (written first, naming its members), its nested predictions and metrics, and
+    the members it lists that are whole copies of a cv run as ``copy_member`` makes them. Empty
+    when ``out`` holds a model.json (a stack writes it last) or no stack's config.json."""
     try:
         config = json.loads((out / "config.json").read_text(encoding="utf-8"))
         members = config["stack"]["members"] if "pneumoscan" in config else None
@@ -138,20 +139,38 @@ def unfinished_stack(out: Path) -> set[str]:
         return set()
     if (out / "model.json").exists() or not isinstance(members, list):
         return set()
-    return {"config.json", NESTED_PREDICTIONS, STACK_METRICS} | {
-        m for m in members if isinstance(m, str) and re.fullmatch(r"[A-Za-z0-9_-]+", m)}
+    copies = {m for m in members if isinstance(m, str) and re.fullmatch(r"[A-Za-z0-9_-]+", m)
+              and _is_member_copy(out / m)}
+    return {"config.json", NESTED_PREDICTIONS, STACK_METRICS} | copies
+
+
+def _is_member_copy(folder: Path) -> bool:
+    """A folder as copy_member leaves it: a cv run's model.json and out-of-fold predictions,
+    without the resume state or epochs of a run trained there. Anything else there (someone's
+    own run or files, made since under that name) is not a stack's to replace."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    try:
+        kind = json.loads((folder / "model.json").read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (kind == "ensemble" and (folder / OOF_PREDICTIONS).is_file()
+            and not any((folder / name).exists() for name in (CHECKPOINT, METRICS)))
 
 
 def member_names(runs: list[Path]) -> list[str]:
     """Sub-folder names for the members: each run's folder name, made safe and distinct.
 
     Only letters, digits, '_' and '-' are kept, so a name can neither climb out of the stack's
-    folder ('..') nor take the name of one of its own files; "plots" is the report's folder.
+    folder ('..') nor take the name of one of its own files; "plots" is the report's folder,
+    and fold-N and seed-N folders are read as runs of their own ("member-fold-0" instead).
     """
     taken = {"plots"}
     names: list[str] = []
     for run in runs:
         base = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(run).resolve().name).strip("-") or "member"
+        if re.match(r"(fold|seed)-", base):  # the sub-run folders of cv and train --seeds
+            base = f"member-{base}"
         name, k = base, 2
         while name in taken:
             name, k = f"{base}-{k}", k + 1
@@ -220,15 +239,14 @@ def build_stack(
     }
 
     out.mkdir(parents=True, exist_ok=True)
-    # First: it names what this stack writes, so that a stack interrupted before its model.json
-    # is known by its own leftovers, which the next stack into this folder replaces.
+    for stale in leftovers - set(names) - {"config.json", NESTED_PREDICTIONS, STACK_METRICS}:
+        shutil.rmtree(out / stale)  # the interrupted stack's copy of a run this one leaves out
+    # Before the members: it names what this stack writes, so that a stack interrupted before
+    # its model.json is known by its own leftovers, which the next stack here replaces.
     atomic_write_json(out / "config.json", run_config({
         "stack": {"runs": [str(r.resolve()) for r in runs], "members": names,
                   "nested_folds": n_folds, "seed": seed, "threshold_rule": rule},
     }))
-    for stale in leftovers - set(names) - {"config.json", NESTED_PREDICTIONS, STACK_METRICS}:
-        if (out / stale).is_dir() and not (out / stale).is_symlink():
-            shutil.rmtree(out / stale)  # a member of the interrupted stack this one does not have
     for name, run in zip(names, runs, strict=True):
         copy_member(run, out / name)
     write_predictions(out / NESTED_PREDICTIONS, labels=labels, prob=fitted.nested_prob,
