@@ -194,3 +194,13 @@ def test_an_unknown_model_name_says_the_nearest_ones(name, hint):
     from pneumoscan.models.registry import unknown_model_error
 
     assert hint in str(unknown_model_error(name))
+
+
+def test_without_timm_an_unknown_name_is_not_guessed_among_the_built_in_ones(monkeypatch):
+    import sys
+
+    from pneumoscan.models.registry import unknown_model_error
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm fails, as where not installed
+    message = str(unknown_model_error("resnet34"))
+    assert "timm is not installed" in message and "did you mean" not in message

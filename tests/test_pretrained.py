@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,6 +170,7 @@ def test_published_weights_already_in_the_hub_cache_are_used_offline(tmp_path):
               str(snapshot / "model.safetensors"))
     child = f"""
 import socket
+from pathlib import Path
 def refuse(*args, **kwargs):
     raise OSError("network unreachable")
 socket.create_connection = refuse
@@ -188,3 +190,26 @@ print("loaded from the cache")
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "loaded from the cache" in done.stdout
+
+
+def test_weights_published_by_url_are_looked_for_in_torch_hubs_cache(tmp_path, monkeypatch):
+    """A few older families (legacy_seresnet, gcvit) are published by URL, not on the Hugging
+    Face hub: offline, weights already in torch.hub's cache were refused as unreachable."""
+    from urllib.parse import urlsplit
+
+    import torch.hub
+
+    from pneumoscan.models.timm_models import require_published_weights
+
+    def refuse(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    url = timm.models.get_pretrained_cfg("legacy_seresnet18").url
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(PneumoscanError, match=f"cannot reach {urlsplit(url).hostname}") as e:
+        require_published_weights("legacy_seresnet18")
+    assert url in str(e.value)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / Path(urlsplit(url).path).name).write_bytes(b"cached")
+    require_published_weights("legacy_seresnet18")  # found in the cache: no refusal

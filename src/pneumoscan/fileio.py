@@ -67,15 +67,15 @@ def staged_folder(dest: Path) -> Iterator[Path]:
     staging.mkdir(parents=True)
     try:
         yield staging
+        if dest.exists():
+            shutil.rmtree(dest)
+        staging.rename(dest)
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(e, OSError) and e.filename and Path(e.filename).is_relative_to(staging):
             where = dest / Path(e.filename).relative_to(staging)
             raise OSError(e.errno, e.strerror, str(where)) from None
         raise
-    if dest.exists():
-        shutil.rmtree(dest)
-    staging.rename(dest)
 
 
 def clip_name(name: str, max_bytes: int) -> str:

@@ -135,12 +135,13 @@ def _nearest_names(name: str) -> str:
     try:
         import timm
     except ImportError:
-        timm = None
-    arch, dot, tag = name.removeprefix("timm:").partition(".")
-    if timm is not None and dot and timm.is_model(arch):
+        # Guessing among the built-in names alone would steer a valid timm name wrong.
+        return " (timm is not installed, so timm's names cannot be checked: pip install timm)"
+    bare = name.removeprefix("timm:")
+    arch, dot, tag = bare.partition(".")
+    if dot and timm.is_model(arch):
         tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*")]
         return f" ({arch} has no pretrained tag {tag!r}; its tags: {', '.join(tags) or 'none'})"
-    known = list_models() + (timm.list_models() if timm is not None else [])
-    lowered = {k.lower(): k for k in known}
-    near = difflib.get_close_matches(name.lower().replace("-", "_"), lowered, n=3, cutoff=0.75)
+    lowered = {k.lower(): k for k in list_models() + timm.list_models()}
+    near = difflib.get_close_matches(bare.lower().replace("-", "_"), lowered, n=3, cutoff=0.75)
     return f" (did you mean {' or '.join(lowered[n] for n in near)}?)" if near else ""

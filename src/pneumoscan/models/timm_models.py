@@ -140,27 +140,42 @@ HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 def require_published_weights(name: str) -> None:
     """Raise a one-line PneumoscanError unless timm's published weights for ``name`` can be had:
-    already in the Hugging Face cache (``HF_HOME``), or from huggingface.co, checked at once
-    rather than after a long time-out. The message names the file to fetch by other means."""
-    hub_id = _hub_id(name)
-    if hub_id and _in_hub_cache(hub_id):
-        return  # timm reads it from the cache, offline too
+    already in the Hugging Face cache (``HF_HOME``; torch.hub's for the few published by URL),
+    or from their host, checked at once rather than after a long time-out. The message names
+    the file to fetch by other means."""
+    from urllib.parse import urlsplit
+
     from pneumoscan.net import require_network
 
-    where = f" ({HUB_WEIGHT_FILES[0]} of huggingface.co/{hub_id})" if hub_id else ""
-    require_network("huggingface.co", what=f"pretrained {name} weights",
-                    instead=f"--pretrained PATH with a local copy{where}")
+    hub_id, url = _weights_source(name)
+    if hub_id:
+        if _in_hub_cache(hub_id):
+            return  # timm reads it from the cache, offline too
+        host, where = "huggingface.co", f"{HUB_WEIGHT_FILES[0]} of huggingface.co/{hub_id}"
+    elif url:  # a few older families are published elsewhere, and cached by torch.hub
+        import torch.hub
+
+        file = Path(urlsplit(url).path).name
+        if (Path(torch.hub.get_dir()) / "checkpoints" / file).is_file():
+            return
+        host, where = urlsplit(url).hostname or "huggingface.co", url
+    else:
+        host, where = "huggingface.co", ""
+    copy = f"a local copy ({where})" if where else "a local weights file"
+    require_network(host, what=f"pretrained {name} weights",
+                    instead=f"--pretrained PATH with {copy}")
 
 
-def _hub_id(name: str) -> str | None:
-    """The Hugging Face repository timm takes ``name``'s weights from ('timm/resnet18.a1_in1k')."""
+def _weights_source(name: str) -> tuple[str | None, str | None]:
+    """Where timm takes ``name``'s published weights from: its Hugging Face repository
+    ('timm/resnet18.a1_in1k'), else a URL; (None, None) when it names none."""
     try:
         from timm.models import get_pretrained_cfg
 
         cfg = get_pretrained_cfg(name.removeprefix("timm:"))
     except Exception:  # a name timm has no weights for: the download fails and says so
-        return None
-    return getattr(cfg, "hf_hub_id", None) or None
+        return None, None
+    return getattr(cfg, "hf_hub_id", None) or None, getattr(cfg, "url", None) or None
 
 
 def _in_hub_cache(hub_id: str) -> bool:
