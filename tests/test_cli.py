@@ -370,7 +370,7 @@ def test_every_command_help_prints_its_description_as_written(capsys):
     # Where decoded images are kept, and how to clear them, where a command keeps them.
     for verb in COMMANDS:
         assert ("$PNEUMOSCAN_CACHE" in helps[verb]) == (verb in (
-            "train", "cv", "eda", "evaluate", "report", "demo")), verb
+            "train", "cv", "eda", "evaluate", "compare", "report", "demo")), verb
 
 
 def test_help_does_not_wait_for_torch_or_scikit_learn():

@@ -23,6 +23,7 @@ from pneumoscan.errors import PneumoscanError
 COMMANDS = {
     "train": "train a model on a folder of X-rays or PneumoniaMNIST",
     "evaluate": "figures of a trained run on a data set, with 95%% intervals",
+    "compare": "two runs on the same images: each one's figures and their difference",
     "predict": "predict files, folders or globs with a trained run",
     "explain": "Grad-CAM heat-map overlays for files",
     "eda": "class balance, sample grid and image statistics of a data set",
@@ -42,7 +43,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 # Those that keep decoded images (report: its Grad-CAM gallery's; demo: its runs').
-DECODING_COMMANDS = ("train", "cv", "eda", "evaluate", "report", "demo")
+DECODING_COMMANDS = ("train", "cv", "eda", "evaluate", "compare", "report", "demo")
 CACHE_NOTE = ("Decoded images are kept in $PNEUMOSCAN_CACHE/decoded, by default "
               "~/.cache/pneumoscan/decoded (under $XDG_CACHE_HOME when set), at most "
               "$PNEUMOSCAN_CACHE_GB gigabytes (default 10), the least recently used going first; "

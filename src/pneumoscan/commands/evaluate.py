@@ -43,36 +43,45 @@ def run(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> dict:
     """Score the run on the data, print the figures and return them."""
-    from pneumoscan.data.dataset import load_eval_split
     from pneumoscan.device import resolve_device
     from pneumoscan.evaluate import evaluate_predictions, format_table
-    from pneumoscan.model_io import input_sizes, load_predictor
-    from pneumoscan.seen import count_seen
+    from pneumoscan.model_io import load_predictor
 
     predictor = load_predictor(args.run, resolve_device(args.device))
     threshold = predictor.threshold if args.threshold is None else args.threshold
     spec = args.data if args.data is not None else own_test_data(args.run, predictor.meta)
+    split, prob, description = score(args.run, predictor, spec, quiet=args.quiet)
+    metrics = evaluate_predictions(split.labels, prob, threshold,
+                                   groups=split.patients, paths=split.paths)
+    print(f"{args.run} on {description}:")
+    print(format_table(metrics))
+    return metrics
+
+
+def score(run: str, predictor, spec: str, *, quiet: bool = False):
+    """(split, calibrated probabilities, description) of ``predictor`` on ``spec``'s images,
+    each decoded at the run's size; a warning where they include images it trained on."""
+    from pneumoscan.data.dataset import load_eval_split
+    from pneumoscan.model_io import input_sizes
+    from pneumoscan.seen import count_seen
+
     sizes = input_sizes(predictor)
-    data = load_eval_split(spec, sizes[0], progress=not args.quiet)
+    data = load_eval_split(spec, sizes[0], progress=not quiet)
     split, images = _at_every_size(data.split, sizes, lambda size: load_eval_split(
-        spec, size, progress=not args.quiet, warn=False).split)
+        spec, size, progress=not quiet, warn=False).split)
     seen = count_seen(predictor, images)
     if seen:
-        print(f"warning: {seen} of {len(split)} images are images {args.run} was trained or "
+        print(f"warning: {seen} of {len(split)} images are images {run} was trained or "
               "validated on (the same pixels once decoded, whatever the files are called): "
               "these figures are optimistic", file=sys.stderr)
     elif _trained_on(spec, data.held_out, predictor.meta.get("data_source")):
         # A run made before runs kept their images' digests, or pixels a newer decoder moved:
         # its training folder is still known by its path.
-        print(f"warning: {spec} holds the images {args.run} was trained and validated on: "
+        print(f"warning: {spec} holds the images {run} was trained and validated on: "
               "these figures are optimistic", file=sys.stderr)
     prob = predictor.predict_proba(images)
-    _require_finite(prob, args.run)
-    metrics = evaluate_predictions(split.labels, prob, threshold,
-                                   groups=split.patients, paths=split.paths)
-    print(f"{args.run} on {data.description}:")
-    print(format_table(metrics))
-    return metrics
+    _require_finite(prob, run)
+    return split, prob, data.description
 
 
 def _at_every_size(split, sizes: tuple[int, ...], load):

@@ -1,0 +1,89 @@
+"""Two models on the same images: is one better than the other, or is the difference noise?
+
+Each model is scored at its own threshold. The difference of every figure (B - A) gets a 95%
+interval from a paired bootstrap over patients: each resample draws the patients once, and
+both models are scored on that same draw, so what the two share (hard images, easy ones)
+cancels out of the difference. An interval that holds 0 means the images cannot tell the two
+apart. McNemar's exact test on the images one model calls right and the other wrong is given
+too, as papers report it; it takes images as independent, which a patient's X-rays are not, so
+the patient bootstrap is the figure to judge by.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pneumoscan.evaluate import (
+    _BOOTSTRAP_CHUNK,
+    RATE_KEYS,
+    _group_codes,
+    _percentile_interval,
+    _resample_weights,
+    _weighted_rates,
+    binary_metrics,
+    format_figure,
+    validate_predictions,
+)
+
+
+def compare_predictions(
+    y_true: Any, prob_a: Any, threshold_a: float, prob_b: Any, threshold_b: float, *,
+    groups: Any = None, n_resamples: int = 1000, seed: int = 0,
+) -> dict:
+    """``{"a": figures, "b": figures, "difference": {key: b - a}, "ci95": {key: [low, high]},
+    "mcnemar": {"a_right_b_wrong", "b_right_a_wrong", "p_value"}}`` for two models' calibrated
+    probabilities of the same images (``groups``: their patients)."""
+    y, p_a = validate_predictions(y_true, prob_a)
+    _, p_b = validate_predictions(y_true, prob_b)
+    a, b = binary_metrics(y, p_a, threshold_a), binary_metrics(y, p_b, threshold_b)
+    codes, strata = _group_codes(groups, y)
+    rng = np.random.default_rng(seed)
+    positive = y == 1
+    differences = []
+    for start in range(0, int(n_resamples), _BOOTSTRAP_CHUNK):
+        weights = _resample_weights(rng, codes, strata, min(_BOOTSTRAP_CHUNK, n_resamples - start))
+        rates_a = _weighted_rates(p_a, positive, weights, threshold_a)
+        rates_b = _weighted_rates(p_b, positive, weights, threshold_b)
+        differences.append({k: rates_b[k] - rates_a[k] for k in RATE_KEYS})
+    right_a, right_b = (p_a >= threshold_a) == positive, (p_b >= threshold_b) == positive
+    only_a, only_b = int(np.sum(right_a & ~right_b)), int(np.sum(right_b & ~right_a))
+    return {
+        "n": int(y.size),
+        "a": a,
+        "b": b,
+        "difference": {k: None if a[k] is None or b[k] is None else b[k] - a[k]
+                       for k in RATE_KEYS},
+        "ci95": {k: _percentile_interval(np.concatenate([d[k] for d in differences]), 0.95)
+                 for k in RATE_KEYS},
+        "mcnemar": {"a_right_b_wrong": only_a, "b_right_a_wrong": only_b,
+                    "p_value": mcnemar_exact_p(only_a, only_b)},
+    }
+
+
+def mcnemar_exact_p(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value: the discordant images, split as a fair coin would."""
+    from scipy.stats import binomtest
+
+    n = only_a + only_b
+    return 1.0 if n == 0 else float(binomtest(only_a, n, 0.5).pvalue)
+
+
+def format_comparison(result: dict, name_a: str, name_b: str) -> str:
+    """The figures side by side, B - A with its interval, and McNemar's line."""
+    width = max(len(k) for k in RATE_KEYS) + 2
+    lines = [f"A: {name_a}", f"B: {name_b}", f"{result['n']} images, each model at its own "
+             f"threshold (A {format_figure(result['a']['threshold'])}, "
+             f"B {format_figure(result['b']['threshold'])})", "",
+             f"{'figure':<{width}}{'A':>8}{'B':>8}{'B - A':>9}  95% CI of B - A (patients)"]
+    for key in RATE_KEYS:
+        diff, ci = result["difference"][key], result["ci95"][key]
+        ci_text = f"  [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
+        diff_text = "n/a" if diff is None else f"{diff:+.3f}"
+        lines.append(f"{key:<{width}}{format_figure(result['a'][key]):>8}"
+                     f"{format_figure(result['b'][key]):>8}{diff_text:>9}{ci_text}")
+    m = result["mcnemar"]
+    lines += ["", f"right by A only: {m['a_right_b_wrong']}, by B only: {m['b_right_a_wrong']}; "
+              f"McNemar's exact p = {m['p_value']:.3g} (images taken as independent)"]
+    return "\n".join(lines)
