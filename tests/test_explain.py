@@ -514,7 +514,7 @@ def test_the_grid_a_map_is_upsampled_from_is_known(tmp_path):
                              [finer, coarse, finer])
     assert grid_note(both) == ("Grad-CAM on layer4: a 2 x 2 grid at 64 px; on layer4: a 1 x 1 "
                                "grid at 32 px, upsampled to each image")
-    assert grid_warning(both).startswith("1 of the 3 members' Grad-CAM layers give a 1 x 1 grid")
+    assert grid_warning(both).startswith("1 of the 3 networks' Grad-CAM layers give a 1 x 1 grid")
 
 
 @pytest.mark.parametrize("size", [32, 64])
