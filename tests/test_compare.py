@@ -28,7 +28,8 @@ def test_a_model_against_itself_differs_by_nothing():
     result = compare_predictions(y, p_a, 0.5, p_a, 0.5, groups=patients, n_resamples=200)
     assert all(result["difference"][k] == 0 for k in RATE_KEYS)
     assert all(result["ci95"][k] == [0.0, 0.0] for k in RATE_KEYS)
-    assert result["mcnemar"] == {"a_right_b_wrong": 0, "b_right_a_wrong": 0, "p_value": 1.0}
+    assert all(m == {"a_right_b_wrong": 0, "b_right_a_wrong": 0, "p_value": 1.0}
+               for m in result["mcnemar"].values())
 
 
 def test_the_better_model_is_told_apart_and_the_pairing_narrows_the_interval():
@@ -44,7 +45,7 @@ def test_the_better_model_is_told_apart_and_the_pairing_narrows_the_interval():
     own_a = bootstrap_ci(y, p_a, 0.5, 500, groups=patients)["roc_auc"]
     own_b = bootstrap_ci(y, p_b, 0.5, 500, groups=patients)["roc_auc"]
     assert high - low < (own_a[1] - own_a[0]) + (own_b[1] - own_b[0])
-    m = result["mcnemar"]
+    m = result["mcnemar"]["accuracy"]
     right_a, right_b = (p_a >= 0.5) == y, (p_b >= 0.5) == y
     assert m["a_right_b_wrong"] == np.sum(right_a & ~right_b)
     assert m["b_right_a_wrong"] == np.sum(right_b & ~right_a)
@@ -66,11 +67,36 @@ def test_compare_command_prints_and_writes_the_difference(trained_run, synthetic
     printed = capsys.readouterr().out
     assert "95% CI of B - A (patients)" in printed and "+0.000  [+0.000, +0.000]" in printed
     result = json.loads(out.read_text())
-    assert result["n"] == 30 and result["mcnemar"]["p_value"] == 1.0
+    assert result["n"] == 30 and result["mcnemar"]["accuracy"]["p_value"] == 1.0
     assert set(result["ci95"]) == set(RATE_KEYS) and result["a"] == result["b"]
+    assert result["run_a"] == result["run_b"] == str(trained_run)  # which run was which
+    # No image called differently: every share's interval is marked as too narrow to read.
+    assert "accuracy" in printed and printed.count(" *\n") == 3
 
 
 def test_compare_refuses_a_json_that_is_a_runs_own_file(trained_run, capsys):
     status = main(["compare", str(trained_run), str(trained_run), "--json",
                    str(trained_run / "model.json")])
     assert status == 2 and "is one of the run's own files" in capsys.readouterr().err
+
+
+def test_a_share_with_few_images_called_differently_is_marked_with_its_exact_test():
+    """4 NORMAL images right by B only: the bootstrap's interval of the specificity difference
+    excludes 0, yet McNemar's exact p is 0.125; every PNEUMONIA image is called alike, and the
+    interval of the sensitivity difference is [0, 0]. Both rows must say not to trust them."""
+    from pneumoscan.compare import format_comparison
+
+    y = np.array([0] * 100 + [1] * 100)
+    p_b = np.where(y == 1, 0.9, 0.1)
+    p_a = p_b.copy()
+    p_a[:4] = 0.9  # A calls 4 NORMAL images PNEUMONIA
+    result = compare_predictions(y, p_a, 0.5, p_b, 0.5, n_resamples=200)
+    assert result["ci95"]["sensitivity"] == [0.0, 0.0]  # what the marking is for
+    assert result["mcnemar"]["specificity"] == {"a_right_b_wrong": 0, "b_right_a_wrong": 4,
+                                                "p_value": 0.125}
+    text = format_comparison(result, "A", "B")
+    rows = {line.split()[0]: line for line in text.splitlines() if line[:1].isalpha()}
+    assert rows["specificity"].endswith(" *") and rows["sensitivity"].endswith(" *")
+    assert "read McNemar's exact p" in text
+    with pytest.raises(ValueError, match="n_resamples"):
+        compare_predictions(y, p_a, 0.5, p_b, 0.5, n_resamples=0)

@@ -42,9 +42,10 @@ def run(args: argparse.Namespace) -> int:
     split_b, prob_b, _ = score(args.run_b, b, spec, quiet=True)
     # Each run decodes at its own size: a file readable at one size only is left out of both.
     common = sorted(set(split_a.paths) & set(split_b.paths))
-    if len(common) < len(set(split_a.paths) | set(split_b.paths)):
-        print("warning: some files could be read at one run's image size only: left out",
-              file=sys.stderr)
+    lost = len(set(split_a.paths) | set(split_b.paths)) - len(common)
+    if lost:
+        print(f"warning: {lost} file(s) could be read at one run's image size only: left out "
+              "of both", file=sys.stderr)
     if not common:
         raise PneumoscanError(f"{spec}: no image both runs could read")
     rows_a = {p: i for i, p in enumerate(split_a.paths)}
@@ -54,8 +55,9 @@ def run(args: argparse.Namespace) -> int:
     result = compare_predictions(
         split_a.labels[take_a], prob_a[take_a], a.threshold, prob_b[take_b], b.threshold,
         groups=[split_a.patients[i] for i in take_a])
-    print(f"on {description}:")
+    print(f"on {description}" + (f", {len(common)} of them read by both" if lost else "") + ":")
     print(format_comparison(result, args.run_a, args.run_b))
     if args.json:
-        atomic_write_json(args.json, {"a": args.run_a, "b": args.run_b, "data": spec, **result})
+        atomic_write_json(args.json, {"run_a": args.run_a, "run_b": args.run_b, "data": spec,
+                                      **result})
     return 0
