@@ -100,3 +100,15 @@ def test_a_share_with_few_images_called_differently_is_marked_with_its_exact_tes
     assert "read McNemar's exact p" in text
     with pytest.raises(ValueError, match="n_resamples"):
         compare_predictions(y, p_a, 0.5, p_b, 0.5, n_resamples=0)
+
+
+def test_the_coverage_benchmark_runs_and_ends_with_its_json_line(capsys):
+    from conftest import load_benchmark
+
+    bench = load_benchmark("compare_coverage")
+    assert bench.main(["--trials", "3", "--images", "40", "--resamples", "50",
+                       "--discordant", "0,4"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # Two models that call every image alike never differ, by either test.
+    assert result["false_alarms"]["0"] == {"interval_excludes_0": 0.0, "mcnemar_below_0.05": 0.0}
+    assert result["command"].startswith("python benchmarks/compare_coverage.py --trials 3")

@@ -58,15 +58,16 @@ def _evaluate(args: argparse.Namespace) -> dict:
     return metrics
 
 
-def score(run: str, predictor, spec: str, *, quiet: bool = False):
+def score(run: str, predictor, spec: str, *, quiet: bool = False, warn: bool = True):
     """(split, calibrated probabilities, description) of ``predictor`` on ``spec``'s images,
-    each decoded at the run's size; a warning where they include images it trained on."""
+    each decoded at the run's size; a warning where they include images it trained on
+    (``warn=False``: the unreadable files left unsaid, said already for another run)."""
     from pneumoscan.data.dataset import load_eval_split
     from pneumoscan.model_io import input_sizes
     from pneumoscan.seen import count_seen
 
     sizes = input_sizes(predictor)
-    data = load_eval_split(spec, sizes[0], progress=not quiet)
+    data = load_eval_split(spec, sizes[0], progress=not quiet, warn=warn)
     split, images = _at_every_size(data.split, sizes, lambda size: load_eval_split(
         spec, size, progress=not quiet, warn=False).split)
     seen = count_seen(predictor, images)
