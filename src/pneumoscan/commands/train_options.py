@@ -91,7 +91,8 @@ def add_train_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> N
         const="timm",
         default=None,
         metavar="PATH",
-        help="start from timm's weights (needs the network) or a local weights file",
+        help="start from timm's weights (from the Hugging Face cache, else the network) or "
+        "a local weights file",
     )
     p.add_argument("--image-size", type=IMAGE_SIZE,
                    help="square input size in pixels; default: the recipe's")
