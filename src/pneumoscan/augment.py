@@ -54,7 +54,7 @@ def augment_batch(
     images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Random affine per image; a no-op when every range is zero."""
-    if not (cfg.rotation_deg or cfg.zoom or cfg.shift or cfg.hflip):
+    if not cfg.changes_images:
         return images
     theta = random_affine_params(images.shape[0], cfg, generator, images.device)
     return apply_affine(images, theta)

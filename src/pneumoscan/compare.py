@@ -23,14 +23,11 @@ from typing import Any
 import numpy as np
 
 from pneumoscan.evaluate import (
-    _BOOTSTRAP_CHUNK,
     RATE_KEYS,
-    _group_codes,
-    _percentile_interval,
-    _resample_weights,
-    _weighted_rates,
     evaluate_predictions,
     format_figure,
+    percentile_interval,
+    resampled_rates,
     validate_predictions,
 )
 from pneumoscan.threshold_rules import format_threshold
@@ -46,22 +43,13 @@ def compare_predictions(
     high]}, "mcnemar": {share: {"a_right_b_wrong", "b_right_a_wrong", "p_value"}}}`` for two
     models' calibrated probabilities of the same images (``groups``: their patients); McNemar
     for accuracy (every image), sensitivity (PNEUMONIA) and specificity (NORMAL)."""
-    if int(n_resamples) != n_resamples or n_resamples < 1:
-        raise ValueError(f"n_resamples must be a whole number >= 1, got {n_resamples!r}")
-    n_resamples = int(n_resamples)
     y, p_a = validate_predictions(y_true, prob_a)
     _, p_b = validate_predictions(y_true, prob_b)
     a = evaluate_predictions(y, p_a, threshold_a, n_resamples, seed, groups=groups)
     b = evaluate_predictions(y, p_b, threshold_b, n_resamples, seed, groups=groups)
-    codes, strata = _group_codes(groups, y)
-    rng = np.random.default_rng(seed)
+    rates_a, rates_b = resampled_rates(y, [(p_a, threshold_a), (p_b, threshold_b)], groups,
+                                       n_resamples, seed)
     positive = y == 1
-    differences = []
-    for start in range(0, int(n_resamples), _BOOTSTRAP_CHUNK):
-        weights = _resample_weights(rng, codes, strata, min(_BOOTSTRAP_CHUNK, n_resamples - start))
-        rates_a = _weighted_rates(p_a, positive, weights, threshold_a)
-        rates_b = _weighted_rates(p_b, positive, weights, threshold_b)
-        differences.append({k: rates_b[k] - rates_a[k] for k in RATE_KEYS})
     right_a, right_b = (p_a >= threshold_a) == positive, (p_b >= threshold_b) == positive
     shares = {"accuracy": np.ones_like(positive), "sensitivity": positive,
               "specificity": ~positive}
@@ -77,8 +65,7 @@ def compare_predictions(
         "b": b,
         "difference": {k: None if a[k] is None or b[k] is None else b[k] - a[k]
                        for k in RATE_KEYS},
-        "ci95": {k: _percentile_interval(np.concatenate([d[k] for d in differences]), 0.95)
-                 for k in RATE_KEYS},
+        "ci95": {k: percentile_interval(rates_b[k] - rates_a[k], 0.95) for k in RATE_KEYS},
         "mcnemar": mcnemar,
     }
 

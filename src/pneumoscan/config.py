@@ -21,6 +21,11 @@ class AugmentConfig:
     shift: float = 0.1  # fraction of width and of height, each way
     hflip: bool = False  # chest X-rays are not left-right symmetric: off by default
 
+    @property
+    def changes_images(self) -> bool:
+        """Whether any range is set; with none, augmentation leaves the images as they are."""
+        return bool(self.rotation_deg or self.zoom or self.shift or self.hflip)
+
 
 # Augmentations by name (``--augment``). The report's is strong for chest X-rays, which are
 # taken upright and centred; the light one trained better on a patient-grouped validation split

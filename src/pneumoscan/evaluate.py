@@ -285,13 +285,38 @@ def _group_codes(groups: Any, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, strata
 
 
-def _percentile_interval(values: np.ndarray, level: float) -> list[float] | None:
+def percentile_interval(values: np.ndarray, level: float) -> list[float] | None:
+    """The ``level`` percentile interval of ``values``, NaN (undefined) left out; None if all
+    are."""
     defined = values[~np.isnan(values)]
     if defined.size == 0:
         return None
     tail = 100.0 * (1.0 - level) / 2.0
     low, high = np.percentile(defined, [tail, 100.0 - tail])
     return [float(low), float(high)]
+
+
+def resampled_rates(
+    y: np.ndarray, scored: Sequence[tuple[np.ndarray, float]], groups: Any, n_resamples: int,
+    seed: int,
+) -> list[dict[str, np.ndarray]]:
+    """Every RATE_KEYS figure of each (probabilities, threshold) of ``scored`` in the same
+    ``n_resamples`` bootstrap resamples of ``groups`` (see ``bootstrap_ci``): one ``{key:
+    (n_resamples,) array}`` per entry, NaN where undefined. One draw serves every entry, which
+    pairs them: two models' figures in a resample are those of the same patients."""
+    if int(n_resamples) != n_resamples or n_resamples < 1:
+        raise ValueError(f"n_resamples must be a whole number >= 1, got {n_resamples!r}")
+    codes, strata = _group_codes(groups, y)
+    rng = np.random.default_rng(seed)
+    positive = y == 1
+    chunks: list[list[dict[str, np.ndarray]]] = [[] for _ in scored]
+    for start in range(0, int(n_resamples), _BOOTSTRAP_CHUNK):
+        weights = _resample_weights(rng, codes, strata,
+                                    min(_BOOTSTRAP_CHUNK, int(n_resamples) - start))
+        for chunk, (p, t) in zip(chunks, scored, strict=True):
+            chunk.append(_weighted_rates(p, positive, weights, t))
+    return [{key: np.concatenate([c[key] for c in chunk]) for key in RATE_KEYS}
+            for chunk in chunks]
 
 
 def bootstrap_ci(
@@ -314,22 +339,12 @@ def bootstrap_ci(
     """
     y, p = validate_predictions(y_true, prob)
     t = _check_threshold(threshold)
-    if int(n_resamples) < 1:
-        raise ValueError(f"n_resamples must be >= 1, got {n_resamples!r}")
     if not 0.0 < float(level) < 1.0:
         raise ValueError(f"level must be within (0, 1), got {level!r}")
-    codes, strata = _group_codes(groups, y)
-    rng = np.random.default_rng(seed)
+    (rates,) = resampled_rates(y, [(p, t)], groups, n_resamples, seed)
+    intervals = {key: percentile_interval(rates[key], float(level)) for key in RATE_KEYS}
+    codes, _ = _group_codes(groups, y)
     positive = y == 1
-    chunks: list[dict[str, np.ndarray]] = []
-    for start in range(0, int(n_resamples), _BOOTSTRAP_CHUNK):
-        rows = min(_BOOTSTRAP_CHUNK, int(n_resamples) - start)
-        weights = _resample_weights(rng, codes, strata, rows)
-        chunks.append(_weighted_rates(p, positive, weights, t))
-    intervals = {
-        key: _percentile_interval(np.concatenate([c[key] for c in chunks]), float(level))
-        for key in RATE_KEYS
-    }
     correct = (p >= t) == positive
     for key, counted in _proportion_denominators(positive, p >= t).items():
         hits = correct[counted]

@@ -140,6 +140,10 @@ class _LogOdds(nn.Module):
         return (z[:, TARGET_CLASS] - z[:, 1 - TARGET_CLASS])[:, None]
 
 
+# Said of an all-blue map (no positive evidence anywhere), which would otherwise look broken.
+NO_EVIDENCE = "no evidence for PNEUMONIA on this layer"
+
+
 class Grid(NamedTuple):
     """The grid of one network's Grad-CAM layer: each map is upsampled from it."""
 
@@ -401,6 +405,26 @@ class Overlay(NamedTuple):
     # The map is all zeros: no evidence for PNEUMONIA on the layer, an all-blue overlay that
     # would otherwise look like a rendering fault.
     blank: bool = False
+
+
+class OverlaysByBatch:
+    """Grad-CAM overlays written a prediction batch at a time (``write`` is ``iter_predictions``'
+    ``on_batch``), so that each row it yields can name its own (``take``)."""
+
+    def __init__(self, predictor, out_dir: str | Path):
+        self.predictor, self.out_dir = predictor, Path(out_dir)
+        self.names = OverlayNames(self.out_dir)  # unique across batches, as in one call
+        self._done: dict[str, Overlay] = {}
+        self.written = 0
+
+    def write(self, paths: Sequence[str | Path]) -> None:
+        for overlay in write_overlays(self.predictor, paths, self.out_dir, names=self.names):
+            self._done[overlay.path] = overlay
+            self.written += overlay.file is not None
+
+    def take(self, path: str) -> Overlay | None:
+        """The overlay of a file of the last batch; None when none was attempted (unreadable)."""
+        return self._done.pop(path, None)
 
 
 def write_overlays(

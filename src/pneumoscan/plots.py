@@ -94,9 +94,9 @@ TRAINING_FIELDS = ("class_weights", "label_smoothing", "augment")
 
 
 def _is_augmented(augment: Mapping[str, Any]) -> bool:
-    return any(float(augment.get(k, 0.0)) for k in ("rotation_deg", "zoom", "shift")) or bool(
-        augment.get("hflip", False)
-    )
+    from pneumoscan.config import AugmentConfig
+
+    return AugmentConfig(**augment).changes_images
 
 
 def _training_objective_terms(config: Mapping[str, Any]) -> list[str]:

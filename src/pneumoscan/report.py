@@ -482,7 +482,7 @@ def gradcam_section(run_dir: Path, meta: dict, device: str) -> Section:
 def _gallery_cards(predictor, meta: dict, pred) -> dict[str, list[str]] | None:
     from pneumoscan.data.decode import read_gray
     from pneumoscan.errors import UnreadableImage
-    from pneumoscan.explain import gradcam, overlay_png
+    from pneumoscan.explain import NO_EVIDENCE, gradcam, overlay_png
 
     picks = gallery_picks(pred.labels, pred.prob, float(meta["threshold"]))
     chosen, images = [], []
@@ -503,8 +503,7 @@ def _gallery_cards(predictor, meta: dict, pred) -> dict[str, list[str]] | None:
         caption = (f'<figcaption><span class="path" title="{esc(path)}">{esc(Path(path).name)}'
                    f"</span><br>P({CLASS_NAMES[1]}) = {pred.prob[i]:.3f} &middot; actual "
                    f"{esc(label)}"
-                   # An all-blue map is no evidence on the layer, not a rendering fault.
-                   + ("" if cam.any() else f"<br>no evidence for {CLASS_NAMES[1]} on this layer")
+                   + ("" if cam.any() else f"<br>{esc(NO_EVIDENCE)}")
                    + "</figcaption>")
         cards[cell].append(
             '<figure class="card"><div class="pair">'

@@ -15,8 +15,6 @@ import sys
 from pneumoscan.commands.train_options import add_device_option
 from pneumoscan.console import printable
 
-NO_EVIDENCE = "no evidence for PNEUMONIA on this layer (an all-blue map)"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory (a single model or an ensemble)")
@@ -76,18 +74,12 @@ def _explained(predictor, files, out_dir):
     Predicted as ``predict`` does (its decoding and batches), each batch's overlays written
     before its rows come back, so the probability beside an overlay is the one predict gives.
     """
-    from pneumoscan.explain import OverlayNames, write_overlays
+    from pneumoscan.explain import OverlaysByBatch
     from pneumoscan.predict import iter_predictions
 
-    names = OverlayNames(out_dir)  # unique across batches, as in one call
-    overlays = {}
-
-    def write(paths) -> None:
-        for overlay in write_overlays(predictor, paths, out_dir, names=names):
-            overlays[overlay.path] = overlay
-
-    for row in iter_predictions(predictor, files, progress=False, on_batch=write):
-        overlay = overlays.pop(row.path, None)
+    overlays = OverlaysByBatch(predictor, out_dir)
+    for row in iter_predictions(predictor, files, progress=False, on_batch=overlays.write):
+        overlay = overlays.take(row.path)
         if overlay is None:  # unreadable: no overlay was attempted
             yield None, f"{row.path}: {row.error}"
         elif overlay.file is None:
@@ -99,8 +91,10 @@ def _explained(predictor, files, out_dir):
 def _overlay_line(row, overlay) -> str:
     """``PATH  -> OVERLAY`` and what the model says of the file: the probability and label as
     predict gives them, and a word for an all-blue map, which would otherwise look broken."""
+    from pneumoscan.explain import NO_EVIDENCE
+
     line = f"{row.path}  -> {overlay.file}"
     if row.error:  # a probability that is not finite: the failure line says so
         return line
     line += f"  P(PNEUMONIA) {row.probability:.4f} {row.label}"
-    return line + (f"; {NO_EVIDENCE}" if overlay.blank else "")
+    return line + (f"; {NO_EVIDENCE} (an all-blue map)" if overlay.blank else "")

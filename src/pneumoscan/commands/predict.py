@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from pneumoscan.commands.train_options import add_device_option, int_at_least
 from pneumoscan.console import printable
@@ -55,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         check_writable_folder(args.cam)  # before the table's header is printed
     predictor = load_predictor(args.run, resolve_device(args.device))
     if args.cam:
-        from pneumoscan.explain import gradcam_problem, grid_warning
+        from pneumoscan.explain import OverlaysByBatch, gradcam_problem, grid_warning
 
         if problem := gradcam_problem(predictor):
             raise PneumoscanError(f"--cam: {problem}")
@@ -73,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if inputs.skipped:
         print(f"pneumoscan predict: skipped {inputs.skipped} non-image file(s) in folders",
               file=sys.stderr)
-    cams = _Overlays(predictor, Path(args.cam)) if args.cam else None
+    cams = OverlaysByBatch(predictor, args.cam) if args.cam else None
     rows = iter_predictions(predictor, inputs.files, batch_size=args.batch_size,
                             progress=not args.quiet,
                             on_batch=None if cams is None else cams.write)
@@ -84,9 +83,10 @@ def run(args: argparse.Namespace) -> int:
                 failures.append(f"{row.path}: {row.error}")
             if cams is not None:
                 # on_batch wrote this batch's overlays before yielding its rows.
-                row.cam, error = cams.results.pop(row.path, (None, None))
-                if error:
-                    failures.append(f"{row.path}: no Grad-CAM overlay ({error})")
+                overlay = cams.take(row.path)
+                row.cam = None if overlay is None or overlay.file is None else str(overlay.file)
+                if overlay is not None and overlay.error:
+                    failures.append(f"{row.path}: no Grad-CAM overlay ({overlay.error})")
             yield row
 
     rows = noting_failures(rows)
@@ -112,22 +112,3 @@ def _require_gradcam() -> None:
 
     if importlib.util.find_spec("captum") is None:
         raise PneumoscanError("--cam needs captum: pip install 'pneumoscan[explain]'")
-
-
-class _Overlays:
-    """Grad-CAM overlays written a prediction batch at a time, so each row can name its own."""
-
-    def __init__(self, predictor, out_dir: Path):
-        from pneumoscan.explain import OverlayNames
-
-        self.predictor, self.out_dir = predictor, out_dir
-        self.names = OverlayNames(out_dir)  # unique across batches, as in one call
-        self.results: dict[str, tuple[str | None, str | None]] = {}  # path -> (overlay, error)
-        self.written = 0
-
-    def write(self, paths: list[Path]) -> None:
-        from pneumoscan.explain import write_overlays
-
-        for r in write_overlays(self.predictor, paths, self.out_dir, names=self.names):
-            self.results[r.path] = (None if r.file is None else str(r.file), r.error)
-            self.written += r.file is not None
